@@ -1,0 +1,53 @@
+# One command each: `make run` (default experiment end to end), `make test` (the suite).
+# Both create .venv and install the project first; the install is skipped when pyproject.toml is unchanged.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SPEC ?= experiments/mae_vit_tiny_digits.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+export PYTHONUNBUFFERED := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_DEDUP_LOGS := 0
+
+.PHONY: install run test lint format bench sweep chain services services-stop clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(PY) -m ssl_platform run $(SPEC) $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check ssl_platform methods tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff format ssl_platform methods tests benchmarks
+
+bench: install
+	$(PY) -m benchmarks.run
+
+sweep: install
+	$(PY) -m ssl_platform sweep $(or $(SWEEP),experiments/sweeps/mae_mask_ratio.yaml) $(ARGS)
+
+chain: install
+	$(PY) -m ssl_platform chain $(or $(CHAIN),experiments/chains/salt_digits.yaml) $(ARGS)
+
+services: install
+	bash infra/local/services.sh start
+
+services-stop:
+	bash infra/local/services.sh stop
+
+clean:
+	rm -rf mlruns mlruns.db checkpoints ray_results outputs .pytest_cache .ruff_cache

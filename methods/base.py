@@ -1,0 +1,88 @@
+"""The protocol between the platform and a self-supervised method.
+
+A method is an ``nn.Module`` whose constructor takes keyword arguments named as in the seeds. The platform
+(``ssl_platform``) drives it only through what is defined here:
+
+* ``view_kind`` tells the data pipeline which inputs ``forward`` takes in training mode:
+  ``"images"``       -> ``forward(images=[B,C,H,W])`` (MAE, SALT, data2vec, APL)
+  ``"multicrop"``    -> ``forward(global_views=[...], local_views=[...])`` (DINO)
+  ``"global_views"`` -> ``forward(global_views=[...])`` (iBOT)
+* Every method accepts ``forward(images=...)`` in eval mode and returns an output whose ``embedding`` is the
+  frozen encoder's ``[B, D]`` representation and whose ``loss`` is zero.
+* ``on_train_step(step, total_steps, epoch)`` is called before each training forward (schedules: EMA
+  momentum, teacher temperature); ``after_optimizer_step()`` right after ``optimizer.step()`` (EMA update);
+  ``before_optimizer_step(epoch)`` after backward and before clipping/stepping (e.g. DINO freezes its last
+  layer in the first epoch by dropping its gradients).
+* ``encoder_state_dict()`` / ``encoder_config()`` export the encoder that downstream stages (SALT's
+  teacher) and evaluation use.
+
+Methods import torch and timm only: no Ray, no MLflow, no boto3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MethodOutput:
+    """Base output: every method's output dataclass has at least ``loss`` and ``embedding``."""
+
+    loss: torch.Tensor | None = None
+    embedding: torch.Tensor | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Scalar tensors of the output other than ``loss`` (e.g. ``loss_cls``), as floats for logging."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "loss" and isinstance(value, torch.Tensor) and value.ndim == 0:
+                out[f.name] = float(value.detach())
+        return out
+
+
+class SSLMethod(nn.Module):
+    """Base class of all methods (see the module docstring for the protocol)."""
+
+    method_name: ClassVar[str] = ""
+    view_kind: ClassVar[str] = "images"
+
+    # Set by the platform (or a user) before training so that epoch-based schedules know the length.
+    def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
+        """Update schedules for the coming step. ``epoch`` is fractional (step / steps_per_epoch)."""
+
+    def before_optimizer_step(self, epoch: float) -> None:
+        """Called after ``backward()`` and before gradient clipping and ``optimizer.step()``."""
+
+    def after_optimizer_step(self) -> None:
+        """Called right after ``optimizer.step()`` (EMA teacher updates go here)."""
+
+    def schedule_state(self) -> dict[str, float]:
+        """Current values of scheduled hyper-parameters, for logging (e.g. ``ema_momentum``)."""
+        return {}
+
+    # ---- encoder export -------------------------------------------------------------------------------
+    def export_encoder(self) -> nn.Module:
+        """The encoder whose weights are exported and evaluated (student or EMA teacher, per method)."""
+        raise NotImplementedError
+
+    def encoder_config(self) -> dict[str, Any]:
+        """How to rebuild ``export_encoder()``: ``{"encoder_name": ..., "encoder_kwargs": {...}}``."""
+        raise NotImplementedError
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.export_encoder().state_dict().items()}
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen-encoder embedding of ``images`` (eval mode, zero loss): the same as ``forward`` in eval."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(images=images).embedding
+        finally:
+            self.train(was_training)

@@ -1,0 +1,173 @@
+"""Shared ViT parts: timm encoder construction, masked encoding, random masking, 2-D sin-cos positions.
+
+Every ViT-based method (MAE, SALT, iBOT, data2vec, DINO) builds its encoder with :func:`create_vit` and runs
+it through these helpers, so masking is written once. Encoders are plain ``timm`` VisionTransformers
+(``num_classes=0``), which keeps exported weights loadable with ``timm.create_model(name, **kwargs)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+
+def create_vit(encoder_name: str, encoder_kwargs: dict[str, Any] | None = None, pretrained: bool = False) -> nn.Module:
+    """``timm.create_model(encoder_name, num_classes=0, **encoder_kwargs)``, checked to be a ViT."""
+    kwargs = dict(encoder_kwargs or {})
+    kwargs.setdefault("num_classes", 0)
+    model = timm.create_model(encoder_name, pretrained=pretrained, **kwargs)
+    for attr in ("patch_embed", "blocks", "norm", "_pos_embed"):
+        if not hasattr(model, attr):
+            raise ValueError(
+                f"encoder_name {encoder_name!r} is not a timm VisionTransformer (missing {attr!r}); "
+                "masked methods need a ViT such as 'vit_tiny_patch16_224'"
+            )
+    return model
+
+
+def num_prefix_tokens(vit: nn.Module) -> int:
+    return int(getattr(vit, "num_prefix_tokens", 0))
+
+
+def patch_size(vit: nn.Module) -> int:
+    p = vit.patch_embed.patch_size
+    return int(p[0] if isinstance(p, (tuple, list)) else p)
+
+
+def grid_shape(vit: nn.Module, images: torch.Tensor) -> tuple[int, int]:
+    p = patch_size(vit)
+    return images.shape[-2] // p, images.shape[-1] // p
+
+
+def embed_patches(
+    vit: nn.Module,
+    images: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    mask_token: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Patch embedding + prefix tokens + positions: ``[B, P + N, D]`` (P prefix tokens, N patches).
+
+    With ``mask`` (``[B, N]``, 1/True = masked) the masked patch embeddings are replaced by ``mask_token``
+    (``[1, 1, D]``) *before* positions are added, as in BEiT/iBOT/data2vec.
+    """
+    x = vit.patch_embed(images)  # [B, N, D] or [B, H, W, D] with dynamic_img_size
+    if mask is not None:
+        if mask_token is None:
+            raise ValueError("embed_patches: a mask needs a mask_token")
+        shape = x.shape
+        flat = x.reshape(shape[0], -1, shape[-1])
+        m = mask.reshape(shape[0], -1, 1).to(flat.dtype)
+        flat = flat * (1 - m) + mask_token.to(flat.dtype) * m
+        x = flat.reshape(shape)
+    return vit._pos_embed(x)
+
+
+def run_blocks(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm_pre -> blocks -> norm`` of a token sequence that already carries positions."""
+    x = vit.norm_pre(x)
+    x = vit.blocks(x)
+    return vit.norm(x)
+
+
+def keep_tokens(x: torch.Tensor, keep_idx: torch.Tensor, n_prefix: int) -> torch.Tensor:
+    """Keep the prefix tokens and the patch tokens at ``keep_idx`` (``[B, K]`` indices into the patches)."""
+    patches = x[:, n_prefix:]
+    kept = torch.gather(patches, 1, keep_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    return torch.cat([x[:, :n_prefix], kept], dim=1)
+
+
+def encode_visible(vit: nn.Module, images: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """Encode only the visible patches (MAE / SALT student): ``[B, P + K, D]`` after the final norm."""
+    x = embed_patches(vit, images)
+    return run_blocks(vit, keep_tokens(x, keep_idx, num_prefix_tokens(vit)))
+
+
+def encode_full(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """All tokens of the full image after the final norm: ``[B, P + N, D]``."""
+    return run_blocks(vit, embed_patches(vit, images))
+
+
+def pooled_embedding(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """timm's own pooling of final tokens (CLS token, or mean of patches for ``global_pool='avg'``)."""
+    return vit.forward_head(tokens, pre_logits=True)
+
+
+def random_masking(
+    batch_size: int, num_patches: int, mask_ratio: float, device: torch.device | str, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample uniform random masking (MAE), vectorised with ``argsort`` of uniform noise.
+
+    Returns ``keep_idx`` ``[B, K]`` (sorted visible patch indices, ``K = N - round(N * mask_ratio)``) and
+    ``mask`` ``[B, N]`` (bool, True = masked).
+    """
+    n_mask = int(round(num_patches * mask_ratio))
+    n_mask = min(max(n_mask, 0), num_patches - 1)
+    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
+    order = noise.argsort(dim=1)
+    keep_idx = order[:, n_mask:].sort(dim=1).values
+    mask = torch.ones(batch_size, num_patches, dtype=torch.bool, device=device)
+    mask.scatter_(1, keep_idx, False)
+    return keep_idx, mask
+
+
+def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, N, p*p*C]`` in row-major patch order (the order of timm's patch tokens)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    x = torch.einsum("bchpwq->bhwpqc", x)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: torch.Tensor, p: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    b = patches.shape[0]
+    gh, gw = grid
+    x = patches.reshape(b, gh, gw, p, p, channels)
+    x = torch.einsum("bhwpqc->bchpwq", x)
+    return x.reshape(b, channels, gh * p, gw * p)
+
+
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], device=None) -> torch.Tensor:
+    """Fixed 2-D sin-cos positional embedding (MAE, I-JEPA): ``[gh * gw, dim]``.
+
+    Half the channels encode the row, half the column; each half is ``[sin(pos * w_k), cos(pos * w_k)]`` with
+    ``w_k = 1 / 10000^(2k / (dim/2))``.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sin-cos 2-D positional embedding needs dim divisible by 4, got {dim}")
+    gh, gw = grid
+    rows = torch.arange(gh, dtype=torch.float64, device=device)
+    cols = torch.arange(gw, dtype=torch.float64, device=device)
+    rr, cc = torch.meshgrid(rows, cols, indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+
+    def enc(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([enc(rr), enc(cc)], dim=1).float()
+
+
+def trunc_normal_init(module: nn.Module) -> None:
+    """timm/MAE initialisation for linear and norm layers of heads and decoders."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def head_dim_ok(dim: int, heads: int, what: str) -> None:
+    if dim % heads != 0:
+        raise ValueError(f"{what}: embed dim {dim} is not divisible by num_heads {heads}")
+
+
+def count_patches(vit: nn.Module, image_size: int) -> int:
+    p = patch_size(vit)
+    return (image_size // p) ** 2
+
