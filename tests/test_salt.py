@@ -202,3 +202,14 @@ def test_mismatched_architecture_errors_name_the_mismatch(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(Exception, match="expected format"):
         SALT.from_checkpoint(tmp_path / "other.pt", **PRED)
+
+
+@pytest.mark.parametrize("extra", [{"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2}])
+def test_vits_without_cls_or_with_register_tokens(extra):
+    torch.manual_seed(0)
+    model = _salt(encoder_kwargs={**ENC, **extra}).train()
+    masks = MultiBlockMaskGenerator((8, 8))(2, generator=torch.Generator().manual_seed(3))
+    out = model(torch.randn(2, 3, 32, 32), masks=masks)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.target.shape == out.predictions.shape == (2, 4, masks.target_idx.shape[-1], 64)
+    assert model.eval()(torch.randn(2, 3, 32, 32)).embedding.shape == (2, 64)
