@@ -1,0 +1,185 @@
+"""data2vec for images (Baevski et al., "data2vec: A General Framework for Self-supervised Learning in Speech,
+Vision and Language", ICML 2022, arXiv 2202.03555).
+
+A student ViT sees the image with a fraction ``mask_ratio`` of its patch embeddings replaced by a learned
+mask token (before positions are added); an EMA teacher (the same ViT, weights ``theta_T <- m theta_T +
+(1 - m) theta_S`` after every optimizer step) sees the unmasked image. With ``a_l`` the teacher's output of
+block ``l`` at the patch tokens (prefix tokens dropped) and ``L`` blocks, the regression target is
+
+    y = LayerNorm_no_affine( (1 / K) * sum_{l = L - K + 1}^{L} a_l ),     K = top_k_blocks
+
+and the student's final tokens go through a linear head ``r``; the loss is smooth-L1 (beta 2), averaged over
+channels and over the masked positions only:
+
+    loss = sum_i m_i * mean_d smoothL1_2(r(h_i)_d - y_{i,d}) / sum_i m_i.
+
+The momentum follows a cosine from ``ema_decay_start`` to ``ema_decay_end`` over the training steps:
+``m(t) = m_end - (m_end - m_start) * (1 + cos(pi t / T)) / 2``. The teacher runs in eval mode. Block outputs
+are captured by running the blocks one by one (no hooks), and prefix tokens (CLS and register tokens, or
+none) are dropped by count, so ViTs without a CLS token work. Evaluation returns the teacher's pooled
+embedding with zero loss; the exported encoder is the teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods import vit as V
+from methods.base import MethodOutput, SSLMethod
+from methods.registry import register
+
+
+@dataclass
+class Data2VecOutput(MethodOutput):
+    """``loss``; ``embedding`` ``[B, D]``; ``predictions`` / ``target`` ``[B, N, D]``; ``mask`` ``[B, N]`` (1 = masked)."""
+
+    predictions: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+# ---- EMA teacher (kept isolated: the lead switches these to methods.teacher_student when merging) --------
+def cosine_ema_momentum(step: int, total_steps: int, start: float, end: float) -> float:
+    """``m = end - (end - start) * (1 + cos(pi * step / total_steps)) / 2`` (``start`` at 0, ``end`` at T)."""
+    if total_steps <= 0:
+        return end
+    t = min(max(step, 0), total_steps) / total_steps
+    return end - (end - start) * (1.0 + math.cos(math.pi * t)) / 2.0
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``p_T <- m p_T + (1 - m) p_S`` for parameters; buffers are copied from the student."""
+    for p_t, p_s in zip(teacher.parameters(), student.parameters(), strict=True):
+        p_t.mul_(momentum).add_(p_s.detach(), alpha=1.0 - momentum)
+    for b_t, b_s in zip(teacher.buffers(), student.buffers(), strict=True):
+        b_t.copy_(b_s)
+
+
+def make_ema_teacher(student: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``student`` (``requires_grad=False``, eval mode)."""
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@register("data2vec")
+class Data2Vec(SSLMethod):
+    """data2vec: predict the EMA teacher's top-K block average at masked patches.
+
+    :param encoder_name: timm ViT name (default ``"vit_small_patch16_224"``).
+    :param top_k_blocks: teacher blocks averaged into the target (default 6; at most the encoder depth).
+    :param mask_ratio: fraction of patch tokens replaced by the mask token (default 0.6).
+    :param ema_decay_start: teacher momentum at step 0 (default 0.999).
+    :param ema_decay_end: teacher momentum at the last step (default 0.9999).
+    :param image_size: input size, passed as timm's ``img_size`` unless ``encoder_kwargs`` sets it.
+    :param pretrained: load pretrained timm weights.
+    :param encoder_kwargs: extension: kwargs for ``timm.create_model`` (``patch_size``, ``class_token``, ...).
+    """
+
+    view_kind = "images"
+
+    def __init__(
+        self,
+        encoder_name: str = "vit_small_patch16_224",
+        top_k_blocks: int = 6,
+        mask_ratio: float = 0.6,
+        ema_decay_start: float = 0.999,
+        ema_decay_end: float = 0.9999,
+        image_size: int = 224,
+        pretrained: bool = False,
+        encoder_kwargs: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if not 0.0 <= ema_decay_start <= 1.0 or not 0.0 <= ema_decay_end <= 1.0:
+            raise ValueError(f"ema decays must be in [0, 1], got {ema_decay_start}, {ema_decay_end}")
+        self.encoder_name = encoder_name
+        self.encoder_kwargs = dict(encoder_kwargs or {})
+        self.encoder_kwargs.setdefault("img_size", image_size)
+        self.image_size = int(self.encoder_kwargs["img_size"])
+        self.mask_ratio = mask_ratio
+        self.ema_decay_start = ema_decay_start
+        self.ema_decay_end = ema_decay_end
+        self.momentum = ema_decay_start
+
+        self.student = V.create_vit(encoder_name, self.encoder_kwargs, pretrained)
+        depth = len(self.student.blocks)
+        if not 1 <= top_k_blocks <= depth:
+            raise ValueError(f"top_k_blocks must be in [1, {depth}] (encoder depth), got {top_k_blocks}")
+        self.top_k_blocks = top_k_blocks
+        self.teacher = make_ema_teacher(self.student)
+        dim = self.student.embed_dim
+        self.embed_dim = dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.regressor = nn.Linear(dim, dim)
+
+    def train(self, mode: bool = True) -> Data2Vec:
+        """Switch the student and head; the EMA teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # ---- schedule / EMA ---------------------------------------------------------------------------------
+    def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
+        self.momentum = cosine_ema_momentum(step, total_steps, self.ema_decay_start, self.ema_decay_end)
+
+    def after_optimizer_step(self) -> None:
+        ema_update_(self.teacher, self.student, self.momentum)
+
+    def schedule_state(self) -> dict[str, float]:
+        return {"ema_momentum": float(self.momentum)}
+
+    # ---- targets ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def teacher_targets(self, images: torch.Tensor) -> torch.Tensor:
+        """``LayerNorm(mean of the teacher's last top_k_blocks block outputs)`` at the patch tokens: ``[B, N, D]``."""
+        vit = self.teacher
+        x = vit.norm_pre(V.embed_patches(vit, images))
+        outputs = []
+        for block in vit.blocks:  # explicit loop: no hooks that could outlive this call
+            x = block(x)
+            outputs.append(x)
+        n_prefix = V.num_prefix_tokens(vit)
+        top = torch.stack([o[:, n_prefix:] for o in outputs[-self.top_k_blocks :]]).mean(dim=0)
+        return F.layer_norm(top.float(), top.shape[-1:]).to(top.dtype)
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> Data2VecOutput:
+        """Training: masked smooth-L1 regression of the teacher targets. Eval: teacher pooled embedding.
+
+        ``mask`` (optional, ``[B, N]``, True = masked) fixes the mask; by default ``mask_ratio`` of the patches
+        are drawn uniformly per sample.
+        """
+        if not self.training:
+            with torch.no_grad():
+                emb = V.pooled_embedding(self.teacher, V.encode_full(self.teacher, images))
+            return Data2VecOutput(loss=torch.zeros((), device=images.device), embedding=emb)
+
+        gh, gw = V.grid_shape(self.student, images)
+        if mask is None:
+            _, mask = V.random_masking(images.shape[0], gh * gw, self.mask_ratio, images.device)
+        tokens = V.run_blocks(self.student, V.embed_patches(self.student, images, mask, self.mask_token))
+        predictions = self.regressor(tokens[:, V.num_prefix_tokens(self.student) :])
+        target = self.teacher_targets(images)
+        per_token = F.smooth_l1_loss(predictions.float(), target.float(), beta=2.0, reduction="none").mean(dim=-1)
+        m = mask.float()
+        loss = (per_token * m).sum() / m.sum().clamp(min=1.0)
+        emb = V.pooled_embedding(self.student, tokens).detach()
+        return Data2VecOutput(loss=loss, embedding=emb, predictions=predictions, target=target, mask=m)
+
+    # ---- export -------------------------------------------------------------------------------------------
+    def export_encoder(self) -> nn.Module:
+        return self.teacher
+
+    def encoder_config(self) -> dict[str, Any]:
+        return {"encoder_name": self.encoder_name, "encoder_kwargs": dict(self.encoder_kwargs)}

@@ -1,0 +1,183 @@
+"""I-JEPA multi-block masking (Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding
+Predictive Architecture", CVPR 2023, arXiv 2301.08243), used by SALT (stage 1 V-Pixel and stage 2).
+
+On a patch grid of ``H x W`` (``N = H * W`` patches), once per batch:
+
+* a target block size ``(h_t, w_t)`` and a context block size ``(h_c, w_c)`` are drawn: scale
+  ``s ~ U(scale)``, aspect ratio ``a ~ U(aspect_ratio)``, ``k = int(N * s)``,
+  ``h = round(sqrt(k * a))``, ``w = round(sqrt(k / a))`` clipped to the grid (``a = h / w``);
+
+then per sample:
+
+* ``num_targets`` target blocks of size ``(h_t, w_t)`` at uniform positions (they may overlap each other),
+* one context block of size ``(h_c, w_c)`` at a uniform position, minus the union of the targets, so the
+  context never overlaps a target.
+
+The context keeps the same number of patches in every sample of a batch: each sample's context indices are
+sorted and truncated to the batch minimum ``Kc``, as I-JEPA's collator does. A sample whose context has
+fewer than ``min_keep`` patches is redrawn (positions of its targets and context), vectorised over the
+failing samples. Two deliberate differences from the reference collator: the block top-left corner is drawn
+from ``[0, H - h]`` inclusive (the reference's exclusive bound never covers the last row/column), and a
+context that stays too small is redrawn instead of being allowed to overlap the targets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MultiBlockMasks:
+    """Masks of one batch.
+
+    ``context_idx`` ``[B, Kc]`` sorted visible (context) patch indices; ``target_idx`` ``[B, T, Kt]`` sorted
+    patch indices of each target block (``Kt = h_t * w_t``); ``context_mask`` ``[B, N]`` bool (True = in
+    ``context_idx``); ``target_mask`` ``[B, N]`` bool (True = in any target block); block sizes as ``(h, w)``.
+    """
+
+    context_idx: torch.Tensor
+    target_idx: torch.Tensor
+    context_mask: torch.Tensor
+    target_mask: torch.Tensor
+    target_block_size: tuple[int, int]
+    context_block_size: tuple[int, int]
+
+    @property
+    def flat_target_idx(self) -> torch.Tensor:
+        """``[B, T * Kt]``: every target block's indices, concatenated (duplicates where targets overlap)."""
+        return self.target_idx.reshape(self.target_idx.shape[0], -1)
+
+
+def _as_grid(grid: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(grid, int):
+        return (grid, grid)
+    gh, gw = (int(g) for g in grid)
+    return (gh, gw)
+
+
+def _check_range(name: str, value: tuple[float, float], low: float, high: float | None) -> tuple[float, float]:
+    lo, hi = (float(v) for v in value)
+    if not (low <= lo <= hi) or (high is not None and hi > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be (min, max) with min <= max within {bound}, got {value!r}")
+    return (lo, hi)
+
+
+class MultiBlockMaskGenerator:
+    """Callable ``gen(batch_size, device=..., generator=...) -> MultiBlockMasks`` on a fixed patch grid.
+
+    :param grid: patch grid ``(H, W)`` (or an int for a square grid).
+    :param num_targets: target blocks per sample (I-JEPA / SALT: 4).
+    :param context_scale: (min, max) fraction of the grid covered by the context block.
+    :param target_scale: (min, max) fraction of the grid covered by each target block.
+    :param context_aspect_ratio: (min, max) height / width of the context block.
+    :param target_aspect_ratio: (min, max) height / width of the target blocks.
+    :param min_keep: minimum number of context patches per sample (I-JEPA: 4).
+    :param max_tries: redraws of the positions (then of the block sizes) before giving up with an error.
+    """
+
+    def __init__(
+        self,
+        grid: int | tuple[int, int],
+        num_targets: int = 4,
+        context_scale: tuple[float, float] = (0.85, 1.0),
+        target_scale: tuple[float, float] = (0.15, 0.2),
+        context_aspect_ratio: tuple[float, float] = (1.0, 1.0),
+        target_aspect_ratio: tuple[float, float] = (0.75, 1.5),
+        min_keep: int = 4,
+        max_tries: int = 100,
+    ):
+        self.grid = _as_grid(grid)
+        if min(self.grid) < 1:
+            raise ValueError(f"grid must be positive, got {grid!r}")
+        if num_targets < 1:
+            raise ValueError(f"num_targets must be >= 1, got {num_targets}")
+        self.num_targets = int(num_targets)
+        self.context_scale = _check_range("context_scale", context_scale, 0.0, 1.0)
+        self.target_scale = _check_range("target_scale", target_scale, 0.0, 1.0)
+        self.context_aspect_ratio = _check_range("context_aspect_ratio", context_aspect_ratio, 1e-6, None)
+        self.target_aspect_ratio = _check_range("target_aspect_ratio", target_aspect_ratio, 1e-6, None)
+        n = self.grid[0] * self.grid[1]
+        if not 1 <= min_keep < n:
+            raise ValueError(f"min_keep must be in [1, {n - 1}] for a {self.grid} grid, got {min_keep}")
+        self.min_keep = int(min_keep)
+        self.max_tries = int(max_tries)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def block_size(self, scale: tuple[float, float], aspect_ratio: tuple[float, float], generator=None) -> tuple[int, int]:
+        """Draw one ``(h, w)``: ``k = int(N * s)``, ``h = round(sqrt(k a))``, ``w = round(sqrt(k / a))``, clipped."""
+        gh, gw = self.grid
+        u_s, u_a = torch.rand(2, generator=generator).tolist()
+        s = scale[0] + u_s * (scale[1] - scale[0])
+        a = aspect_ratio[0] + u_a * (aspect_ratio[1] - aspect_ratio[0])
+        k = max(int(self.num_patches * s), 1)
+        h = int(round(math.sqrt(k * a)))
+        w = int(round(math.sqrt(k / a)))
+        return (min(max(h, 1), gh), min(max(w, 1), gw))
+
+    def _blocks(self, n: int, count: int, size: tuple[int, int], device, generator) -> torch.Tensor:
+        """``[n, count, H, W]`` bool rectangles of ``size`` at uniform top-left corners."""
+        gh, gw = self.grid
+        h, w = size
+        u = torch.rand(2, n, count, generator=generator).to(device)
+        top = (u[0] * (gh - h + 1)).long().clamp(max=gh - h)
+        left = (u[1] * (gw - w + 1)).long().clamp(max=gw - w)
+        rows = torch.arange(gh, device=device)
+        cols = torch.arange(gw, device=device)
+        in_rows = (rows >= top[..., None]) & (rows < top[..., None] + h)  # [n, count, H]
+        in_cols = (cols >= left[..., None]) & (cols < left[..., None] + w)  # [n, count, W]
+        return in_rows[..., :, None] & in_cols[..., None, :]
+
+    def _sample_positions(self, batch_size: int, t_size, c_size, device, generator):
+        n = self.num_patches
+        targets = self._blocks(batch_size, self.num_targets, t_size, device, generator).reshape(batch_size, -1, n)
+        context = self._blocks(batch_size, 1, c_size, device, generator).reshape(batch_size, n)
+        context = context & ~targets.any(dim=1)
+        for _ in range(self.max_tries):
+            bad = context.sum(dim=1) < self.min_keep
+            if not bool(bad.any()):
+                return targets, context
+            nb = int(bad.sum())
+            targets[bad] = self._blocks(nb, self.num_targets, t_size, device, generator).reshape(nb, -1, n)
+            ctx = self._blocks(nb, 1, c_size, device, generator).reshape(nb, n)
+            context[bad] = ctx & ~targets[bad].any(dim=1)
+        return None
+
+    def __call__(self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> MultiBlockMasks:
+        n = self.num_patches
+        for _ in range(10):
+            t_size = self.block_size(self.target_scale, self.target_aspect_ratio, generator)
+            c_size = self.block_size(self.context_scale, self.context_aspect_ratio, generator)
+            sampled = self._sample_positions(batch_size, t_size, c_size, device, generator)
+            if sampled is not None:
+                break
+        else:
+            raise RuntimeError(
+                f"MultiBlockMaskGenerator: no context with >= {self.min_keep} patches outside {self.num_targets} "
+                f"targets on a {self.grid} grid after repeated redraws (target_scale={self.target_scale}, "
+                f"context_scale={self.context_scale}); lower num_targets/target_scale or min_keep"
+            )
+        targets, context = sampled
+        kt = t_size[0] * t_size[1]
+        # every target block lies inside the grid, so it has exactly h_t * w_t patches (sorted by nonzero)
+        target_idx = targets.nonzero()[:, -1].reshape(batch_size, self.num_targets, kt)
+        kc = int(context.sum(dim=1).min())
+        ar = torch.arange(n, device=device)
+        order_key = torch.where(context, ar, ar + n)  # context patches first, each group in raster order
+        context_idx = order_key.argsort(dim=1)[:, :kc]
+        context_mask = torch.zeros(batch_size, n, dtype=torch.bool, device=device)
+        context_mask.scatter_(1, context_idx, True)
+        return MultiBlockMasks(
+            context_idx=context_idx,
+            target_idx=target_idx,
+            context_mask=context_mask,
+            target_mask=targets.any(dim=1),
+            target_block_size=t_size,
+            context_block_size=c_size,
+        )

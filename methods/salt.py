@@ -1,0 +1,233 @@
+"""SALT stage 2: Static-teacher Asymmetric Latent Training (Li et al., Apple, arXiv 2509.24317).
+
+Stage 1 ("V-Pixel") is pixel reconstruction with multi-block masks: :class:`methods.mae.MAE` with
+``mask_type="multiblock"``. Stage 2 (this module) trains a NEW student against the FROZEN stage-1 encoder:
+
+* teacher ``f_T`` (frozen, eval mode, never updated, no EMA) encodes the full image; its targets are the
+  final-norm patch tokens ``z = f_T(x)[:, P:]`` (``[B, N, D]``, P prefix tokens dropped);
+* I-JEPA multi-block masks (Assran et al., CVPR 2023): one context set ``C`` and ``T`` target blocks
+  ``B_1..B_T`` disjoint from it (:mod:`methods.masks`);
+* student ``f_S`` (a freshly initialised ViT of the same architecture, not a copy of the teacher) encodes only
+  the context patches ``x_C``;
+* predictor ``g`` (narrow timm transformer of width ``predictor_embed_dim``): for each target block ``t`` the
+  sequence ``[W f_S(x_C) + pos(C); m + pos(B_t)]`` (prefix tokens projected without a position, ``m`` a
+  learned mask token, ``pos`` fixed 2-D sin-cos) is run through the blocks, and the outputs at the mask
+  tokens are projected back to ``D`` (one sequence per target block, as I-JEPA's predictor);
+* loss ``L = 1 / (T |B|) * sum_t sum_{i in B_t} mean_d |g(.)_{t,i,d} - z_{i,d}|`` (L1 at target positions only).
+
+Evaluation: the student encodes the full image; the embedding is timm's pooled output (CLS token, or mean
+of patches for ``global_pool='avg'``), with zero loss. The exported encoder is the student.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from methods import vit as V
+from methods.base import MethodOutput, SSLMethod
+from methods.checkpoint_io import check_encoder_config, load_encoder_file, load_state_dict_strict
+from methods.masks import MultiBlockMaskGenerator, MultiBlockMasks
+from methods.registry import register
+
+
+@dataclass
+class SALTOutput(MethodOutput):
+    """``loss``; ``embedding`` ``[B, D]``; in training also ``predictions`` and ``target`` ``[B, T, Kt, D]``,
+    ``context_idx`` ``[B, Kc]``, ``target_idx`` ``[B, T, Kt]``, ``target_mask`` ``[B, N]`` (True = target)."""
+
+    predictions: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+    context_idx: torch.Tensor | None = None
+    target_idx: torch.Tensor | None = None
+    target_mask: torch.Tensor | None = None
+
+
+class SALTPredictor(nn.Module):
+    """I-JEPA-style predictor: context tokens + mask tokens at a target block, fixed 2-D sin-cos positions."""
+
+    def __init__(self, embed_dim: int, predictor_embed_dim: int, depth: int, num_heads: int, out_dim: int):
+        super().__init__()
+        V.head_dim_ok(predictor_embed_dim, num_heads, "SALT predictor")
+        self.predictor_embed_dim = predictor_embed_dim
+        self.embed = nn.Linear(embed_dim, predictor_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(predictor_embed_dim, num_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(predictor_embed_dim)
+        self.proj = nn.Linear(predictor_embed_dim, out_dim)
+        self.apply(V.trunc_normal_init)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(
+        self,
+        context_tokens: torch.Tensor,
+        context_idx: torch.Tensor,
+        target_idx: torch.Tensor,
+        grid: tuple[int, int],
+        n_prefix: int,
+    ) -> torch.Tensor:
+        """``context_tokens`` ``[B, P + Kc, D]``, ``context_idx`` ``[B, Kc]``, ``target_idx`` ``[B, T, Kt]``
+        -> predictions ``[B, T, Kt, out_dim]``."""
+        b, t, kt = target_idx.shape
+        x = self.embed(context_tokens)
+        pos = V.sincos_pos_embed_2d(self.predictor_embed_dim, grid, device=x.device).to(x.dtype)  # [N, Dp]
+        prefix, ctx = x[:, :n_prefix], x[:, n_prefix:] + pos[context_idx]
+        queries = self.mask_token.to(x.dtype) + pos[target_idx]  # [B, T, Kt, Dp]
+        seq = torch.cat(
+            [prefix.repeat_interleave(t, dim=0), ctx.repeat_interleave(t, dim=0), queries.reshape(b * t, kt, -1)],
+            dim=1,
+        )
+        for block in self.blocks:
+            seq = block(seq)
+        out = self.proj(self.norm(seq[:, -kt:]))
+        return out.reshape(b, t, kt, -1)
+
+
+@register("salt")
+class SALT(SSLMethod):
+    """SALT stage 2 with a frozen teacher and a fresh student (timm ViTs of the same architecture).
+
+    :param encoder_name: timm ViT name of teacher and student (default ``"vit_tiny_patch16_224"``).
+    :param predictor_embed_dim: predictor width (default 384).
+    :param predictor_depth: predictor blocks (default 12).
+    :param predictor_num_heads: predictor attention heads (default 16).
+    :param num_targets: target blocks per image (default 4).
+    :param context_scale: (min, max) grid fraction of the context block.
+    :param target_scale: (min, max) grid fraction of each target block.
+    :param context_aspect_ratio: (min, max) height / width of the context block.
+    :param target_aspect_ratio: (min, max) height / width of the target blocks.
+    :param teacher_state_dict: state dict loaded (strictly) into the teacher.
+    :param pretrained: load pretrained timm weights into the TEACHER (the student always starts at random).
+    :param encoder_kwargs: extension: kwargs for ``timm.create_model`` (``img_size``, ``patch_size``, ...).
+        ``None`` with ``teacher`` set means "as in the checkpoint".
+    :param teacher: extension: path of a stage-1 checkpoint (directory or ``encoder.pt``, see
+        :mod:`methods.checkpoint_io`) loaded into the teacher, as :meth:`from_checkpoint` does.
+    """
+
+    view_kind = "images"
+
+    def __init__(
+        self,
+        encoder_name: str = "vit_tiny_patch16_224",
+        predictor_embed_dim: int = 384,
+        predictor_depth: int = 12,
+        predictor_num_heads: int = 16,
+        num_targets: int = 4,
+        context_scale: tuple[float, float] = (0.85, 1.0),
+        target_scale: tuple[float, float] = (0.15, 0.2),
+        context_aspect_ratio: tuple[float, float] = (1.0, 1.0),
+        target_aspect_ratio: tuple[float, float] = (0.75, 1.5),
+        teacher_state_dict: dict | None = None,
+        pretrained: bool = False,
+        encoder_kwargs: dict[str, Any] | None = None,
+        teacher: str | os.PathLike | None = None,
+    ):
+        super().__init__()
+        if teacher is not None and teacher_state_dict is not None:
+            raise ValueError("SALT: give either teacher (a checkpoint path) or teacher_state_dict, not both")
+        if teacher is not None:
+            payload = load_encoder_file(teacher)
+            check_encoder_config(payload, encoder_name, encoder_kwargs, f"SALT teacher checkpoint {str(teacher)!r}")
+            if encoder_kwargs is None:
+                encoder_kwargs = payload["encoder_kwargs"]
+            teacher_state_dict = payload["state_dict"]
+            self.teacher_source = str(teacher)
+        else:
+            self.teacher_source = "state_dict" if teacher_state_dict is not None else ("pretrained" if pretrained else "random")
+        self.encoder_name = encoder_name
+        self.encoder_kwargs = dict(encoder_kwargs or {})
+        self.mask_config = {
+            "num_targets": num_targets,
+            "context_scale": tuple(context_scale),
+            "target_scale": tuple(target_scale),
+            "context_aspect_ratio": tuple(context_aspect_ratio),
+            "target_aspect_ratio": tuple(target_aspect_ratio),
+        }
+
+        self.teacher = V.create_vit(encoder_name, self.encoder_kwargs, pretrained)
+        if teacher_state_dict is not None:
+            load_state_dict_strict(self.teacher, teacher_state_dict, f"SALT teacher ({encoder_name})")
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.student = V.create_vit(encoder_name, self.encoder_kwargs, pretrained=False)
+
+        dim = self.student.embed_dim
+        self.predictor = SALTPredictor(dim, predictor_embed_dim, predictor_depth, predictor_num_heads, self.teacher.embed_dim)
+        self._mask_generator: MultiBlockMaskGenerator | None = None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_path: str | os.PathLike, encoder_name: str = "vit_tiny_patch16_224", **kwargs) -> SALT:
+        """SALT stage 2 whose frozen teacher is the encoder of a stage-1 (MAE / V-Pixel) checkpoint.
+
+        ``ckpt_path`` is a checkpoint directory (with ``manifest.json``) or its ``encoder.pt``. The checkpoint's
+        ``encoder_name`` must equal ``encoder_name`` and, if given in ``kwargs``, its ``encoder_kwargs`` too;
+        otherwise a :class:`methods.checkpoint_io.CheckpointMismatchError` names the difference.
+        """
+        if "teacher" in kwargs or "teacher_state_dict" in kwargs:
+            raise ValueError("SALT.from_checkpoint: the teacher comes from ckpt_path; do not pass teacher/teacher_state_dict")
+        return cls(encoder_name=encoder_name, teacher=ckpt_path, **kwargs)
+
+    def train(self, mode: bool = True) -> SALT:
+        """Switch student and predictor; the teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # ---- masking / teacher ----------------------------------------------------------------------------
+    def mask_generator(self, grid: tuple[int, int]) -> MultiBlockMaskGenerator:
+        if self._mask_generator is None or self._mask_generator.grid != tuple(grid):
+            self._mask_generator = MultiBlockMaskGenerator(grid, **self.mask_config)
+        return self._mask_generator
+
+    @torch.no_grad()
+    def teacher_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's final-norm patch tokens of the full image: ``[B, N, D]``."""
+        tokens = V.encode_full(self.teacher, images)
+        return tokens[:, V.num_prefix_tokens(self.teacher) :].detach()
+
+    # ---- forward --------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, masks: MultiBlockMasks | None = None) -> SALTOutput:
+        """Training: L1 between predicted and teacher latents at target blocks. Eval: student embedding.
+
+        ``masks`` (optional) fixes the context/target masks; by default they are drawn per batch.
+        """
+        if not self.training:
+            with torch.no_grad():
+                tokens = V.encode_full(self.student, images)
+                emb = V.pooled_embedding(self.student, tokens)
+            return SALTOutput(loss=torch.zeros((), device=images.device), embedding=emb)
+
+        grid = V.grid_shape(self.student, images)
+        if masks is None:
+            masks = self.mask_generator(grid)(images.shape[0], device=images.device)
+        latent = V.encode_visible(self.student, images, masks.context_idx)  # [B, P + Kc, D]
+        pred = self.predictor(latent, masks.context_idx, masks.target_idx, grid, V.num_prefix_tokens(self.student))
+        z = self.teacher_latents(images)  # [B, N, D]
+        b, t, kt = masks.target_idx.shape
+        target = torch.gather(z, 1, masks.flat_target_idx.unsqueeze(-1).expand(-1, -1, z.shape[-1]))
+        target = target.reshape(b, t, kt, -1)
+        loss = (pred.float() - target.float()).abs().mean()
+        emb = V.pooled_embedding(self.student, latent).detach()
+        return SALTOutput(
+            loss=loss,
+            embedding=emb,
+            predictions=pred,
+            target=target,
+            context_idx=masks.context_idx,
+            target_idx=masks.target_idx,
+            target_mask=masks.target_mask,
+        )
+
+    # ---- export ---------------------------------------------------------------------------------------
+    def export_encoder(self) -> nn.Module:
+        return self.student
+
+    def encoder_config(self) -> dict[str, Any]:
+        return {"encoder_name": self.encoder_name, "encoder_kwargs": dict(self.encoder_kwargs)}

@@ -1,0 +1,161 @@
+"""data2vec (methods.data2vec): targets, masked loss, EMA schedule/update, no hooks, ViTs without CLS."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from methods.data2vec import Data2Vec
+from methods.registry import build_method
+
+ENC = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 3, "num_heads": 2}
+
+
+def _model(**kw) -> Data2Vec:
+    torch.manual_seed(0)
+    enc = {**ENC, **kw.pop("enc", {})}
+    return Data2Vec(image_size=32, top_k_blocks=kw.pop("top_k_blocks", 2), encoder_kwargs=enc, **kw)
+
+
+def test_seed_signature_and_registry():
+    sig = inspect.signature(Data2Vec.__init__)
+    expected = {
+        "encoder_name": "vit_small_patch16_224",
+        "top_k_blocks": 6,
+        "mask_ratio": 0.6,
+        "ema_decay_start": 0.999,
+        "ema_decay_end": 0.9999,
+        "image_size": 224,
+        "pretrained": False,
+        "encoder_kwargs": None,
+    }
+    assert list(sig.parameters)[1:] == list(expected)
+    assert {k: sig.parameters[k].default for k in expected} == expected
+    assert isinstance(build_method("data2vec", image_size=32, top_k_blocks=2, encoder_kwargs=ENC), Data2Vec)
+
+
+def _perturb_teacher(model: Data2Vec) -> None:
+    # make teacher differ from student so that a target computed with the wrong network would be caught
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("enc", [{}, {"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2}])
+def test_target_is_layernorm_of_mean_of_top_k_teacher_blocks(enc):
+    model = _model(enc=enc)
+    _perturb_teacher(model)
+    x = torch.randn(2, 3, 32, 32)
+    t = model.teacher
+    with torch.no_grad():
+        # by hand: patch embedding + prefix tokens + positions, then every block in turn
+        h = t.patch_embed(x)
+        prefix = []
+        if t.cls_token is not None:
+            prefix.append(t.cls_token.expand(2, -1, -1))
+        if t.reg_token is not None:
+            prefix.append(t.reg_token.expand(2, -1, -1))
+        n_prefix = sum(p.shape[1] for p in prefix)
+        if t.no_embed_class:
+            h = torch.cat([*prefix, h + t.pos_embed], dim=1)
+        else:
+            h = torch.cat(prefix + [h], dim=1) + t.pos_embed
+        outs = []
+        for blk in t.blocks:
+            h = blk(h)
+            outs.append(h[:, n_prefix:])
+        expected = F.layer_norm(torch.stack(outs[-2:]).mean(0), (64,))
+        # timm's own intermediates agree (independent path)
+        inter = t.forward_intermediates(x, indices=2, norm=False, output_fmt="NLC", intermediates_only=True)
+        expected2 = F.layer_norm(torch.stack(inter).mean(0), (64,))
+    got = model.teacher_targets(x)
+    assert got.shape == (2, 64, 64)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(got, expected2, atol=1e-5)
+    # per-token normalisation: zero mean, unit variance over channels
+    assert torch.allclose(got.mean(-1), torch.zeros(2, 64), atol=1e-5)
+    model.train()
+    out = model(x)
+    assert torch.isfinite(out.loss) and out.embedding.shape == (2, 64)
+    model.eval()
+    ev = model(x)
+    assert ev.loss.item() == 0.0 and ev.embedding.shape == (2, 64)
+
+
+def test_loss_only_on_masked_positions_and_formula():
+    model = _model().train()
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, ::3] = True
+    y = model.teacher_targets(x)
+
+    def run(targets):
+        model.teacher_targets = lambda imgs: targets
+        return model(x, mask=mask)
+
+    base = run(y)
+    d = base.predictions - y
+    per = torch.where(d.abs() < 2.0, 0.5 * d**2 / 2.0, d.abs() - 1.0).mean(-1)  # smooth-L1, beta = 2
+    assert torch.allclose(base.loss, per[mask].mean(), atol=1e-6)
+    outside = y.clone()
+    outside[~mask] += 10.0 * torch.randn_like(outside[~mask])
+    assert torch.equal(run(outside).loss, base.loss)
+    inside = y.clone()
+    inside[mask] += 1.0
+    assert not torch.allclose(run(inside).loss, base.loss)
+
+
+def test_student_input_masks_tokens_with_mask_token():
+    model = _model().train()
+    x = torch.randn(1, 3, 32, 32)
+    seen = []
+    h = model.student.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    mask = torch.zeros(1, 64, dtype=torch.bool)
+    mask[0, 5] = True
+    try:
+        model(x, mask=mask)
+    finally:
+        h.remove()
+    tok = seen[0][0, 1:]  # drop CLS
+    pos = model.student.pos_embed[0, 1:]
+    assert torch.allclose(tok[5], model.mask_token[0, 0] + pos[5], atol=1e-6)
+    assert not torch.allclose(tok[4], model.mask_token[0, 0] + pos[4], atol=1e-3)
+
+
+def test_no_hooks_survive_forward():
+    model = _model().train()
+    model(torch.randn(2, 3, 32, 32))
+    for vit in (model.student, model.teacher):
+        for blk in vit.blocks:
+            assert len(blk._forward_hooks) == 0 and len(blk._forward_pre_hooks) == 0
+
+
+def test_ema_schedule_and_update():
+    model = _model(ema_decay_start=0.9, ema_decay_end=0.99)
+    total = 10
+    for step in (0, 3, 10):
+        model.on_train_step(step, total, epoch=0.0)
+        expected = 0.99 - (0.99 - 0.9) * (1 + math.cos(math.pi * step / total)) / 2
+        assert model.schedule_state()["ema_momentum"] == pytest.approx(expected)
+    model.on_train_step(4, total, 0.0)
+    m = 0.99 - 0.09 * (1 + math.cos(math.pi * 0.4)) / 2
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    t_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    out = model(torch.randn(2, 3, 32, 32))
+    opt.zero_grad()
+    out.loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    opt.step()
+    assert all(torch.equal(t_before[k], v) for k, v in model.teacher.state_dict().items())  # not before the hook
+    model.after_optimizer_step()
+    s = model.student.state_dict()
+    for k, v in model.teacher.state_dict().items():
+        assert torch.allclose(v, m * t_before[k] + (1 - m) * s[k], atol=1e-6), k
+    assert not model.teacher.training
+    assert model.export_encoder() is model.teacher
+    assert model.encoder_config()["encoder_kwargs"]["img_size"] == 32

@@ -1,0 +1,114 @@
+"""I-JEPA multi-block masks (methods.masks): geometry, non-overlap, equal counts, MAE multiblock use."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from methods.masks import MultiBlockMaskGenerator
+
+
+def _rect(idx: torch.Tensor, gw: int) -> tuple[int, int, bool]:
+    """(height, width, filled) of the bounding box of a set of flat patch indices."""
+    rows, cols = idx // gw, idx % gw
+    h = int(rows.max() - rows.min() + 1)
+    w = int(cols.max() - cols.min() + 1)
+    return h, w, len(set(idx.tolist())) == h * w == idx.numel()
+
+
+def test_shapes_equal_counts_sorted_and_no_overlap():
+    gen = MultiBlockMaskGenerator((8, 8))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        m = gen(6, generator=g)
+        b, kc = m.context_idx.shape
+        assert b == 6 and kc >= gen.min_keep
+        assert m.target_idx.shape[:2] == (6, 4)
+        assert torch.equal(m.context_idx, m.context_idx.sort(dim=1).values)
+        # context_mask / target_mask agree with the indices
+        assert torch.equal(m.context_mask.sum(1), torch.full((6,), kc))
+        tm = torch.zeros(6, 64, dtype=torch.bool)
+        tm.scatter_(1, m.flat_target_idx, True)
+        assert torch.equal(tm, m.target_mask)
+        # no context patch is a target patch
+        for i in range(6):
+            assert not set(m.context_idx[i].tolist()) & set(m.flat_target_idx[i].tolist())
+        assert not (m.context_mask & m.target_mask).any()
+
+
+def test_blocks_are_rectangles_of_one_size_per_batch():
+    gen = MultiBlockMaskGenerator((10, 12))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        m = gen(4, generator=g)
+        h, w = m.target_block_size
+        for i in range(4):
+            for t in range(4):
+                bh, bw, filled = _rect(m.target_idx[i, t], 12)
+                assert (bh, bw) == (h, w) and filled
+
+
+def test_block_size_formula_exact_cases():
+    # k = int(N s); h = round(sqrt(k a)); w = round(sqrt(k / a))  (computed here from the formula)
+    for scale, ar in [(0.25, 1.0), (0.25, 4.0), (0.1, 0.5)]:
+        gen = MultiBlockMaskGenerator((16, 16), target_scale=(scale, scale), target_aspect_ratio=(ar, ar))
+        k = int(256 * scale)
+        expected = (round(math.sqrt(k * ar)), round(math.sqrt(k / ar)))
+        assert gen.block_size(gen.target_scale, gen.target_aspect_ratio) == expected
+        m = gen(3, generator=torch.Generator().manual_seed(2))
+        assert m.target_block_size == expected
+        assert m.target_idx.shape[-1] == expected[0] * expected[1]
+
+
+def test_scales_and_aspect_ratios_respected_on_large_grid():
+    n_side = 32
+    gen = MultiBlockMaskGenerator((n_side, n_side))
+    g = torch.Generator().manual_seed(3)
+    n = n_side * n_side
+    for _ in range(100):
+        h, w = gen.block_size(gen.target_scale, gen.target_aspect_ratio, g)
+        assert 0.15 - 0.03 <= h * w / n <= 0.2 + 0.03
+        assert 0.75 * 0.85 <= h / w <= 1.5 * 1.15
+        hc, wc = gen.block_size(gen.context_scale, gen.context_aspect_ratio, g)
+        assert hc == wc  # aspect ratio (1, 1)
+        assert 0.85 - 0.03 <= hc * wc / n <= 1.0
+
+
+def test_positions_reach_last_row_and_column():
+    gen = MultiBlockMaskGenerator((8, 8))
+    m = gen(256, generator=torch.Generator().manual_seed(4))
+    idx = m.flat_target_idx
+    assert bool(((idx // 8) == 7).any()) and bool(((idx % 8) == 7).any())
+    assert bool(((idx // 8) == 0).any()) and bool(((idx % 8) == 0).any())
+
+
+def test_reproducible_with_generator_and_min_keep():
+    gen = MultiBlockMaskGenerator((8, 8), min_keep=10)
+    a = gen(5, generator=torch.Generator().manual_seed(7))
+    b = gen(5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.context_idx, b.context_idx) and torch.equal(a.target_idx, b.target_idx)
+    assert a.context_idx.shape[1] >= 10
+
+
+def test_infeasible_configuration_raises():
+    gen = MultiBlockMaskGenerator((4, 4), target_scale=(0.9, 0.9), context_scale=(0.5, 0.5), max_tries=3)
+    with pytest.raises(RuntimeError, match="no context"):
+        gen(2)
+    with pytest.raises(ValueError, match="target_scale"):
+        MultiBlockMaskGenerator((8, 8), target_scale=(0.3, 0.2))
+
+
+def test_mae_multiblock_uses_context_as_visible_set():
+    from methods.mae import MAE
+
+    torch.manual_seed(0)
+    enc = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
+    model = MAE(mask_type="multiblock", encoder_kwargs=enc, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    model.train()
+    out = model(torch.randn(3, 3, 32, 32))
+    assert torch.isfinite(out.loss)
+    # masked fraction = non-context patches; a context block of >= 85 % minus 4 targets leaves a minority visible
+    visible = (out.mask == 0).sum(1)
+    assert bool((visible >= 4).all()) and bool((visible == visible[0]).all())

@@ -1,0 +1,215 @@
+"""SALT stage 2 (methods.salt) and the encoder checkpoint format (methods.checkpoint_io)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from methods.checkpoint_io import (
+    ENCODER_FORMAT,
+    CheckpointMismatchError,
+    IncompleteCheckpointError,
+    load_encoder_file,
+    save_encoder,
+    write_manifest,
+)
+from methods.mae import MAE
+from methods.masks import MultiBlockMaskGenerator
+from methods.registry import build_method
+from methods.salt import SALT
+
+ENC = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
+PRED = {"predictor_embed_dim": 32, "predictor_depth": 1, "predictor_num_heads": 2}
+
+
+def _salt(**kw) -> SALT:
+    return SALT(encoder_kwargs=kw.pop("encoder_kwargs", ENC), **PRED, **kw)
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_registered_and_seed_defaults():
+    import inspect
+
+    sig = inspect.signature(SALT.__init__)
+    expected = {
+        "encoder_name": "vit_tiny_patch16_224",
+        "predictor_embed_dim": 384,
+        "predictor_depth": 12,
+        "predictor_num_heads": 16,
+        "num_targets": 4,
+        "context_scale": (0.85, 1.0),
+        "target_scale": (0.15, 0.2),
+        "context_aspect_ratio": (1.0, 1.0),
+        "target_aspect_ratio": (0.75, 1.5),
+        "teacher_state_dict": None,
+        "pretrained": False,
+    }
+    names = list(sig.parameters)[1:]
+    assert names[: len(expected)] == list(expected)
+    assert {k: sig.parameters[k].default for k in expected} == expected
+    assert names[len(expected) :] == ["encoder_kwargs", "teacher"]
+    model = build_method("salt", encoder_kwargs=ENC, **PRED)
+    assert isinstance(model, SALT) and SALT.view_kind == "images"
+
+
+def test_teacher_frozen_in_eval_and_unchanged_by_training():
+    torch.manual_seed(0)
+    model = _salt()
+    before = _state(model.teacher)
+    student_before = _state(model.student)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    assert not model.teacher.training and model.student.training
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    for _ in range(3):
+        out = model(torch.randn(4, 3, 32, 32))
+        opt.zero_grad()
+        out.loss.backward()
+        assert all(p.grad is None for p in model.teacher.parameters())
+        opt.step()
+    after = _state(model.teacher)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(student_before[k], v) for k, v in _state(model.student).items())
+    model.train(True)
+    assert not model.teacher.training
+
+
+def test_student_is_fresh_not_a_copy_of_teacher():
+    torch.manual_seed(0)
+    model = _salt()
+    t, s = model.teacher.state_dict(), model.student.state_dict()
+    assert not torch.equal(t["blocks.0.attn.qkv.weight"], s["blocks.0.attn.qkv.weight"])
+
+
+def test_student_sees_only_context_tokens():
+    torch.manual_seed(0)
+    model = _salt().train()
+    seen: list[int] = []
+    handle = model.student.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    masks = MultiBlockMaskGenerator((8, 8))(2, generator=torch.Generator().manual_seed(0))
+    try:
+        model(torch.randn(2, 3, 32, 32), masks=masks)
+    finally:
+        handle.remove()
+    assert seen == [1 + masks.context_idx.shape[1]]  # CLS + context patches, never the full 64
+    assert masks.context_idx.shape[1] < 64
+
+
+def test_loss_is_l1_at_target_positions_only():
+    torch.manual_seed(0)
+    model = _salt().train()
+    images = torch.randn(2, 3, 32, 32)
+    masks = MultiBlockMaskGenerator((8, 8))(2, generator=torch.Generator().manual_seed(1))
+    z = model.teacher_latents(images)
+
+    def run(latents: torch.Tensor):
+        model.teacher_latents = lambda imgs: latents
+        torch.manual_seed(5)
+        return model(images, masks=masks)
+
+    base = run(z)
+    # the formula: mean over targets, positions and channels of |prediction - teacher latent at that position|
+    gathered = torch.stack([z[i, masks.target_idx[i]] for i in range(2)])  # [B, T, Kt, D]
+    expected = (base.predictions - gathered).abs().mean()
+    assert torch.allclose(base.loss, expected, atol=1e-6)
+    outside = z.clone()
+    outside[~masks.target_mask] += 100.0 * torch.randn_like(outside[~masks.target_mask])
+    assert torch.equal(run(outside).loss, base.loss)
+    inside = z.clone()
+    inside[masks.target_mask] += 1.0
+    assert not torch.allclose(run(inside).loss, base.loss)
+
+
+def test_eval_returns_student_pooled_embedding_and_zero_loss():
+    torch.manual_seed(0)
+    model = _salt().eval()
+    x = torch.randn(3, 3, 32, 32)
+    out = model(x)
+    assert out.loss.item() == 0.0 and out.embedding.shape == (3, 64)
+    with torch.no_grad():
+        ref = model.student.forward_head(model.student.forward_features(x), pre_logits=True)
+    assert torch.allclose(out.embedding, ref, atol=1e-5)
+    assert model.export_encoder() is model.student
+    assert model.encoder_config() == {"encoder_name": "vit_tiny_patch16_224", "encoder_kwargs": ENC}
+
+
+def _stage1_checkpoint(tmp_path, encoder_kwargs=ENC, name="vit_tiny_patch16_224"):
+    torch.manual_seed(1)
+    mae = MAE(encoder_name=name, mask_type="multiblock", encoder_kwargs=encoder_kwargs, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    d = tmp_path / "stage1" / "ckpt_000010"
+    save_encoder(d, "mae", mae.encoder_config(), mae.encoder_state_dict())
+    return mae, d
+
+
+def test_checkpoint_format_and_from_checkpoint_round_trip(tmp_path):
+    mae, d = _stage1_checkpoint(tmp_path)
+    payload = load_encoder_file(d)
+    assert payload["format"] == ENCODER_FORMAT and payload["method"] == "mae"
+    assert payload["encoder_name"] == "vit_tiny_patch16_224" and payload["encoder_kwargs"] == ENC
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert "encoder.pt" in manifest["files"]
+    for source in (d, d / "encoder.pt", str(d)):
+        model = SALT.from_checkpoint(source, **PRED)  # encoder_kwargs taken from the checkpoint
+        teacher = model.teacher.state_dict()
+        for k, v in mae.encoder.state_dict().items():
+            assert torch.equal(teacher[k], v), k
+        assert model.encoder_kwargs == ENC
+    # explicit matching kwargs, the `teacher=` constructor path and teacher_state_dict= agree
+    m2 = SALT(teacher=d, encoder_kwargs=dict(ENC), **PRED)
+    m3 = SALT(teacher_state_dict=mae.encoder.state_dict(), encoder_kwargs=ENC, **PRED)
+    for k, v in mae.encoder.state_dict().items():
+        assert torch.equal(m2.teacher.state_dict()[k], v) and torch.equal(m3.teacher.state_dict()[k], v)
+    # the teacher is usable: finite loss
+    out = m2.train()(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(out.loss)
+
+
+def test_incomplete_checkpoint_refused(tmp_path):
+    _, d = _stage1_checkpoint(tmp_path)
+    (d / "manifest.json").unlink()
+    with pytest.raises(IncompleteCheckpointError, match="incomplete checkpoint"):
+        SALT.from_checkpoint(d, **PRED)
+    write_manifest(d)
+    assert SALT.from_checkpoint(d, **PRED).teacher_source == str(d)
+
+
+def test_mismatched_architecture_errors_name_the_mismatch(tmp_path):
+    _, d = _stage1_checkpoint(tmp_path, encoder_kwargs={**ENC, "depth": 3})
+    with pytest.raises(CheckpointMismatchError, match=r"depth: checkpoint 3 vs requested 2"):
+        SALT.from_checkpoint(d, encoder_kwargs=ENC, **PRED)
+    with pytest.raises(CheckpointMismatchError, match=r"'vit_tiny_patch16_224' != requested encoder_name 'vit_small_patch16_224'"):
+        SALT.from_checkpoint(d, encoder_name="vit_small_patch16_224", **PRED)
+    payload = load_encoder_file(d)
+    # state dict of a deeper model: unexpected keys of block 2 are named
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \[blocks\.2\."):
+        SALT(teacher_state_dict=payload["state_dict"], encoder_kwargs=ENC, **PRED)
+    # other embed_dim: shapes named
+    _, d2 = _stage1_checkpoint(tmp_path / "b", encoder_kwargs={**ENC, "embed_dim": 32})
+    sd = load_encoder_file(d2)["state_dict"]
+    with pytest.raises(CheckpointMismatchError, match=r"shape mismatch \[.*checkpoint \(1, 1, 32\) vs model \(1, 1, 64\)"):
+        SALT(teacher_state_dict=sd, encoder_kwargs=ENC, **PRED)
+    # missing keys named
+    good = load_encoder_file(_stage1_checkpoint(tmp_path / "c")[1])["state_dict"]
+    good.pop("norm.weight")
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \[norm\.weight\]"):
+        SALT(teacher_state_dict=good, encoder_kwargs=ENC, **PRED)
+    # a file of another format
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(Exception, match="expected format"):
+        SALT.from_checkpoint(tmp_path / "other.pt", **PRED)
+
+
+@pytest.mark.parametrize("extra", [{"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2}])
+def test_vits_without_cls_or_with_register_tokens(extra):
+    torch.manual_seed(0)
+    model = _salt(encoder_kwargs={**ENC, **extra}).train()
+    masks = MultiBlockMaskGenerator((8, 8))(2, generator=torch.Generator().manual_seed(3))
+    out = model(torch.randn(2, 3, 32, 32), masks=masks)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.target.shape == out.predictions.shape == (2, 4, masks.target_idx.shape[-1], 64)
+    assert model.eval()(torch.randn(2, 3, 32, 32)).embedding.shape == (2, 64)
