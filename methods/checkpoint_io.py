@@ -13,6 +13,7 @@ copies remote checkpoints to a local directory first).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -45,11 +46,19 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_manifest(directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``manifest.json`` (atomically, last): the files of ``directory`` with their sizes, plus ``extra``."""
+    """Write ``manifest.json`` (atomically, last): every file of ``directory`` with size and SHA-256, plus ``extra``."""
     d = Path(directory)
     files = {
-        p.relative_to(d).as_posix(): p.stat().st_size
+        p.relative_to(d).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(d.rglob("*"))
         if p.is_file() and p.name != MANIFEST_FILE and not p.name.startswith(".")
     }
@@ -58,6 +67,33 @@ def write_manifest(directory: str | os.PathLike, extra: Mapping[str, Any] | None
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     os.replace(tmp, d / MANIFEST_FILE)
     return d / MANIFEST_FILE
+
+
+def verify_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """Check that ``directory`` is a complete checkpoint: manifest present, every listed file present with
+    the recorded size and SHA-256. Returns the manifest; raises :class:`IncompleteCheckpointError` (no
+    manifest, missing file) or :class:`CheckpointError` (size or checksum mismatch, unreadable manifest)."""
+    d = Path(directory)
+    mpath = d / MANIFEST_FILE
+    if not mpath.is_file():
+        raise IncompleteCheckpointError(
+            f"incomplete checkpoint {str(d)!r}: no {MANIFEST_FILE} (written last; the writer did not finish)"
+        )
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {str(d)!r}: unreadable {MANIFEST_FILE} ({err})") from None
+    for name, meta in files.items():
+        f = d / name
+        if not f.is_file():
+            raise IncompleteCheckpointError(f"incomplete checkpoint {str(d)!r}: {name!r} is listed in the manifest but missing")
+        size = meta["size"] if isinstance(meta, dict) else meta
+        if f.stat().st_size != size:
+            raise CheckpointError(f"checkpoint {str(d)!r}: {name!r} has {f.stat().st_size} bytes, the manifest says {size}")
+        if isinstance(meta, dict) and "sha256" in meta and _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint {str(d)!r}: {name!r} fails its SHA-256 checksum (corrupt or changed)")
+    return manifest
 
 
 def save_encoder(
@@ -104,14 +140,14 @@ def load_encoder_file(path: str | os.PathLike) -> dict[str, Any]:
     """
     p = Path(path)
     if p.is_dir():
-        if not (p / MANIFEST_FILE).is_file():
-            raise IncompleteCheckpointError(
-                f"incomplete checkpoint {str(p)!r}: no {MANIFEST_FILE} (written last; the writer did not finish)"
-            )
+        verify_manifest(p)
         p = p / ENCODER_FILE
     if not p.is_file():
         raise CheckpointError(f"checkpoint {str(p)!r}: no such file (expected a checkpoint directory or {ENCODER_FILE})")
-    payload = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt or foreign file: never a crash deep inside torch
+        raise CheckpointError(f"checkpoint {str(p)!r}: not a readable torch file ({type(err).__name__}: {str(err)[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
         seen = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"checkpoint {str(p)!r}: expected format {ENCODER_FORMAT!r}, got {seen!r}")
