@@ -149,7 +149,10 @@ class DINO(SSLMethod):
     # ---- schedules --------------------------------------------------------------------------------------
     def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
         self.current_teacher_temperature = teacher_temperature(
-            epoch, self.temperature_teacher_warmup, self.temperature_teacher, self.warmup_epochs_temperature_teacher
+            epoch,
+            self.temperature_teacher_warmup,
+            self.temperature_teacher,
+            self.warmup_epochs_temperature_teacher,
         )
         self.ema_momentum = self.ts.momentum_at(step, total_steps)
 

@@ -66,7 +66,8 @@ class DINOLoss(nn.Module):
         if n_t == 0 or n_s == 0:
             raise ValueError("DINOLoss needs at least one student and one teacher view")
         teacher_probs = [
-            F.softmax((t.detach().float() - self.center) / temperature_teacher, dim=-1) for t in teacher_outputs
+            F.softmax((t.detach().float() - self.center) / temperature_teacher, dim=-1)
+            for t in teacher_outputs
         ]
         student_logp = [F.log_softmax(s.float() / temperature_student, dim=-1) for s in student_outputs]
         total = student_logp[0].new_zeros(())
@@ -78,7 +79,9 @@ class DINOLoss(nn.Module):
                 total = total + torch.sum(-q * logp, dim=-1).mean()
                 n_terms += 1
         if n_terms == 0:
-            raise ValueError(f"DINOLoss has no (student, teacher) pair of different views (n_s={n_s}, n_t={n_t})")
+            raise ValueError(
+                f"DINOLoss has no (student, teacher) pair of different views (n_s={n_s}, n_t={n_t})"
+            )
         if update_center:
             self.update_center(teacher_outputs)
         return total / n_terms
@@ -86,7 +89,9 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_outputs: Sequence[torch.Tensor]) -> None:
         """``c <- m c + (1 - m) * mean(teacher outputs)``, the mean taken over views, batch and workers."""
-        batch_center = torch.cat([t.detach().float() for t in teacher_outputs], dim=0).mean(dim=0, keepdim=True)
+        batch_center = torch.cat([t.detach().float() for t in teacher_outputs], dim=0).mean(
+            dim=0, keepdim=True
+        )
         batch_center = _all_reduce_mean(batch_center)
         self.center.mul_(self.center_momentum).add_(batch_center * (1.0 - self.center_momentum))
 
@@ -121,7 +126,9 @@ class iBOTPatchLoss(nn.Module):
         ``L = mean_v mean_b [ sum_n m_bn * CE(P_t[b, n], P_s[b, n]) / max(sum_n m_bn, 1) ]``.
         """
         if not (len(student_patches) == len(teacher_patches) == len(masks)) or len(masks) == 0:
-            raise ValueError("iBOTPatchLoss needs as many student views, teacher views and masks (at least one)")
+            raise ValueError(
+                "iBOTPatchLoss needs as many student views, teacher views and masks (at least one)"
+            )
         total = student_patches[0].new_zeros((), dtype=torch.float32)
         for s, t, m in zip(student_patches, teacher_patches, masks):
             q = F.softmax((t.detach().float() - self.center) / temperature_teacher, dim=-1)
@@ -137,6 +144,8 @@ class iBOTPatchLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_patches: Sequence[torch.Tensor]) -> None:
         """``c <- m c + (1 - m) * mean over views, images, patches and workers of the teacher patch outputs``."""
-        batch_center = torch.cat([t.detach().float() for t in teacher_patches], dim=0).mean(dim=(0, 1), keepdim=True)
+        batch_center = torch.cat([t.detach().float() for t in teacher_patches], dim=0).mean(
+            dim=(0, 1), keepdim=True
+        )
         batch_center = _all_reduce_mean(batch_center)
         self.center.mul_(self.center_momentum).add_(batch_center * (1.0 - self.center_momentum))

@@ -72,7 +72,12 @@ class MultiCropTransform:
         normalize = T.Normalize(mean=list(mean), std=list(std))
         crop = dict(interpolation=InterpolationMode.BICUBIC, antialias=True)
         self.global1 = T.Compose(
-            [T.RandomResizedCrop(global_size, scale=global_scale, **crop), *flip_color(), blur(global_size, 1.0), normalize]
+            [
+                T.RandomResizedCrop(global_size, scale=global_scale, **crop),
+                *flip_color(),
+                blur(global_size, 1.0),
+                normalize,
+            ]
         )
         self.global2 = T.Compose(
             [
@@ -84,7 +89,12 @@ class MultiCropTransform:
             ]
         )
         self.local = T.Compose(
-            [T.RandomResizedCrop(local_size, scale=local_scale, **crop), *flip_color(), blur(local_size, 0.5), normalize]
+            [
+                T.RandomResizedCrop(local_size, scale=local_scale, **crop),
+                *flip_color(),
+                blur(local_size, 0.5),
+                normalize,
+            ]
         )
 
     @staticmethod

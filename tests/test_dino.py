@@ -16,7 +16,9 @@ TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads
 
 def tiny_dino(**kw) -> DINO:
     torch.manual_seed(0)
-    args = dict(encoder_kwargs=dict(TINY), n_prototypes=64, projector_hidden_dim=32, projector_bottleneck_dim=16)
+    args = dict(
+        encoder_kwargs=dict(TINY), n_prototypes=64, projector_hidden_dim=32, projector_bottleneck_dim=16
+    )
     args.update(kw)
     return DINO(**args)
 
@@ -105,7 +107,10 @@ def test_schedules_set_by_on_train_step():
     model.on_train_step(100, 100, 12.5)
     assert model.current_teacher_temperature == pytest.approx(0.07)
     assert model.ema_momentum == pytest.approx(1.0)
-    assert model.schedule_state() == {"teacher_temperature": pytest.approx(0.07), "ema_momentum": pytest.approx(1.0)}
+    assert model.schedule_state() == {
+        "teacher_temperature": pytest.approx(0.07),
+        "ema_momentum": pytest.approx(1.0),
+    }
     model.train()
     g, loc = views()
     out = model(global_views=g, local_views=loc)
@@ -176,10 +181,17 @@ def test_eval_returns_teacher_embedding_and_zero_loss():
 def test_export_and_rebuild_encoder():
     from methods.vit import create_vit
 
-    model = build_method("dino", encoder_kwargs=dict(TINY), n_prototypes=32, projector_hidden_dim=16,
-                         projector_bottleneck_dim=8)
+    model = build_method(
+        "dino",
+        encoder_kwargs=dict(TINY),
+        n_prototypes=32,
+        projector_hidden_dim=16,
+        projector_bottleneck_dim=8,
+    )
     cfg = model.encoder_config()
-    assert cfg["encoder_name"] == "vit_small_patch16_224" and cfg["encoder_kwargs"]["dynamic_img_size"] is True
+    assert (
+        cfg["encoder_name"] == "vit_small_patch16_224" and cfg["encoder_kwargs"]["dynamic_img_size"] is True
+    )
     rebuilt = create_vit(cfg["encoder_name"], cfg["encoder_kwargs"])
     rebuilt.load_state_dict(model.encoder_state_dict())
     assert model.export_encoder() is model.teacher.backbone

@@ -17,8 +17,12 @@ TINY = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
 def tiny_ibot(**kw) -> iBOT:
     torch.manual_seed(0)
     args = dict(
-        image_size=32, encoder_kwargs=dict(TINY), n_cls_prototypes=64, n_patch_prototypes=32,
-        projector_hidden_dim=32, projector_bottleneck_dim=16,
+        image_size=32,
+        encoder_kwargs=dict(TINY),
+        n_cls_prototypes=64,
+        n_patch_prototypes=32,
+        projector_hidden_dim=32,
+        projector_bottleneck_dim=16,
     )
     args.update(kw)
     return iBOT(**args)
@@ -80,11 +84,15 @@ def test_patch_loss_formula_and_masked_positions_only():
     for tv, sv, mk in zip(t2, s2, masks):
         tv[~mk] = torch.randn(int((~mk).sum()), k) * 10
         sv[~mk] = torch.randn(int((~mk).sum()), k) * 10
-    assert float(loss_fn(s2, t2, masks, 0.1, 0.04, update_center=False)) == pytest.approx(float(loss), rel=1e-6)
+    assert float(loss_fn(s2, t2, masks, 0.1, 0.04, update_center=False)) == pytest.approx(
+        float(loss), rel=1e-6
+    )
     # ... while changing them at a masked position does.
     t3 = [tv.clone() for tv in t]
     t3[0][0, 0] = torch.randn(k) * 10
-    assert float(loss_fn(s, t3, masks, 0.1, 0.04, update_center=False)) != pytest.approx(float(loss), rel=1e-6)
+    assert float(loss_fn(s, t3, masks, 0.1, 0.04, update_center=False)) != pytest.approx(
+        float(loss), rel=1e-6
+    )
 
 
 def test_zero_patch_weight_reduces_to_dino_cls_loss():
@@ -112,8 +120,12 @@ def test_zero_patch_weight_reduces_to_dino_cls_loss():
 def test_student_masking_teacher_unmasked():
     model = tiny_ibot(mask_ratio=0.3).train()
     seen = {"student": [], "teacher": []}
-    model.student.backbone.patch_embed.register_forward_pre_hook(lambda m, a: seen["student"].append(a[0].shape))
-    model.teacher.backbone.patch_embed.register_forward_pre_hook(lambda m, a: seen["teacher"].append(a[0].shape))
+    model.student.backbone.patch_embed.register_forward_pre_hook(
+        lambda m, a: seen["student"].append(a[0].shape)
+    )
+    model.teacher.backbone.patch_embed.register_forward_pre_hook(
+        lambda m, a: seen["teacher"].append(a[0].shape)
+    )
     g = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]
     out = model(global_views=g)
     assert seen["student"] == [(4, 3, 32, 32)] and seen["teacher"] == [(4, 3, 32, 32)]

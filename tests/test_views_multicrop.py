@@ -66,7 +66,11 @@ def test_dataloader_feeds_dino_forward():
 
     batch = next(iter(DataLoader(DS(), batch_size=4, collate_fn=multicrop_collate)))
     torch.manual_seed(0)
-    model = DINO(encoder_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
-                 n_prototypes=16, projector_hidden_dim=16, projector_bottleneck_dim=8)
+    model = DINO(
+        encoder_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+        n_prototypes=16,
+        projector_hidden_dim=16,
+        projector_bottleneck_dim=8,
+    )
     out = model(**batch)
     assert torch.isfinite(out.loss) and out.embedding.shape == (4, 32)
