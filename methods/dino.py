@@ -1,0 +1,209 @@
+"""DINO: Emerging Properties in Self-Supervised Vision Transformers (Caron et al., ICCV 2021, arXiv 2104.14294).
+
+Self-distillation without labels: a student ViT + head sees every multi-crop view (2 global + N local
+crops), an EMA teacher (same architecture) sees only the global crops, and the student is trained to match
+the teacher's centred, sharpened distribution over ``n_prototypes``:
+
+    L = 1 / |pairs| * sum_{t in globals} sum_{s in views, s != t} H(softmax((g_t - c) / tau_t), softmax(g_s / tau_s))
+
+with the centre ``c <- m_c c + (1 - m_c) mean(g_t)`` (:class:`methods.losses.DINOLoss`), the teacher
+temperature ``tau_t`` warmed up linearly in epochs, and the teacher weights an EMA of the student with a
+cosine momentum schedule (:class:`methods.teacher_student.TeacherStudent`). The prototype layer is frozen
+during the first epoch. The exported encoder is the teacher backbone (DINO evaluates the teacher).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from methods import vit as V
+from methods.base import MethodOutput, SSLMethod
+from methods.heads import DINOHead, cancel_gradients_last_layer
+from methods.losses import DINOLoss
+from methods.registry import register
+from methods.schedules import teacher_temperature
+from methods.teacher_student import TeacherStudent
+
+
+@dataclass
+class DINOOutput(MethodOutput):
+    """``loss``; ``embedding`` ``[B, D]`` (teacher CLS of the first global view, or of ``images`` in eval);
+    ``loss_dino`` (same as ``loss``); ``teacher_temperature``; ``ema_momentum``."""
+
+    loss_dino: torch.Tensor | None = None
+    teacher_temperature: torch.Tensor | None = None
+    ema_momentum: torch.Tensor | None = None
+
+
+class BackboneHead(nn.Module):
+    """``backbone(x) -> [B, D]`` (CLS embedding) followed by a DINO head ``-> [B, K]``."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, views: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Runs the backbone once per group of consecutive same-resolution views (as DINO's MultiCropWrapper).
+
+        Returns per-view embeddings ``[B, D]`` and head outputs ``[B, K]``.
+        """
+        embeddings: list[torch.Tensor] = []
+        start = 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            out = self.backbone(torch.cat(list(views[start:end]), dim=0))
+            embeddings.extend(out.chunk(end - start, dim=0))
+            start = end
+        logits = self.head(torch.cat(embeddings, dim=0)).chunk(len(views), dim=0)
+        return embeddings, list(logits)
+
+
+@register("dino")
+class DINO(SSLMethod):
+    """DINO with a timm ViT backbone, multi-crop views and an EMA teacher.
+
+    :param encoder_name: timm ViT name (default ``"vit_small_patch16_224"``) or a pre-built ViT module.
+    :param projector_hidden_dim: hidden dim of the 3-layer head MLP (default 2048).
+    :param projector_bottleneck_dim: bottleneck dim before the prototypes (default 256).
+    :param n_prototypes: number of prototypes / output dim (default 65536).
+    :param temperature_student: student softmax temperature (default 0.1).
+    :param temperature_teacher_warmup: teacher temperature at epoch 0 (default 0.04).
+    :param temperature_teacher: teacher temperature after the warm-up (default 0.07).
+    :param warmup_epochs_temperature_teacher: linear warm-up length in epochs (default 30).
+    :param center_momentum: EMA momentum of the centre (default 0.9).
+    :param ema_decay_start: teacher EMA momentum at step 0 (default 0.996).
+    :param ema_decay_end: teacher EMA momentum at the last step (default 1.0).
+    :param encoder_kwargs: extra kwargs for ``timm.create_model``; ``dynamic_img_size=True`` is always set so
+        that global and local crops of different sizes go through the same ViT.
+    :param pretrained: load pretrained timm weights for the encoder.
+    """
+
+    view_kind = "multicrop"
+    #: epochs during which the prototype layer gets no update (DINO ``freeze_last_layer``).
+    freeze_last_layer_epochs: int = 1
+
+    def __init__(
+        self,
+        encoder_name: str | nn.Module = "vit_small_patch16_224",
+        projector_hidden_dim: int = 2048,
+        projector_bottleneck_dim: int = 256,
+        n_prototypes: int = 65536,
+        temperature_student: float = 0.1,
+        temperature_teacher_warmup: float = 0.04,
+        temperature_teacher: float = 0.07,
+        warmup_epochs_temperature_teacher: int = 30,
+        center_momentum: float = 0.9,
+        ema_decay_start: float = 0.996,
+        ema_decay_end: float = 1.0,
+        encoder_kwargs: dict | None = None,
+        pretrained: bool = False,
+    ):
+        super().__init__()
+        for name, value in (
+            ("temperature_student", temperature_student),
+            ("temperature_teacher_warmup", temperature_teacher_warmup),
+            ("temperature_teacher", temperature_teacher),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        self.encoder_kwargs = dict(encoder_kwargs or {})
+        self.encoder_kwargs["dynamic_img_size"] = True
+        if isinstance(encoder_name, nn.Module):
+            backbone = encoder_name
+            self.encoder_name = type(encoder_name).__name__
+            self._rebuildable = False
+        else:
+            backbone = V.create_vit(encoder_name, self.encoder_kwargs, pretrained)
+            self.encoder_name = encoder_name
+            self._rebuildable = True
+        embed_dim = int(getattr(backbone, "num_features", getattr(backbone, "embed_dim", 0)))
+        head = DINOHead(embed_dim, n_prototypes, projector_hidden_dim, projector_bottleneck_dim)
+        self.ts = TeacherStudent(BackboneHead(backbone, head), ema_decay_start, ema_decay_end)
+        self.loss_fn = DINOLoss(n_prototypes, center_momentum)
+
+        self.temperature_student = float(temperature_student)
+        self.temperature_teacher_warmup = float(temperature_teacher_warmup)
+        self.temperature_teacher = float(temperature_teacher)
+        self.warmup_epochs_temperature_teacher = warmup_epochs_temperature_teacher
+        # Current schedule values (set by on_train_step; start values until then).
+        self.current_teacher_temperature = float(temperature_teacher_warmup)
+        self.ema_momentum = float(ema_decay_start)
+
+    @property
+    def student(self) -> BackboneHead:
+        return self.ts.student
+
+    @property
+    def teacher(self) -> BackboneHead:
+        return self.ts.teacher
+
+    # ---- schedules --------------------------------------------------------------------------------------
+    def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
+        self.current_teacher_temperature = teacher_temperature(
+            epoch,
+            self.temperature_teacher_warmup,
+            self.temperature_teacher,
+            self.warmup_epochs_temperature_teacher,
+        )
+        self.ema_momentum = self.ts.momentum_at(step, total_steps)
+
+    def before_optimizer_step(self, epoch: float) -> None:
+        if epoch < self.freeze_last_layer_epochs:
+            cancel_gradients_last_layer(self.student.head)
+
+    def after_optimizer_step(self) -> None:
+        self.ts.update_teacher(self.ema_momentum)
+
+    def schedule_state(self) -> dict[str, float]:
+        return {"teacher_temperature": self.current_teacher_temperature, "ema_momentum": self.ema_momentum}
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        global_views: Sequence[torch.Tensor] | None = None,
+        local_views: Sequence[torch.Tensor] | None = None,
+        images: torch.Tensor | None = None,
+    ) -> DINOOutput:
+        if images is not None or not self.training:
+            x = images if images is not None else (global_views[0] if global_views else None)
+            if x is None:
+                raise ValueError("DINO.forward in eval mode needs images= (or global_views)")
+            with torch.no_grad():
+                emb = self.teacher.backbone(x)
+            return DINOOutput(loss=torch.zeros((), device=x.device), embedding=emb)
+
+        if not global_views:
+            raise ValueError("DINO.forward in training mode needs global_views (a list of [B, C, H, W])")
+        global_views = list(global_views)
+        local_views = list(local_views or [])
+        _, student_logits = self.ts.forward_student(global_views + local_views)
+        teacher_emb, teacher_logits = self.ts.forward_teacher(global_views)
+        loss = self.loss_fn(
+            student_logits, teacher_logits, self.temperature_student, self.current_teacher_temperature
+        )
+        device = loss.device
+        return DINOOutput(
+            loss=loss,
+            embedding=teacher_emb[0].detach(),
+            loss_dino=loss.detach(),
+            teacher_temperature=torch.tensor(self.current_teacher_temperature, device=device),
+            ema_momentum=torch.tensor(self.ema_momentum, device=device),
+        )
+
+    # ---- export -----------------------------------------------------------------------------------------
+    def export_encoder(self) -> nn.Module:
+        return self.teacher.backbone
+
+    def encoder_config(self) -> dict[str, Any]:
+        if not self._rebuildable:
+            raise ValueError("DINO was built from a module instance; its encoder cannot be rebuilt by name")
+        return {"encoder_name": self.encoder_name, "encoder_kwargs": copy.deepcopy(self.encoder_kwargs)}

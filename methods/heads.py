@@ -1,0 +1,68 @@
+"""Projection heads for self-distillation (DINO, Caron et al. 2021, arXiv 2104.14294; iBOT, Zhou et al.
+2022, arXiv 2111.07832).
+
+DINO head: ``x -> MLP (3 layers, GELU, hidden h) -> bottleneck b -> z / ||z||_2 -> W z`` where the last layer
+is weight-normalised with its gain fixed to 1 (``weight_g = 1`` in DINO), i.e. every prototype row is
+``w_k = v_k / ||v_k||_2`` and there is no bias. DINO freezes that last layer during the first epoch by
+dropping its gradients (:func:`cancel_gradients_last_layer`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.vit import trunc_normal_init
+
+
+class NormalizedLinear(nn.Module):
+    """Bias-free linear layer with unit-norm rows: ``y = x @ (V / ||V||_row)^T`` (weight norm, g fixed to 1)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_v = nn.Parameter(nn.Linear(in_features, out_features, bias=False).weight.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, F.normalize(self.weight_v, dim=1))
+
+
+class DINOHead(nn.Module):
+    """3-layer MLP -> bottleneck -> L2 normalisation -> weight-normalised prototypes.
+
+    :param in_dim: input (backbone) dimension.
+    :param out_dim: number of prototypes.
+    :param hidden_dim: MLP hidden dimension (DINO: 2048).
+    :param bottleneck_dim: dimension before the prototypes (DINO: 256).
+    :param n_layers: MLP layers (DINO: 3).
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, n_layers: int = 3
+    ):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        if n_layers == 1:
+            self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            for _ in range(n_layers - 2):
+                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        self.mlp.apply(trunc_normal_init)
+        self.last_layer = NormalizedLinear(bottleneck_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2, eps=1e-6)
+        return self.last_layer(x)
+
+
+def cancel_gradients_last_layer(head: DINOHead) -> None:
+    """DINO's first-epoch freeze of the prototypes: drop the last layer's gradients (``grad = None``)."""
+    for p in head.last_layer.parameters():
+        p.grad = None

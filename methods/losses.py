@@ -1,0 +1,151 @@
+"""Self-distillation losses with teacher centring (DINO, Caron et al. 2021, arXiv 2104.14294; iBOT, Zhou et
+al. 2022, arXiv 2111.07832).
+
+DINO: for student views ``s`` (global + local) and teacher views ``t`` (global only), with temperatures
+``tau_s`` and ``tau_t`` and the centre ``c``:
+
+    P_t = softmax((g_t - c) / tau_t),   log P_s = log_softmax(g_s / tau_s)
+    L   = 1 / |pairs| * sum_{(s, t), s != t} mean_b( - sum_k P_t[b, k] * log P_s[b, k] )
+
+where student view ``i`` is not paired with teacher view ``i`` (the same global crop). After the loss the
+centre follows an EMA of the teacher outputs' batch mean, all-reduced over workers when
+``torch.distributed`` is initialised:
+
+    c <- m * c + (1 - m) * mean_{workers, teacher views, batch} g_t
+
+iBOT patch loss: per-patch cross-entropy between the teacher (unmasked view) and student (masked view)
+patch distributions of the same view, averaged over the masked patches of each image, then over images and
+views; its own centre is the EMA of the teacher patch outputs' mean over patches and images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over workers when torch.distributed is initialised (identity otherwise)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x = x / dist.get_world_size()
+    return x
+
+
+class DINOLoss(nn.Module):
+    """DINO cross-view cross-entropy with a centred, sharpened teacher (see module docstring).
+
+    :param out_dim: number of prototypes ``K``.
+    :param center_momentum: EMA momentum of the centre (DINO: 0.9).
+    """
+
+    center: torch.Tensor
+
+    def __init__(self, out_dim: int, center_momentum: float = 0.9):
+        super().__init__()
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        self.center_momentum = float(center_momentum)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(
+        self,
+        student_outputs: Sequence[torch.Tensor],
+        teacher_outputs: Sequence[torch.Tensor],
+        temperature_student: float,
+        temperature_teacher: float,
+        update_center: bool = True,
+    ) -> torch.Tensor:
+        """``student_outputs``: ``n_s`` logits ``[B, K]`` (globals first); ``teacher_outputs``: ``n_t`` ``[B, K]``."""
+        n_s, n_t = len(student_outputs), len(teacher_outputs)
+        if n_t == 0 or n_s == 0:
+            raise ValueError("DINOLoss needs at least one student and one teacher view")
+        teacher_probs = [
+            F.softmax((t.detach().float() - self.center) / temperature_teacher, dim=-1)
+            for t in teacher_outputs
+        ]
+        student_logp = [F.log_softmax(s.float() / temperature_student, dim=-1) for s in student_outputs]
+        total = student_logp[0].new_zeros(())
+        n_terms = 0
+        for ti, q in enumerate(teacher_probs):
+            for si, logp in enumerate(student_logp):
+                if si == ti:  # same global crop: skipped
+                    continue
+                total = total + torch.sum(-q * logp, dim=-1).mean()
+                n_terms += 1
+        if n_terms == 0:
+            raise ValueError(
+                f"DINOLoss has no (student, teacher) pair of different views (n_s={n_s}, n_t={n_t})"
+            )
+        if update_center:
+            self.update_center(teacher_outputs)
+        return total / n_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_outputs: Sequence[torch.Tensor]) -> None:
+        """``c <- m c + (1 - m) * mean(teacher outputs)``, the mean taken over views, batch and workers."""
+        batch_center = torch.cat([t.detach().float() for t in teacher_outputs], dim=0).mean(
+            dim=0, keepdim=True
+        )
+        batch_center = _all_reduce_mean(batch_center)
+        self.center.mul_(self.center_momentum).add_(batch_center * (1.0 - self.center_momentum))
+
+
+class iBOTPatchLoss(nn.Module):
+    """iBOT masked-image-modelling loss on patch tokens, with its own centre.
+
+    :param out_dim: number of patch prototypes ``K``.
+    :param center_momentum: EMA momentum of the patch centre (iBOT: 0.9).
+    """
+
+    center: torch.Tensor
+
+    def __init__(self, out_dim: int, center_momentum: float = 0.9):
+        super().__init__()
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        self.center_momentum = float(center_momentum)
+        self.register_buffer("center", torch.zeros(1, 1, out_dim))
+
+    def forward(
+        self,
+        student_patches: Sequence[torch.Tensor],
+        teacher_patches: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        temperature_student: float,
+        temperature_teacher: float,
+        update_center: bool = True,
+    ) -> torch.Tensor:
+        """Per view ``v``: student ``[B, N, K]`` (masked input), teacher ``[B, N, K]``, mask ``[B, N]`` (1 = masked).
+
+        ``L = mean_v mean_b [ sum_n m_bn * CE(P_t[b, n], P_s[b, n]) / max(sum_n m_bn, 1) ]``.
+        """
+        if not (len(student_patches) == len(teacher_patches) == len(masks)) or len(masks) == 0:
+            raise ValueError(
+                "iBOTPatchLoss needs as many student views, teacher views and masks (at least one)"
+            )
+        total = student_patches[0].new_zeros((), dtype=torch.float32)
+        for s, t, m in zip(student_patches, teacher_patches, masks):
+            q = F.softmax((t.detach().float() - self.center) / temperature_teacher, dim=-1)
+            logp = F.log_softmax(s.float() / temperature_student, dim=-1)
+            per_patch = torch.sum(-q * logp, dim=-1)  # [B, N]
+            m = m.reshape(per_patch.shape).float()
+            per_image = (per_patch * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)
+            total = total + per_image.mean()
+        if update_center:
+            self.update_center(teacher_patches)
+        return total / len(masks)
+
+    @torch.no_grad()
+    def update_center(self, teacher_patches: Sequence[torch.Tensor]) -> None:
+        """``c <- m c + (1 - m) * mean over views, images, patches and workers of the teacher patch outputs``."""
+        batch_center = torch.cat([t.detach().float() for t in teacher_patches], dim=0).mean(
+            dim=(0, 1), keepdim=True
+        )
+        batch_center = _all_reduce_mean(batch_center)
+        self.center.mul_(self.center_momentum).add_(batch_center * (1.0 - self.center_momentum))

@@ -1,0 +1,76 @@
+"""EMA teacher-student wrapper shared by DINO, iBOT and data2vec.
+
+The teacher is a deep copy of the student taken at construction (so both start equal), has
+``requires_grad=False`` everywhere and changes only through :meth:`TeacherStudent.update_teacher`:
+
+    theta_teacher <- m * theta_teacher + (1 - m) * theta_student
+
+with the momentum ``m`` following the cosine schedule of BYOL / DINO (Caron et al. 2021, arXiv 2104.14294)
+from :meth:`TeacherStudent.momentum_at`. Buffers (e.g. BatchNorm statistics) are copied from the student.
+The teacher is kept in eval mode (no dropout / drop-path), as DINO's teacher is built without drop-path.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from methods.schedules import cosine_ema_momentum
+
+
+class TeacherStudent(nn.Module):
+    """Wraps any ``nn.Module`` as ``.student`` (trained) and ``.teacher`` (its EMA copy).
+
+    :param student: the module to train (e.g. a backbone, or a module holding backbone and heads).
+    :param ema_decay_start: momentum at step 0 (default 0.996).
+    :param ema_decay_end: momentum at the last step (default 1.0).
+    """
+
+    def __init__(self, student: nn.Module, ema_decay_start: float = 0.996, ema_decay_end: float = 1.0):
+        super().__init__()
+        if not 0.0 <= ema_decay_start <= 1.0 or not 0.0 <= ema_decay_end <= 1.0:
+            raise ValueError(
+                f"EMA decays must be in [0, 1], got ema_decay_start={ema_decay_start}, ema_decay_end={ema_decay_end}"
+            )
+        self.student = student
+        self.teacher = copy.deepcopy(student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+        self.ema_decay_start = float(ema_decay_start)
+        self.ema_decay_end = float(ema_decay_end)
+
+    def train(self, mode: bool = True) -> TeacherStudent:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses dropout / drop-path
+        return self
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        """Cosine EMA momentum: ``m = end - (end - start) * (1 + cos(pi * step / total_steps)) / 2``."""
+        return cosine_ema_momentum(step, total_steps, self.ema_decay_start, self.ema_decay_end)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """``teacher = momentum * teacher + (1 - momentum) * student`` for every parameter; buffers copied."""
+        t_params = list(self.teacher.parameters())
+        s_params = [p.detach() for p in self.student.parameters()]
+        if len(t_params) != len(s_params):
+            raise RuntimeError("teacher and student have different parameter lists")
+        if t_params:
+            torch._foreach_mul_(t_params, momentum)
+            torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+        for tb, sb in zip(self.teacher.buffers(), self.student.buffers()):
+            tb.copy_(sb)
+
+    def forward_student(self, *args: Any, **kwargs: Any) -> Any:
+        return self.student(*args, **kwargs)
+
+    @torch.no_grad()
+    def forward_teacher(self, *args: Any, **kwargs: Any) -> Any:
+        return self.teacher(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward_student(*args, **kwargs)

@@ -1,0 +1,143 @@
+"""Multi-crop view generation for DINO / iBOT (Caron et al. 2021, arXiv 2104.14294, ``DataAugmentationDINO``;
+Zhou et al. 2022, arXiv 2111.07832).
+
+Each image gives ``n_global`` global crops (``RandomResizedCrop`` to ``global_size`` with scale in
+``global_scale``) and ``n_local`` local crops (``local_size``, scale in ``local_scale``), each followed by
+horizontal flip (p=0.5), colour jitter (0.4, 0.4, 0.2, 0.1; p=0.8), grayscale (p=0.2), Gaussian blur
+(sigma in [0.1, 2]; p=1.0 on the first global crop, 0.1 on the other globals, 0.5 on local crops),
+solarisation (p=0.2, on the globals after the first) and normalisation. With ``n_local=0`` this is iBOT's
+``view_kind="global_views"`` input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _blur_kernel(size: int) -> int:
+    """An odd Gaussian kernel about 10% of the crop size (at least 3)."""
+    k = max(3, size // 10)
+    return k if k % 2 == 1 else k + 1
+
+
+class MultiCropTransform:
+    """``image [3, H, W] float in [0, 1] -> {"global_views": [...], "local_views": [...]}`` (normalised).
+
+    :param global_size: side of the global crops.
+    :param local_size: side of the local crops.
+    :param n_global: number of global crops (default 2).
+    :param n_local: number of local crops (0 for iBOT: then only ``global_views`` is returned).
+    :param global_scale: ``RandomResizedCrop`` area range of global crops (default (0.4, 1.0)).
+    :param local_scale: area range of local crops (default (0.05, 0.4)).
+    :param mean: normalisation mean (default ImageNet).
+    :param std: normalisation std (default ImageNet).
+    """
+
+    def __init__(
+        self,
+        global_size: int,
+        local_size: int,
+        n_global: int = 2,
+        n_local: int = 6,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.4),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        if n_global < 1:
+            raise ValueError(f"n_global must be >= 1, got {n_global}")
+        if n_local < 0:
+            raise ValueError(f"n_local must be >= 0, got {n_local}")
+        self.global_size, self.local_size = int(global_size), int(local_size)
+        self.n_global, self.n_local = int(n_global), int(n_local)
+
+        def flip_color() -> list[Any]:
+            return [
+                T.RandomHorizontalFlip(p=0.5),
+                T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+            ]
+
+        def blur(size: int, p: float) -> Any:
+            return T.RandomApply([T.GaussianBlur(kernel_size=_blur_kernel(size), sigma=(0.1, 2.0))], p=p)
+
+        normalize = T.Normalize(mean=list(mean), std=list(std))
+        crop = dict(interpolation=InterpolationMode.BICUBIC, antialias=True)
+        self.global1 = T.Compose(
+            [
+                T.RandomResizedCrop(global_size, scale=global_scale, **crop),
+                *flip_color(),
+                blur(global_size, 1.0),
+                normalize,
+            ]
+        )
+        self.global2 = T.Compose(
+            [
+                T.RandomResizedCrop(global_size, scale=global_scale, **crop),
+                *flip_color(),
+                blur(global_size, 0.1),
+                T.RandomSolarize(threshold=0.5, p=0.2),
+                normalize,
+            ]
+        )
+        self.local = T.Compose(
+            [
+                T.RandomResizedCrop(local_size, scale=local_scale, **crop),
+                *flip_color(),
+                blur(local_size, 0.5),
+                normalize,
+            ]
+        )
+
+    @staticmethod
+    def _to_float_rgb(image: Any) -> torch.Tensor:
+        x = T.ToImage()(image) if not isinstance(image, torch.Tensor) else image
+        if not x.is_floating_point():
+            x = x.float() / 255.0
+        x = x.float()
+        if x.ndim != 3:
+            raise ValueError(f"MultiCropTransform expects one image [C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
+        if x.shape[0] != 3:
+            raise ValueError(f"MultiCropTransform expects 1 or 3 channels, got {x.shape[0]}")
+        return x.clamp(0.0, 1.0).contiguous()
+
+    def __call__(self, image: Any) -> dict[str, list[torch.Tensor]]:
+        x = self._to_float_rgb(image)
+        out: dict[str, list[torch.Tensor]] = {
+            "global_views": [self.global1(x)] + [self.global2(x) for _ in range(self.n_global - 1)]
+        }
+        if self.n_local > 0:
+            out["local_views"] = [self.local(x) for _ in range(self.n_local)]
+        return out
+
+
+def multicrop_collate(samples: Sequence[Any]) -> Any:
+    """Stack per-sample view dicts into batched lists: ``{"global_views": [[B,3,G,G], ...], ...}``.
+
+    ``samples`` are either dicts from :class:`MultiCropTransform` or ``(dict, label)`` pairs; in the second case
+    ``(batched dict, labels tensor)`` is returned.
+    """
+    if not samples:
+        raise ValueError("multicrop_collate got an empty batch")
+    if isinstance(samples[0], dict):
+        views, labels = list(samples), None
+    else:
+        views = [s[0] for s in samples]
+        labels = torch.as_tensor([int(s[1]) for s in samples])
+    out: dict[str, list[torch.Tensor]] = {}
+    for key in views[0]:
+        counts = {len(v[key]) for v in views}
+        if len(counts) != 1:
+            raise ValueError(f"multicrop_collate: samples have different numbers of {key}: {sorted(counts)}")
+        out[key] = [torch.stack([v[key][i] for v in views]) for i in range(counts.pop())]
+    return out if labels is None else (out, labels)

@@ -1,0 +1,199 @@
+"""DINO (Caron et al. 2021): loss formula, centring, schedules, multi-crop routing, EMA, last-layer freeze."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from methods import build_method, get_method_class
+from methods.dino import DINO, DINOOutput
+from methods.losses import DINOLoss
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
+def tiny_dino(**kw) -> DINO:
+    torch.manual_seed(0)
+    args = dict(
+        encoder_kwargs=dict(TINY), n_prototypes=64, projector_hidden_dim=32, projector_bottleneck_dim=16
+    )
+    args.update(kw)
+    return DINO(**args)
+
+
+def views(b: int = 2, n_local: int = 3, g: int = 32, loc: int = 16):
+    return [torch.randn(b, 3, g, g) for _ in range(2)], [torch.randn(b, 3, loc, loc) for _ in range(n_local)]
+
+
+def test_signature_matches_seed():
+    expected = {
+        "encoder_name": "vit_small_patch16_224",
+        "projector_hidden_dim": 2048,
+        "projector_bottleneck_dim": 256,
+        "n_prototypes": 65536,
+        "temperature_student": 0.1,
+        "temperature_teacher_warmup": 0.04,
+        "temperature_teacher": 0.07,
+        "warmup_epochs_temperature_teacher": 30,
+        "center_momentum": 0.9,
+        "ema_decay_start": 0.996,
+        "ema_decay_end": 1.0,
+        "encoder_kwargs": None,
+        "pretrained": False,
+    }
+    params = inspect.signature(DINO.__init__).parameters
+    assert list(params)[1:] == list(expected)
+    assert {k: params[k].default for k in expected} == expected
+    assert list(inspect.signature(DINO.forward).parameters)[1:] == ["global_views", "local_views", "images"]
+    assert get_method_class("dino") is DINO and DINO.view_kind == "multicrop"
+
+
+def _direct_dino_loss(student, teacher, center, ts, tt, skip_same=True):
+    total, n = 0.0, 0
+    for i, t in enumerate(teacher):
+        q = torch.exp((t.double() - center.double()) / tt)
+        q = q / q.sum(dim=1, keepdim=True)
+        for j, s in enumerate(student):
+            if skip_same and i == j:
+                continue
+            z = s.double() / ts
+            logp = z - torch.log(torch.exp(z).sum(dim=1, keepdim=True))
+            total += float((-(q * logp).sum(dim=1)).mean())
+            n += 1
+    return total / n
+
+
+def test_dino_loss_equals_direct_formula_and_center_update():
+    torch.manual_seed(1)
+    k, b = 10, 4
+    loss_fn = DINOLoss(k, center_momentum=0.9)
+    loss_fn.center.copy_(torch.randn(1, k) * 0.3)
+    center0 = loss_fn.center.clone()
+    student = [torch.randn(b, k) for _ in range(5)]  # 2 global + 3 local
+    teacher = [torch.randn(b, k) for _ in range(2)]
+    loss = loss_fn(student, teacher, 0.1, 0.05)
+    assert float(loss) == pytest.approx(_direct_dino_loss(student, teacher, center0, 0.1, 0.05), rel=1e-5)
+    # 2 teacher views x 5 student views minus the 2 same-view pairs = 8 pairs (counting them would differ).
+    all_pairs = _direct_dino_loss(student, teacher, center0, 0.1, 0.05, skip_same=False)
+    assert float(loss) != pytest.approx(all_pairs, rel=1e-5)
+    expected_center = 0.9 * center0 + 0.1 * torch.cat(teacher).mean(dim=0, keepdim=True)
+    torch.testing.assert_close(loss_fn.center, expected_center)
+    # update_center=False leaves it alone.
+    loss_fn(student, teacher, 0.1, 0.05, update_center=False)
+    torch.testing.assert_close(loss_fn.center, expected_center)
+
+
+def test_dino_loss_skips_same_view_pairs():
+    k = 6
+    t = torch.randn(3, k)
+    # Student view 0 identical to teacher view 0, student view 1 very different: only the (s1, t0) and
+    # (s0, t1) pairs count.
+    s = [t.clone(), torch.randn(3, k) * 5]
+    teacher = [t, torch.randn(3, k)]
+    loss = DINOLoss(k)(s, teacher, 0.1, 0.04)
+    assert float(loss) == pytest.approx(_direct_dino_loss(s, teacher, torch.zeros(1, k), 0.1, 0.04), rel=1e-5)
+
+
+def test_schedules_set_by_on_train_step():
+    model = tiny_dino(warmup_epochs_temperature_teacher=10, ema_decay_start=0.99, ema_decay_end=1.0)
+    model.on_train_step(0, 100, 0.0)
+    assert model.current_teacher_temperature == pytest.approx(0.04)
+    assert model.ema_momentum == pytest.approx(0.99)
+    model.on_train_step(50, 100, 5.0)
+    assert model.current_teacher_temperature == pytest.approx(0.055)
+    assert model.ema_momentum == pytest.approx(0.995)
+    model.on_train_step(100, 100, 12.5)
+    assert model.current_teacher_temperature == pytest.approx(0.07)
+    assert model.ema_momentum == pytest.approx(1.0)
+    assert model.schedule_state() == {
+        "teacher_temperature": pytest.approx(0.07),
+        "ema_momentum": pytest.approx(1.0),
+    }
+    model.train()
+    g, loc = views()
+    out = model(global_views=g, local_views=loc)
+    assert float(out.teacher_temperature) == pytest.approx(0.07)
+
+
+def test_multicrop_student_sees_all_views_teacher_only_globals():
+    model = tiny_dino().train()
+    seen = {"student": [], "teacher": []}
+    model.student.backbone.register_forward_pre_hook(lambda m, a: seen["student"].append(tuple(a[0].shape)))
+    model.teacher.backbone.register_forward_pre_hook(lambda m, a: seen["teacher"].append(tuple(a[0].shape)))
+    b, n_local = 2, 4
+    g, loc = views(b, n_local, 32, 16)
+    model(global_views=g, local_views=loc)
+    student_views = sum(s[0] for s in seen["student"]) // b
+    assert student_views == 2 + n_local
+    assert sorted(seen["student"]) == sorted([(2 * b, 3, 32, 32), (n_local * b, 3, 16, 16)])
+    assert seen["teacher"] == [(2 * b, 3, 32, 32)]
+
+
+def test_training_step_backward_ema_and_last_layer_freeze():
+    model = tiny_dino().train()
+    for ps, pt in zip(model.student.parameters(), model.teacher.parameters()):
+        assert torch.equal(ps, pt) and not pt.requires_grad
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    last = model.student.head.last_layer.weight_v
+    mlp_w = model.student.head.mlp[0].weight
+
+    def step(epoch: float, step_idx: int):
+        model.on_train_step(step_idx, 10, epoch)
+        g, loc = views()
+        out = model(global_views=g, local_views=loc)
+        assert isinstance(out, DINOOutput) and out.loss.ndim == 0 and torch.isfinite(out.loss)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        assert all(p.grad is None for p in model.teacher.parameters())
+        assert last.grad is not None
+        model.before_optimizer_step(epoch)
+        old_teacher = [p.detach().clone() for p in model.teacher.parameters()]
+        opt.step()
+        model.after_optimizer_step()
+        m = model.ema_momentum
+        for o, pt, ps in zip(old_teacher, model.teacher.parameters(), model.student.parameters()):
+            torch.testing.assert_close(pt, m * o + (1 - m) * ps.detach())
+
+    last0, mlp0 = last.detach().clone(), mlp_w.detach().clone()
+    step(0.5, 0)  # epoch 0: the prototypes are frozen, the rest trains
+    assert torch.equal(last, last0)
+    assert not torch.equal(mlp_w, mlp0)
+    step(1.0, 5)  # epoch 1: the prototypes train
+    assert not torch.equal(last, last0)
+
+
+def test_eval_returns_teacher_embedding_and_zero_loss():
+    model = tiny_dino()
+    with torch.no_grad():  # make teacher and student differ so we can tell which one is used
+        for p in model.student.parameters():
+            p.add_(0.1)
+    x = torch.randn(3, 3, 32, 32)
+    out = model.train()(images=x)
+    assert out.embedding.shape == (3, 64) and float(out.loss) == 0.0
+    torch.testing.assert_close(out.embedding, model.teacher.backbone(x))
+    model.eval()
+    assert torch.equal(model(images=x).embedding, out.embedding)
+    assert torch.equal(model.embed(x), out.embedding)
+
+
+def test_export_and_rebuild_encoder():
+    from methods.vit import create_vit
+
+    model = build_method(
+        "dino",
+        encoder_kwargs=dict(TINY),
+        n_prototypes=32,
+        projector_hidden_dim=16,
+        projector_bottleneck_dim=8,
+    )
+    cfg = model.encoder_config()
+    assert (
+        cfg["encoder_name"] == "vit_small_patch16_224" and cfg["encoder_kwargs"]["dynamic_img_size"] is True
+    )
+    rebuilt = create_vit(cfg["encoder_name"], cfg["encoder_kwargs"])
+    rebuilt.load_state_dict(model.encoder_state_dict())
+    assert model.export_encoder() is model.teacher.backbone
+    x = torch.randn(1, 3, 16, 16)  # a local-crop size works thanks to dynamic_img_size
+    torch.testing.assert_close(rebuilt(x), model.export_encoder()(x))

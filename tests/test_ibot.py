@@ -1,0 +1,190 @@
+"""iBOT (Zhou et al. 2022): masked-patch loss, CLS loss reduction, masking, EMA, eval, export."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from methods import get_method_class
+from methods.ibot import iBOT, iBOTOutput
+from methods.losses import iBOTPatchLoss
+
+TINY = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
+def tiny_ibot(**kw) -> iBOT:
+    torch.manual_seed(0)
+    args = dict(
+        image_size=32,
+        encoder_kwargs=dict(TINY),
+        n_cls_prototypes=64,
+        n_patch_prototypes=32,
+        projector_hidden_dim=32,
+        projector_bottleneck_dim=16,
+    )
+    args.update(kw)
+    return iBOT(**args)
+
+
+def test_signature_matches_seed_plus_encoder_kwargs_last():
+    expected = {
+        "encoder_name": "vit_small_patch16_224",
+        "projector_hidden_dim": 2048,
+        "projector_bottleneck_dim": 256,
+        "n_cls_prototypes": 65536,
+        "n_patch_prototypes": 8192,
+        "mask_ratio": 0.3,
+        "patch_loss_weight": 1.0,
+        "temperature_student": 0.1,
+        "temperature_teacher_warmup": 0.04,
+        "temperature_teacher": 0.07,
+        "warmup_epochs_temperature_teacher": 30,
+        "ema_decay_start": 0.996,
+        "ema_decay_end": 1.0,
+        "image_size": 224,
+        "pretrained": False,
+        "encoder_kwargs": None,
+    }
+    params = inspect.signature(iBOT.__init__).parameters
+    assert list(params)[1:] == list(expected)
+    assert {k: params[k].default for k in expected} == expected
+    assert get_method_class("ibot") is iBOT and iBOT.view_kind == "global_views"
+
+
+def _direct_patch_loss(s, t, m, center, ts, tt):
+    per_view = []
+    for sv, tv, mv in zip(s, t, m):
+        q = torch.exp((tv.double() - center.double()) / tt)
+        q = q / q.sum(-1, keepdim=True)
+        z = sv.double() / ts
+        logp = z - torch.log(torch.exp(z).sum(-1, keepdim=True))
+        ce = -(q * logp).sum(-1)  # [B, N]
+        per_img = [(ce[b][mv[b].bool()]).mean() for b in range(ce.shape[0])]
+        per_view.append(torch.stack(per_img).mean())
+    return float(torch.stack(per_view).mean())
+
+
+def test_patch_loss_formula_and_masked_positions_only():
+    torch.manual_seed(2)
+    b, n, k = 3, 6, 5
+    s = [torch.randn(b, n, k), torch.randn(b, n, k)]
+    t = [torch.randn(b, n, k), torch.randn(b, n, k)]
+    masks = [torch.rand(b, n) < 0.5, torch.rand(b, n) < 0.5]
+    for mk in masks:
+        mk[:, 0] = True  # at least one masked patch per image
+        mk[:, 1] = False  # at least one visible
+    loss_fn = iBOTPatchLoss(k)
+    loss = loss_fn(s, t, masks, 0.1, 0.04, update_center=False)
+    assert float(loss) == pytest.approx(_direct_patch_loss(s, t, masks, torch.zeros(k), 0.1, 0.04), rel=1e-5)
+    # Changing teacher (or student) outputs at unmasked positions does not change the loss ...
+    t2 = [tv.clone() for tv in t]
+    s2 = [sv.clone() for sv in s]
+    for tv, sv, mk in zip(t2, s2, masks):
+        tv[~mk] = torch.randn(int((~mk).sum()), k) * 10
+        sv[~mk] = torch.randn(int((~mk).sum()), k) * 10
+    assert float(loss_fn(s2, t2, masks, 0.1, 0.04, update_center=False)) == pytest.approx(
+        float(loss), rel=1e-6
+    )
+    # ... while changing them at a masked position does.
+    t3 = [tv.clone() for tv in t]
+    t3[0][0, 0] = torch.randn(k) * 10
+    assert float(loss_fn(s, t3, masks, 0.1, 0.04, update_center=False)) != pytest.approx(
+        float(loss), rel=1e-6
+    )
+
+
+def test_zero_patch_weight_reduces_to_dino_cls_loss():
+    model = tiny_ibot(patch_loss_weight=0.0).train()
+    outs = {}
+    model.student.cls_head.register_forward_hook(lambda m, a, o: outs.__setitem__("s", o.detach().clone()))
+    model.teacher.cls_head.register_forward_hook(lambda m, a, o: outs.__setitem__("t", o.detach().clone()))
+    g = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]
+    out = model(global_views=g)
+    assert isinstance(out, iBOTOutput)
+    assert float(out.loss.detach()) == pytest.approx(float(out.loss_cls), rel=1e-6)
+    assert float(out.loss_patch) > 0
+    # Cross-view DINO loss on the CLS logits (centre 0 at the first step, warm-up teacher temperature 0.04).
+    s, t = outs["s"].chunk(2), outs["t"].chunk(2)
+    q = [torch.softmax(tv.double() / 0.04, -1) for tv in t]
+    logp = [torch.log_softmax(sv.double() / 0.1, -1) for sv in s]
+    expected = (-(q[0] * logp[1]).sum(-1).mean() - (q[1] * logp[0]).sum(-1).mean()) / 2
+    assert float(out.loss_cls) == pytest.approx(float(expected), rel=1e-5)
+    full = tiny_ibot(patch_loss_weight=2.0).train()
+    torch.manual_seed(5)
+    out2 = full(global_views=g)
+    assert float(out2.loss.detach()) == pytest.approx(float(out2.loss_cls + 2.0 * out2.loss_patch), rel=1e-6)
+
+
+def test_student_masking_teacher_unmasked():
+    model = tiny_ibot(mask_ratio=0.3).train()
+    seen = {"student": [], "teacher": []}
+    model.student.backbone.patch_embed.register_forward_pre_hook(
+        lambda m, a: seen["student"].append(a[0].shape)
+    )
+    model.teacher.backbone.patch_embed.register_forward_pre_hook(
+        lambda m, a: seen["teacher"].append(a[0].shape)
+    )
+    g = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]
+    out = model(global_views=g)
+    assert seen["student"] == [(4, 3, 32, 32)] and seen["teacher"] == [(4, 3, 32, 32)]
+    n = (32 // 8) ** 2
+    assert len(out.masks) == 2
+    for mk in out.masks:
+        assert mk.shape == (2, n) and mk.sum(dim=1).tolist() == [round(0.3 * n)] * 2
+    out.loss.backward()
+    assert model.student.mask_token.grad is not None and model.student.mask_token.grad.abs().sum() > 0
+    # With given all-False masks the student sees exactly the teacher's input, so at init (teacher == student)
+    # the patch distributions agree up to temperatures; the mask token then gets no gradient.
+    model.zero_grad(set_to_none=True)
+    none_masked = [torch.zeros(2, n, dtype=torch.bool)] * 2
+    out = model(global_views=g, masks=none_masked)
+    out.loss.backward()
+    assert model.student.mask_token.grad is None or model.student.mask_token.grad.abs().sum() == 0
+    assert float(out.loss_patch) == 0.0  # no masked patch: the per-image average is over an empty set
+
+
+def test_training_step_ema_and_last_layer_freeze():
+    model = tiny_ibot().train()
+    for ps, pt in zip(model.student.parameters(), model.teacher.parameters()):
+        assert torch.equal(ps, pt) and not pt.requires_grad
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    lasts = [model.student.cls_head.last_layer.weight_v, model.student.patch_head.last_layer.weight_v]
+    first = [p.detach().clone() for p in lasts]
+
+    def step(epoch: float, i: int):
+        model.on_train_step(i, 10, epoch)
+        out = model(global_views=[torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        assert all(p.grad is None for p in model.teacher.parameters())
+        model.before_optimizer_step(epoch)
+        old = [p.detach().clone() for p in model.teacher.parameters()]
+        opt.step()
+        model.after_optimizer_step()
+        m = model.ema_momentum
+        for o, pt, ps in zip(old, model.teacher.parameters(), model.student.parameters()):
+            torch.testing.assert_close(pt, m * o + (1 - m) * ps.detach())
+
+    step(0.0, 0)
+    assert all(torch.equal(p, f) for p, f in zip(lasts, first))
+    step(1.5, 6)
+    assert all(not torch.equal(p, f) for p, f in zip(lasts, first))
+
+
+def test_eval_embedding_zero_loss_and_export():
+    from methods.vit import create_vit
+
+    model = tiny_ibot().eval()
+    x = torch.randn(3, 3, 32, 32)
+    out = model(images=x)
+    assert out.embedding.shape == (3, 64) and float(out.loss) == 0.0
+    torch.testing.assert_close(out.embedding, model.teacher.backbone(x))
+    cfg = model.encoder_config()
+    assert cfg["encoder_kwargs"]["img_size"] == 32
+    rebuilt = create_vit(cfg["encoder_name"], cfg["encoder_kwargs"])
+    rebuilt.load_state_dict(model.encoder_state_dict())
+    torch.testing.assert_close(rebuilt(x), out.embedding)
+    with pytest.raises(ValueError, match="img_size"):
+        iBOT(image_size=32, encoder_kwargs={"img_size": 16})

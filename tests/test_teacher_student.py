@@ -1,0 +1,139 @@
+"""Schedules, the EMA teacher-student wrapper, the DINO head and the distributed centre of the DINO loss."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from methods.heads import DINOHead, cancel_gradients_last_layer
+from methods.losses import DINOLoss, iBOTPatchLoss
+from methods.schedules import cosine_ema_momentum, teacher_temperature
+from methods.teacher_student import TeacherStudent
+
+
+def test_cosine_ema_momentum_start_middle_end():
+    start, end, total = 0.996, 1.0, 100
+    assert cosine_ema_momentum(0, total, start, end) == pytest.approx(start)
+    assert cosine_ema_momentum(total // 2, total, start, end) == pytest.approx((start + end) / 2)
+    assert cosine_ema_momentum(total, total, start, end) == pytest.approx(end)
+    step = 30
+    expected = end - (end - start) * (1 + math.cos(math.pi * step / total)) / 2
+    assert cosine_ema_momentum(step, total, start, end) == pytest.approx(expected)
+    assert cosine_ema_momentum(10 * total, total, start, end) == pytest.approx(end)  # clamped
+
+
+def test_teacher_temperature_warmup_then_constant():
+    assert teacher_temperature(0.0, 0.04, 0.07, 30) == pytest.approx(0.04)
+    assert teacher_temperature(15.0, 0.04, 0.07, 30) == pytest.approx(0.055)
+    assert teacher_temperature(7.5, 0.04, 0.07, 30) == pytest.approx(0.04 + 0.03 * 7.5 / 30)
+    assert teacher_temperature(30.0, 0.04, 0.07, 30) == pytest.approx(0.07)
+    assert teacher_temperature(100.0, 0.04, 0.07, 30) == pytest.approx(0.07)
+    assert teacher_temperature(0.0, 0.04, 0.07, 0) == pytest.approx(0.07)
+
+
+def test_teacher_starts_equal_has_no_grad_and_moves_only_by_ema():
+    torch.manual_seed(0)
+    ts = TeacherStudent(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)), 0.9, 1.0)
+    for (ns, ps), (nt, pt) in zip(ts.student.named_parameters(), ts.teacher.named_parameters()):
+        assert ns == nt and torch.equal(ps, pt) and ps.data_ptr() != pt.data_ptr()
+        assert not pt.requires_grad
+    opt = torch.optim.SGD([p for p in ts.parameters() if p.requires_grad], lr=0.5)
+    x = torch.randn(5, 4)
+    loss = ts.forward_student(x).pow(2).sum() + ts.forward_teacher(x).sum()
+    assert not ts.forward_teacher(x).requires_grad
+    loss.backward()
+    assert all(p.grad is None for p in ts.teacher.parameters())
+    old_teacher = [p.detach().clone() for p in ts.teacher.parameters()]
+    opt.step()
+    # The optimizer step alone leaves the teacher untouched.
+    assert all(torch.equal(o, p) for o, p in zip(old_teacher, ts.teacher.parameters()))
+    m = ts.momentum_at(3, 10)
+    assert m == pytest.approx(1.0 - 0.1 * (1 + math.cos(math.pi * 0.3)) / 2)
+    ts.update_teacher(m)
+    for o, pt, ps in zip(old_teacher, ts.teacher.parameters(), ts.student.parameters()):
+        torch.testing.assert_close(pt, m * o + (1 - m) * ps.detach())
+        assert not torch.equal(pt, o)
+
+
+def test_teacher_stays_in_eval_mode():
+    ts = TeacherStudent(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
+    ts.train()
+    assert ts.student.training and not ts.teacher.training
+
+
+def test_dino_head_shapes_unit_prototypes_and_gradient_cancel():
+    torch.manual_seed(0)
+    head = DINOHead(16, 50, hidden_dim=32, bottleneck_dim=8)
+    mlp_linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in mlp_linears] == [(16, 32), (32, 32), (32, 8)]
+    assert sum(isinstance(m, nn.GELU) for m in head.mlp) == 2
+    x = torch.randn(4, 16)
+    out = head(x)
+    assert out.shape == (4, 50)
+    # Logits are cosine similarities between the unit bottleneck and unit prototypes: |logit| <= 1.
+    z = nn.functional.normalize(head.mlp(x), dim=-1)
+    w = head.last_layer.weight_v / head.last_layer.weight_v.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(out, z @ w.T)
+    assert out.abs().max() <= 1.0 + 1e-5
+    out.sum().backward()
+    assert head.last_layer.weight_v.grad is not None
+    cancel_gradients_last_layer(head)
+    assert head.last_layer.weight_v.grad is None
+    assert all(p.grad is not None for p in head.mlp.parameters())
+
+
+def test_ibot_patch_loss_center_is_mean_over_patches_and_images():
+    loss = iBOTPatchLoss(6, center_momentum=0.8)
+    t = [torch.randn(3, 5, 6), torch.randn(3, 5, 6)]
+    s = [torch.randn(3, 5, 6), torch.randn(3, 5, 6)]
+    masks = [torch.ones(3, 5), torch.ones(3, 5)]
+    loss(s, t, masks, 0.1, 0.05)
+    expected = 0.2 * torch.stack(t).mean(dim=(0, 1, 2))
+    torch.testing.assert_close(loss.center.reshape(-1), expected)
+
+
+# ---- two-process centre synchronisation -----------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _center_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)  # different data on each rank
+        loss_fn = DINOLoss(8, center_momentum=0.9)
+        teacher = [torch.randn(4, 8) + rank for _ in range(2)]
+        student = [torch.randn(4, 8) for _ in range(3)]
+        loss_fn(student, teacher, 0.1, 0.04)
+        gathered = [torch.zeros_like(loss_fn.center) for _ in range(world)]
+        dist.all_gather(gathered, loss_fn.center)
+        local_means = [torch.zeros(1, 8) for _ in range(world)]
+        dist.all_gather(local_means, torch.cat(teacher).mean(0, keepdim=True))
+        if rank == 0:
+            torch.save({"centers": gathered, "local_means": local_means}, os.path.join(out_dir, "result.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_center_identical_across_two_gloo_processes():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_center_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+        result = torch.load(os.path.join(out_dir, "result.pt"))
+    c0, c1 = result["centers"]
+    assert torch.equal(c0, c1)
+    m0, m1 = result["local_means"]
+    assert not torch.allclose(m0, m1)  # the ranks did see different data
+    torch.testing.assert_close(c0, 0.1 * (m0 + m1) / 2)
