@@ -264,6 +264,8 @@ def _check_range_pair(value: Any, key: str, lo: float, hi: float, source: str | 
 def validate(spec: DictConfig, source: str | None = None) -> None:
     """Check ranges and the method section; raises :class:`SpecError`."""
     s = spec
+    if OmegaConf.is_missing(s, "name"):
+        raise SpecError("name", "a non-empty string (the experiment's name)", None, source)
     _check(isinstance(s.name, str) and s.name.strip() != "", "name", "a non-empty string", s.name, source)
     _check(s.data.name in DATASETS, "data.name", f"one of {list(DATASETS)}", s.data.name, source)
     _check(s.data.image_size >= 8, "data.image_size", "an integer >= 8", s.data.image_size, source)

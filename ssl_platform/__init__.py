@@ -1,0 +1,3 @@
+"""Ray-distributed experiment platform for self-supervised vision pretraining."""
+
+__version__ = "0.1.0"

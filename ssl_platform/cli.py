@@ -1,0 +1,88 @@
+"""Command line: ``python -m ssl_platform run SPEC [key=value ...]`` and friends.
+
+Overrides use OmegaConf dotlist syntax (``method.mask_ratio=0.5 optim.epochs=2``). Specs are validated
+before Ray starts; errors name the key, the expected form and the value seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ssl_platform.spec import SpecError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ssl_platform.run import result_table, run_experiment
+    from ssl_platform.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    print(f"[ssl_platform] spec {args.spec} is valid: method={spec.method.name} data={spec.data.name} "
+          f"epochs={spec.optim.epochs} workers={spec.scaling.num_workers}", flush=True)
+    res = run_experiment(spec, run_name=args.name, resume=args.resume, resume_from=args.from_checkpoint)
+    print(result_table(res), flush=True)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from ssl_platform.spec import dump_yaml, load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    print(dump_yaml(spec))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ssl_platform", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train a run spec on Ray (local instance, or the cluster of RAY_ADDRESS)")
+    p.add_argument("spec", help="experiment spec YAML")
+    p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. method.mask_ratio=0.5")
+    p.add_argument("--name", help="run name (default: <spec name>-<timestamp>); reuse it with --resume")
+    p.add_argument("--resume", action="store_true", help="continue run --name from its latest checkpoint and MLflow run")
+    p.add_argument("--from-checkpoint", help="start a new run from this training checkpoint directory")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("validate", help="validate a spec and print it resolved")
+    p.add_argument("spec")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_validate)
+    for register in _EXTENSIONS:
+        register(sub)
+    return parser
+
+
+# Other modules (sweep, chain, submit, promote, ...) add their sub-commands here.
+_EXTENSIONS: list = []
+
+
+def _load_extensions() -> None:
+    import importlib
+
+    for name in ("ssl_platform.tune", "ssl_platform.chain", "ssl_platform.jobs", "ssl_platform.registry"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:
+                continue
+            raise
+        register = getattr(module, "register_cli", None)
+        if register is not None and register not in _EXTENSIONS:
+            _EXTENSIONS.append(register)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _load_extensions()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:
+        if type(err).__module__.startswith(("ssl_platform", "methods", "builtins")):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise

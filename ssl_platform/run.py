@@ -1,0 +1,128 @@
+"""Driver side of a training run: Ray start-up, MLflow run, ``TorchTrainer.fit``, result table."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig
+
+
+@dataclass
+class RunResult:
+    run_name: str
+    mlflow_run_id: str
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    storage_path: str
+    tracking_uri: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster of ``RAY_ADDRESS`` (``ray job submit``) or start a small local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Train V2 patches print() in workers to also log it, which shows every progress line twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    cpus = num_cpus or int(os.environ.get("SSL_PLATFORM_NUM_CPUS", 0)) or max(2, os.cpu_count() or 2)
+    ray.init(
+        num_cpus=cpus,
+        object_store_memory=200 * 1024**2,
+        include_dashboard=True,  # Train V2's placement-group cleanup needs the State API (dashboard)
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+        runtime_env={"env_vars": {"PYTHONPATH": _pythonpath(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+    )
+
+
+def _pythonpath() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parts = [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(parts))
+
+
+def default_run_name(spec: DictConfig) -> str:
+    return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
+
+
+def run_experiment(
+    spec: DictConfig,
+    *,
+    run_name: str | None = None,
+    resume: bool = False,
+    resume_from: str | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> RunResult:
+    """Train ``spec`` with Ray Train and track it in MLflow. ``resume`` reuses ``run_name``'s checkpoints/run."""
+    from ssl_platform import tracking
+    from ssl_platform.train import build_trainer
+
+    if resume and not run_name:
+        raise ValueError("resume needs the run name of the run to continue (see `ssl_platform runs` or the MLflow UI)")
+    run_name = run_name or default_run_name(spec)
+    init_ray()
+    run_id = tracking.start_run(spec, run_name, resume=resume, parent_run_id=parent_run_id, extra_tags=extra_tags)
+    trainer = build_trainer(spec, run_name, run_id, resume_from=resume_from)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(spec.tracking.uri, run_id, "FAILED")
+        raise
+    if result.error is not None:
+        tracking.end_run(spec.tracking.uri, run_id, "FAILED")
+        raise result.error
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    if ckpt:
+        tracking.set_tags(spec.tracking.uri, run_id, {"final_checkpoint": _uri(spec, ckpt)})
+    tracking.end_run(spec.tracking.uri, run_id, "FINISHED")
+    history = []
+    if result.metrics_dataframe is not None:
+        history = result.metrics_dataframe.to_dict("records")
+    return RunResult(
+        run_name=run_name,
+        mlflow_run_id=run_id,
+        metrics=dict(result.metrics or {}),
+        checkpoint_path=_uri(spec, ckpt) if ckpt else None,
+        storage_path=f"{spec.checkpoint.uri.rstrip('/')}/{run_name}",
+        tracking_uri=spec.tracking.uri,
+        history=history,
+    )
+
+
+def _uri(spec: DictConfig, path: str) -> str:
+    if spec.checkpoint.uri.startswith("s3://") and not path.startswith("s3://"):
+        return "s3://" + path.lstrip("/")
+    return path
+
+
+def result_table(res: RunResult) -> str:
+    from ssl_platform import tracking
+
+    m = res.metrics
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    rows = [
+        ("run", res.run_name),
+        ("epochs", fmt(m.get("epoch"))),
+        ("final loss", fmt(m.get("loss"))),
+        ("kNN top-1 (trained encoder)", fmt(m.get("knn_top1", "n/a"))),
+        ("kNN top-1 (same encoder, random init)", fmt(m.get("knn_top1_random_init", "n/a"))),
+        ("checkpoint", res.checkpoint_path or "none"),
+        ("MLflow run id", res.mlflow_run_id),
+        ("open MLflow", tracking.ui_command(res.tracking_uri)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k.ljust(width)} | {v}" for k, v in rows), line])

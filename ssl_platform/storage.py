@@ -1,0 +1,97 @@
+"""Training checkpoints: one directory each, with ``manifest.json`` written last.
+
+Layout of a checkpoint directory::
+
+    model.pt        method state dict (the whole method: encoder, heads, teacher, centres)
+    optimizer.pt    optimizer + LR-scheduler state
+    encoder.pt      the exported encoder (``methods.checkpoint_io`` format: name, kwargs, state dict)
+    state.json      epoch, global step, metrics so far, random-init baseline, MLflow run id
+    spec.yaml       the resolved spec (secrets redacted)
+    manifest.json   files with sizes and SHA-256, step, spec hash -- written LAST
+
+A directory without a manifest, or whose files do not match it, is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from methods import checkpoint_io
+from methods.checkpoint_io import CheckpointError, IncompleteCheckpointError, verify_manifest
+from ssl_platform.spec import dump_yaml, spec_hash
+
+__all__ = [
+    "CheckpointError",
+    "IncompleteCheckpointError",
+    "write_training_checkpoint",
+    "load_training_checkpoint",
+    "list_checkpoints",
+    "latest_complete_checkpoint",
+]
+
+
+def write_training_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    method,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    spec: DictConfig,
+    state: dict[str, Any],
+) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(method.state_dict(), d / "model.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / "optimizer.pt")
+    checkpoint_io.save_encoder(d, method.method_name, method.encoder_config(), method.encoder_state_dict(), manifest=False)
+    (d / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=float))
+    (d / "spec.yaml").write_text(dump_yaml(spec))
+    checkpoint_io.write_manifest(
+        d,
+        {
+            "method": method.method_name,
+            "epoch": state.get("epoch"),
+            "global_step": state.get("global_step"),
+            "spec_hash": spec_hash(spec),
+        },
+    )
+    return d
+
+
+def load_training_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
+    """Verify the manifest, then load model/optimizer state and ``state.json``."""
+    d = Path(directory)
+    manifest = verify_manifest(d)
+    for name in ("model.pt", "optimizer.pt", "state.json"):
+        if name not in manifest["files"]:
+            raise CheckpointError(f"checkpoint {str(d)!r} is not a training checkpoint: {name!r} is not in its manifest")
+    try:
+        model = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+        opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {str(d)!r}: unreadable torch file ({type(err).__name__}: {str(err)[:200]})") from None
+    state = json.loads((d / "state.json").read_text())
+    return {"model": model, "optimizer": opt["optimizer"], "scheduler": opt["scheduler"], "state": state, "manifest": manifest}
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Ray Train's checkpoint directories of a local run (``checkpoint_*``), oldest first."""
+    p = Path(run_dir)
+    return sorted((c for c in p.glob("checkpoint_*") if c.is_dir()), key=lambda c: c.name)
+
+
+def latest_complete_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint directory whose manifest verifies, or None."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_manifest(ckpt)
+            return ckpt
+        except CheckpointError:
+            continue
+    return None

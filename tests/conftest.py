@@ -1,0 +1,61 @@
+"""Shared fixtures: one real local Ray instance per test session, tiny specs, per-test MLflow stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray instance (4 logical CPUs on this 2-core machine so 2-worker runs fit), shared."""
+    import ray
+
+    from ssl_platform.run import init_ray
+
+    init_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()
+
+
+TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+def tiny_spec_dict(tmp_path: Path, **sections) -> dict:
+    """A run spec that trains in seconds: tiny MAE on 64 generated 16x16 images."""
+    spec = {
+        "name": "tiny",
+        "seed": 0,
+        "method": {
+            "name": "mae", "encoder_name": "vit_tiny_patch16_224", "encoder_kwargs": dict(TINY_VIT),
+            "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2,
+        },
+        "data": {"name": "synthetic", "num_samples": 80, "image_size": 16, "batch_size": 16},
+        "optim": {"lr": 1e-3, "warmup_epochs": 1, "epochs": 2},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "checkpoint": {"uri": str(tmp_path / "ckpt"), "every_epochs": 1, "keep": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests"},
+        "eval": {"knn": {"k": 5}},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
+
+
+@pytest.fixture
+def tiny_spec(tmp_path):
+    from ssl_platform.spec import spec_from_dict
+
+    def make(overrides: list[str] | None = None, **sections):
+        return spec_from_dict(tiny_spec_dict(tmp_path, **sections), overrides)
+
+    return make
