@@ -39,9 +39,18 @@ def init_ray(num_cpus: int | None = None) -> None:
         object_store_memory=200 * 1024**2,
         include_dashboard=True,  # Train V2's placement-group cleanup needs the State API (dashboard)
         dashboard_host="127.0.0.1",
+        dashboard_port=int(os.environ.get("SSL_PLATFORM_DASHBOARD_PORT", 0)) or free_port(),
         log_to_driver=True,
         runtime_env={"env_vars": {"PYTHONPATH": _pythonpath(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
     )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _pythonpath() -> str:
