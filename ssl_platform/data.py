@@ -77,7 +77,9 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -
 
     idx = np.arange(len(labels))
     counts = np.bincount(labels)
-    stratify = labels if counts.min() >= 2 else None
+    n_test = int(np.ceil(len(labels) * test_fraction))
+    n_classes = int((counts > 0).sum())
+    stratify = labels if counts[counts > 0].min() >= 2 and min(n_test, len(labels) - n_test) >= n_classes else None
     train_idx, test_idx = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=stratify)
     return np.sort(train_idx), np.sort(test_idx)
 

@@ -30,6 +30,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Train V2 patches print() in workers to also log it, which shows every progress line twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Worker start-up on a small, busy machine can take longer than Train V2's default 60 s.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
@@ -41,8 +43,18 @@ def init_ray(num_cpus: int | None = None) -> None:
         dashboard_host="127.0.0.1",
         dashboard_port=int(os.environ.get("SSL_PLATFORM_DASHBOARD_PORT", 0)) or free_port(),
         log_to_driver=True,
-        runtime_env={"env_vars": {"PYTHONPATH": _pythonpath(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        runtime_env={
+            "env_vars": {"PYTHONPATH": _pythonpath(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+            "worker_process_setup_hook": "ssl_platform.run.pin_ray_address",
+        },
     )
+
+
+def pin_ray_address() -> None:
+    """Worker setup hook: point the State API at this cluster (it cannot guess when several run locally)."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def free_port() -> int:
@@ -128,6 +140,10 @@ def result_table(res: RunResult) -> str:
         ("final loss", fmt(m.get("loss"))),
         ("kNN top-1 (trained encoder)", fmt(m.get("knn_top1", "n/a"))),
         ("kNN top-1 (same encoder, random init)", fmt(m.get("knn_top1_random_init", "n/a"))),
+        *(
+            [("linear probe top-1 (trained / random init)", f"{fmt(m['linear_top1'])} / {fmt(m.get('linear_top1_random_init', 'n/a'))}")]
+            if "linear_top1" in m else []
+        ),
         ("checkpoint", res.checkpoint_path or "none"),
         ("MLflow run id", res.mlflow_run_id),
         ("open MLflow", tracking.ui_command(res.tracking_uri)),

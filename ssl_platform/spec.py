@@ -232,8 +232,22 @@ def spec_from_dict(
     merged = OmegaConf.merge(OmegaConf.create(raw), parse_overrides(overrides)) if overrides else raw
     spec = _merge_schema(merged, source)
     validate(spec, source)
+    fill_method_defaults(spec)
     resolve_paths(spec, base_dir)
     return spec
+
+
+def fill_method_defaults(spec: DictConfig) -> None:
+    """Write the method constructor's defaults into ``spec.method`` so the resolved spec is complete."""
+    from methods.registry import get_method_class
+
+    params = inspect.signature(get_method_class(spec.method.name).__init__).parameters
+    for key, p in params.items():
+        if key == "self" or key in spec.method or p.default is inspect.Parameter.empty:
+            continue
+        value = list(p.default) if isinstance(p.default, tuple) else p.default
+        if value is None or isinstance(value, (bool, int, float, str, list)):
+            spec.method[key] = value
 
 
 def resolve_paths(spec: DictConfig, base_dir: str | None = None) -> None:

@@ -67,7 +67,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from ssl_platform import tracking
     from ssl_platform.data import ViewDataset, build_view_transform, eval_tensors, load_split
-    from ssl_platform.evaluation import embed_images, knn_top1
+    from ssl_platform.evaluation import embed_images, knn_top1, linear_probe_top1
     from ssl_platform.storage import load_training_checkpoint, write_training_checkpoint
 
     spec = OmegaConf.create(config["spec"])
@@ -127,15 +127,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and knn_cfg.enabled:
         eval_images = (eval_tensors(split.train), eval_tensors(split.test))
 
-    def knn(model) -> float:
+    def evaluate(model, final: bool) -> dict[str, float]:
         tr = embed_images(model, eval_images[0], device=device)
         te = embed_images(model, eval_images[1], device=device)
-        return knn_top1(tr, split.train.labels, te, split.test.labels, knn_cfg.k, knn_cfg.temperature, split.num_classes)
+        out = {"knn_top1": knn_top1(tr, split.train.labels, te, split.test.labels, knn_cfg.k, knn_cfg.temperature, split.num_classes)}
+        if final and spec.eval.linear.enabled:
+            lin = spec.eval.linear
+            out["linear_top1"] = linear_probe_top1(tr, split.train.labels, te, split.test.labels, lin.epochs, lin.lr, spec.seed)
+        return out
 
     if rank == 0 and knn_cfg.enabled and spec.eval.random_init_baseline and "baseline_knn_top1" not in state_extra:
-        state_extra["baseline_knn_top1"] = knn(method)  # the same encoder at random init, same split
+        # the same encoder at random init, same split
+        baseline = evaluate(method, final=True)
+        state_extra.update({f"baseline_{k}": v for k, v in baseline.items()})
         if run_id:
-            tracking.log_metrics(spec.tracking.uri, run_id, {"knn_top1_random_init": state_extra["baseline_knn_top1"]}, 0)
+            tracking.log_metrics(spec.tracking.uri, run_id, {f"{k}_random_init": v for k, v in baseline.items()}, 0)
 
     if spec.scaling.compile:
         method_for_step = torch.compile(method)
@@ -209,9 +215,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(core.schedule_state())
         last_epoch = epoch + 1 == spec.optim.epochs
         if rank == 0 and knn_cfg.enabled and (last_epoch or (knn_cfg.every_epochs and (epoch + 1) % knn_cfg.every_epochs == 0)):
-            metrics["knn_top1"] = knn(core)
-        if "baseline_knn_top1" in state_extra:
-            metrics["knn_top1_random_init"] = state_extra["baseline_knn_top1"]
+            metrics.update(evaluate(core, final=last_epoch))
+        metrics.update({f"{k[len('baseline_'):]}_random_init": v for k, v in state_extra.items()})
         if not math.isfinite(metrics["loss"]):
             raise NonFiniteLossError(f"non-finite mean loss at epoch {epoch + 1} of method {spec.method.name!r}")
         if rank == 0 and run_id:

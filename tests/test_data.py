@@ -1,0 +1,72 @@
+"""Datasets: embedded digits, generated images, image folders (real PNG files), clear data errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_platform.data import (
+    DataError,
+    SingleViewTransform,
+    ViewDataset,
+    _check_images,
+    load_digits_split,
+    load_image_folder_split,
+    make_synthetic_split,
+)
+
+
+def test_digits_is_the_bundled_dataset_with_a_fixed_stratified_split():
+    a = load_digits_split(32)
+    b = load_digits_split(32)
+    assert len(a.train.labels) + len(a.test.labels) == 1797 and a.num_classes == 10
+    assert a.train.images.shape[1:] == (3, 32, 32) and 0.0 <= float(a.train.images.min()) <= float(a.train.images.max()) <= 1.0
+    assert torch.equal(a.test.labels, b.test.labels) and torch.equal(a.test.images, b.test.images)
+    counts = torch.bincount(a.test.labels, minlength=10).float()
+    assert counts.min() >= 33 and counts.max() <= 38  # stratified: ~36 per class in 360
+
+
+def test_synthetic_images_are_class_conditional():
+    s = make_synthetic_split(num_samples=60, num_classes=3, image_size=16)
+    assert s.train.images.shape[1:] == (3, 16, 16) and s.num_classes == 3
+    assert set(s.train.labels.tolist()) == {0, 1, 2}
+
+
+def test_image_folder_reads_real_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            arr = (rng.random((20, 24, 3)) * 255).astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / cls / f"{i}.png")
+    Image.fromarray((rng.random((20, 24)) * 255).astype(np.uint8), mode="L").save(tmp_path / "dog" / "grey.png")
+    split = load_image_folder_split(str(tmp_path), image_size=16, test_fraction=0.3)
+    assert split.num_classes == 2
+    assert split.train.images.shape[1:] == (3, 16, 16)
+    assert len(split.train.labels) + len(split.test.labels) == 11
+
+
+def test_empty_or_missing_folder_gives_clear_error(tmp_path):
+    with pytest.raises(DataError, match="empty"):
+        load_image_folder_split(str(tmp_path))
+    with pytest.raises(DataError, match="not a directory"):
+        load_image_folder_split(str(tmp_path / "missing"))
+
+
+def test_wrong_shapes_and_channels_are_rejected():
+    with pytest.raises(DataError, match=r"expected images \[N, C, H, W\]"):
+        _check_images(torch.zeros(4, 8, 8), "x")
+    with pytest.raises(DataError, match="1, 3 or 4 channels, got 5"):
+        _check_images(torch.zeros(2, 5, 8, 8), "x")
+    with pytest.raises(DataError, match="empty"):
+        _check_images(torch.zeros(0, 3, 8, 8), "x")
+
+
+def test_single_view_transform_gives_normalised_crops():
+    s = make_synthetic_split(num_samples=60, image_size=16)
+    ds = ViewDataset(s.train, SingleViewTransform(16, (0.5, 1.0)))
+    item = ds[0]
+    assert item["images"].shape == (3, 16, 16)
+    assert float(item["images"].min()) >= -1.0 - 1e-5 and float(item["images"].max()) <= 1.0 + 1e-5
