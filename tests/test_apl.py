@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -111,14 +110,12 @@ def test_short_training_on_digits_learns_positions(digits):
     torch.manual_seed(0)
     model = APL(**SMALL, dropout=0.0, patch_dropout=0.1, method="PLT_MASKED")
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    start = time.time()
     model.train()
     for _ in range(150):
         out = model(x[torch.randint(0, 1500, (128,))])
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-    assert time.time() - start < 40
     with torch.no_grad():
         held_out = model(x[1500:]).position_accuracy.item()
     assert held_out > 5 * (1 / 16), held_out
