@@ -121,6 +121,26 @@ def spec_argument(spec_path: str) -> str:
         return str(p)
 
 
+def remote_warnings(spec_path: str, overrides: list[str], address: str | None) -> list[str]:
+    """Local-only tracking/checkpoint URIs in a spec sent to a non-loopback cluster (results would stay there)."""
+    from urllib.parse import urlparse
+
+    from ssl_platform.spec import load_spec
+
+    host = urlparse(resolve_address(address)).hostname or ""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return []
+    spec = load_spec(spec_path, overrides)
+    out = []
+    if not spec.tracking.uri.startswith(("http://", "https://", "databricks")):
+        out.append(f"tracking.uri {spec.tracking.uri!r} is local to the node that runs the driver; "
+                   "pass tracking.uri=http://MLFLOW_HOST:5000 (or set MLFLOW_TRACKING_URI on the cluster)")
+    if not spec.checkpoint.uri.startswith("s3://"):
+        out.append(f"checkpoint.uri {spec.checkpoint.uri!r} is a local path: multi-node runs need shared storage "
+                   "(checkpoint.uri=s3://bucket/prefix)")
+    return out
+
+
 def validate_locally(kind: str, spec_path: str, overrides: list[str]) -> str:
     """Validate the spec before anything is submitted; return a one-line summary."""
     from ssl_platform.spec import load_spec, read_yaml
@@ -204,6 +224,9 @@ def submit(
     overrides = list(overrides or [])
     summary = validate_locally(kind, spec_path, overrides)
     print(f"[ssl_platform] {summary} is valid", file=out, flush=True)
+    if kind != "chain":
+        for warning in remote_warnings(spec_path, overrides, address):
+            print(f"[ssl_platform] warning: {warning}", file=out, flush=True)
     submission_id = submission_id or new_submission_id(kind, spec_path)
     # The MLflow run records it as its ray_job_id tag (tracking.start_run reads RAY_JOB_SUBMISSION_ID).
     runtime_env = build_runtime_env({"RAY_JOB_SUBMISSION_ID": submission_id, **(extra_env or {})}, aws_credentials=aws_credentials, pip=pip)

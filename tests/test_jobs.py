@@ -74,6 +74,15 @@ def test_spec_is_validated_before_connecting(tmp_path):
     assert jobs.resolve_address("10.0.0.1:8265") == "http://10.0.0.1:8265"
 
 
+def test_remote_cluster_warns_about_local_uris():
+    default = str(ROOT / "experiments" / "mae_vit_tiny_digits.yaml")
+    warnings = jobs.remote_warnings(default, [], "http://10.1.2.3:8265")
+    assert len(warnings) == 2 and "tracking.uri" in warnings[0] and "checkpoint.uri" in warnings[1]
+    shared = ["tracking.uri=http://mlflow:5000", "checkpoint.uri=s3://bucket/ckpt"]
+    assert jobs.remote_warnings(default, shared, "http://10.1.2.3:8265") == []
+    assert jobs.remote_warnings(default, [], "http://127.0.0.1:8265") == []
+
+
 # ---- a real cluster: `ray start --head` in its own process group ---------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -82,17 +91,22 @@ def ray_cluster():
     token = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH", "RAY_AUTH_TOKEN_PATH")}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               RAY_USAGE_STATS_ENABLED="0")
+               RAY_USAGE_STATS_ENABLED="0", RAY_raylet_start_wait_time_s="180")
     gcs, dash = free_port(), free_port()
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2", "--include-dashboard", "true",
-           "--temp-dir", temp_dir, "--object-store-memory", str(200 * 1024**2), "--disable-usage-stats"]
+           "--temp-dir", temp_dir,
+           # fixed default ports (agent 52365, ...) collide with other local clusters: pick free ones
+           "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+           "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+           "--ray-client-server-port", str(free_port()), "--object-store-memory", str(200 * 1024**2), "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=180)
         assert proc.returncode == 0, out
-        address = f"http://127.0.0.1:{dash}"
-        yield {"address": address, "token": token, "env": env}
+        cluster = {"address": f"http://127.0.0.1:{dash}", "token": token, "env": env}
+        _wait_until_accepting_jobs(cluster)
+        yield cluster
     finally:
         _kill_group(proc.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -112,6 +126,20 @@ def _kill_group(pgid: int) -> None:
             except ProcessLookupError:
                 return
             time.sleep(0.5)
+
+
+def _wait_until_accepting_jobs(cluster, timeout_s: float = 120) -> None:
+    """`ray start` returns before the head's job agent is up ("No available agent"): submit a no-op until it runs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            job = _client(cluster).submit_job(entrypoint="python -c pass")
+            break
+        except (RuntimeError, ConnectionError) as err:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"cluster {cluster['address']} accepts no job after {timeout_s} s: {err}") from err
+            time.sleep(2)
+    assert jobs.wait_status(_client(cluster), job, timeout_s=timeout_s) == "SUCCEEDED"
 
 
 def _client(cluster):
