@@ -51,3 +51,16 @@ services-stop:
 
 clean:
 	rm -rf mlruns mlruns.db checkpoints ray_results outputs .pytest_cache .ruff_cache
+
+# Cluster submission and registry (ssl_platform/jobs.py, ssl_platform/registry.py).
+.PHONY: submit promote models
+ADDRESS ?= http://127.0.0.1:8265
+MODEL ?= ssl-encoder
+submit: install
+	$(PY) -m ssl_platform submit $(SPEC) --address $(ADDRESS) --follow $(ARGS)
+
+promote: install
+	$(PY) -m ssl_platform promote $(RUN) --model $(MODEL) $(ARGS)
+
+models: install
+	$(PY) -m ssl_platform models $(MODEL) $(ARGS)
