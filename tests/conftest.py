@@ -68,9 +68,12 @@ def s3_server(monkeypatch):
     Yields ``{"endpoint": ..., "bucket": ...}``. The environment points boto3 and ``ssl_platform.s3`` at it;
     Ray workers get the endpoint and credentials through the pickled pyarrow filesystem the platform passes.
     """
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
