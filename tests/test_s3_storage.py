@@ -143,3 +143,13 @@ def test_bundled_chain_spec_is_valid():
     chain = load_chain(ROOT / "experiments" / "chains" / "salt_digits.yaml")
     assert [s.name for s in chain.stages] == ["stage1", "stage2"]
     assert chain.stages[1].refs == [("method.teacher", "stage1", "encoder")]
+
+
+def test_cli_chain_refuses_unknown_stage_before_ray_starts(tmp_path, capsys):
+    from ssl_platform.cli import main
+
+    stage2 = salt_spec_dict(tmp_path, teacher="${stages.stage9.encoder}")
+    path = _write_chain(tmp_path, {"stage1": tiny_spec_dict(tmp_path), "stage2": stage2})
+    assert main(["chain", str(path)]) == 2
+    assert "stages.stage2.method.teacher: expected a reference to an earlier stage" in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists()  # nothing ran: no chain state, no checkpoints
