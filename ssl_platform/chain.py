@@ -57,6 +57,7 @@ class Chain:
     tracking_uri: str
     experiment: str
     source: str
+    endpoint_url: str | None = None  # checkpoint.endpoint_url of the stages (S3-compatible endpoint)
 
     @property
     def state_uri(self) -> str:
@@ -165,6 +166,7 @@ def load_chain(path: str | Path, overrides: list[str] | None = None) -> Chain:
                             f"({first.checkpoint.uri}, {first.tracking.uri}); set them once at the chain's top level",
                             f"{spec.checkpoint.uri}, {spec.tracking.uri}", source)
     chain.root_uri, chain.tracking_uri, chain.experiment = first.checkpoint.uri, first.tracking.uri, first.tracking.experiment
+    chain.endpoint_url = first.checkpoint.get("endpoint_url")
     return chain
 
 
@@ -242,7 +244,7 @@ def run_chain(chain: Chain, *, require_state: bool = False) -> ChainResult:
     from ssl_platform.run import run_experiment
     from ssl_platform.s3 import filesystem, is_s3
 
-    fs = filesystem() if is_s3(chain.root_uri) else None
+    fs = filesystem(chain.endpoint_url) if is_s3(chain.root_uri) else None
     state = load_state(chain, fs)
     if require_state and not state["stages"]:
         raise SpecError("--resume", f"an existing chain state at {chain.state_uri}", "none found")
