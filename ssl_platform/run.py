@@ -91,9 +91,13 @@ def run_experiment(
     if resume and not run_name:
         raise ValueError("resume needs the run name of the run to continue (see `ssl_platform runs` or the MLflow UI)")
     run_name = run_name or default_run_name(spec)
+    from ssl_platform.s3 import preflight_method_checkpoints, worker_storage_options
+
+    preflight_method_checkpoints(spec)  # a missing/incomplete/mismatched teacher fails before Ray starts
+    storage = worker_storage_options(spec)  # S3 checkpoint.uri: Ray's storage + workers' filesystem
     init_ray()
     run_id = tracking.start_run(spec, run_name, resume=resume, parent_run_id=parent_run_id, extra_tags=extra_tags)
-    trainer = build_trainer(spec, run_name, run_id, resume_from=resume_from)
+    trainer = build_trainer(spec, run_name, run_id, resume_from=resume_from, **storage)
     try:
         result = trainer.fit()
     except BaseException:

@@ -367,6 +367,10 @@ def validate_method(method: DictConfig, source: str | None = None) -> None:
         if key.endswith("_scale") or key.endswith("_aspect_ratio"):
             hi = 1.0 if key.endswith("_scale") else 100.0
             _check_range_pair(list(value), full, 0.0 if hi == 1.0 else 0.01, hi, source)
+    if name == "salt":  # stage 2 trains against a frozen teacher: without one it would learn nothing useful
+        has_teacher = bool(method.get("teacher")) or method.get("teacher_state_dict") is not None or bool(method.get("pretrained"))
+        _check(has_teacher, "method.teacher", "a stage-1 checkpoint (local path or s3:// URI) for method salt "
+               "(or method.teacher_state_dict / method.pretrained=true)", method.get("teacher"), source)
     if "ema_decay_start" in method and "ema_decay_end" in method:
         _check(method.ema_decay_start <= method.ema_decay_end, "method.ema_decay_end",
                f">= method.ema_decay_start ({method.ema_decay_start})", method.ema_decay_end, source)

@@ -82,7 +82,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     autocast_dtype = torch.bfloat16 if (is_cuda and spec.scaling.precision == "bf16") else None
 
     seed_everything(spec.seed)  # identical initial weights on every rank
-    method = build_method_from_spec(spec)
+    from ssl_platform.s3 import localize_method_checkpoints
+
+    method = build_method_from_spec(localize_method_checkpoints(spec, config.get("s3_filesystem")))  # s3:// teacher
     split = load_split(spec.data)
     train_ds = ViewDataset(split.train, build_view_transform(method.view_kind, spec.data))
     per_worker = _batch_size_per_worker(spec, world, len(train_ds))
@@ -273,6 +275,7 @@ def build_trainer(
     resume_from: str | None = None,
     storage_filesystem=None,
     storage_path: str | None = None,
+    s3_filesystem=None,
 ):
     """The ``TorchTrainer`` for a spec (Ray Train V2)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -299,5 +302,6 @@ def build_trainer(
         "run_name": run_name,
         "resume_from": resume_from,
         "fault_marker": str(Path(tempfile.gettempdir()) / "ssl_platform_faults"),
+        "s3_filesystem": s3_filesystem,  # picklable pyarrow S3FileSystem: workers fetch an s3:// teacher with it
     }
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)

@@ -59,3 +59,32 @@ def tiny_spec(tmp_path):
         return spec_from_dict(tiny_spec_dict(tmp_path, **sections), overrides)
 
     return make
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3-compatible server (moto server mode) on a free loopback port, with a bucket and fake credentials.
+
+    Yields ``{"endpoint": ..., "bucket": ...}``. The environment points boto3 and ``ssl_platform.s3`` at it;
+    Ray workers get the endpoint and credentials through the pickled pyarrow filesystem the platform passes.
+    """
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per S3 request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint,
+    }.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="ssl-test")
+    yield {"endpoint": endpoint, "bucket": "ssl-test"}
+    server.stop()
