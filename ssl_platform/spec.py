@@ -187,6 +187,8 @@ def _merge_schema(raw: dict[str, Any] | DictConfig, source: str | None) -> DictC
         msg = str(err).splitlines()[0]
         if "not in struct" in msg or "Key '" in msg and "not in" in msg:
             expected = "a known key (" + _known_keys(key) + ")"
+        elif "could not be converted to" in msg:
+            expected = "a value of type " + msg.rsplit("could not be converted to", 1)[1].strip()
         else:
             expected = msg
         seen = _lookup(raw, key)
@@ -375,6 +377,16 @@ def validate_method(method: DictConfig, source: str | None = None) -> None:
         import timm
 
         _check(enc in timm.list_models(), "method.encoder_name", "a timm model name (timm.list_models())", enc, source)
+    _check_method_requirements(method, source)
+
+
+def _check_method_requirements(method: DictConfig, source: str | None = None) -> None:
+    """Method-specific required settings (a combination of keys, not one key's type or range)."""
+    if method.get("name") == "salt":
+        has_teacher = method.get("teacher") is not None or method.get("teacher_state_dict") is not None
+        _check(has_teacher or bool(method.get("pretrained")), "method.teacher",
+               "a stage-1 checkpoint path (SALT trains against a frozen teacher; or set method.pretrained=true)",
+               method.get("teacher"), source)
 
 
 def _check_type(value: Any, hint: Any, default: Any, key: str, source: str | None) -> None:

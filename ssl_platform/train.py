@@ -113,7 +113,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         loaded = None
     if loaded is not None:
-        method.load_state_dict(loaded["model"])
+        from methods.checkpoint_io import load_state_dict_strict
+
+        load_state_dict_strict(method, loaded["model"], f"training checkpoint ({loaded['manifest'].get('method')!r} -> {spec.method.name!r})")
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
         start_epoch = int(loaded["state"]["epoch"])
