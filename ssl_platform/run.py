@@ -91,6 +91,9 @@ def run_experiment(
     if resume and not run_name:
         raise ValueError("resume needs the run name of the run to continue (see `ssl_platform runs` or the MLflow UI)")
     run_name = run_name or default_run_name(spec)
+    from ssl_platform.preflight import preflight
+
+    preflight(spec)  # data root and checkpoint location, before Ray starts
     init_ray()
     run_id = tracking.start_run(spec, run_name, resume=resume, parent_run_id=parent_run_id, extra_tags=extra_tags)
     trainer = build_trainer(spec, run_name, run_id, resume_from=resume_from)

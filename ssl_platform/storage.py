@@ -33,6 +33,7 @@ __all__ = [
     "load_training_checkpoint",
     "list_checkpoints",
     "latest_complete_checkpoint",
+    "latest_checkpoint_of_run",
 ]
 
 
@@ -116,4 +117,23 @@ def latest_complete_checkpoint(run_dir: str | os.PathLike) -> Path | None:
             return ckpt
         except CheckpointError:
             continue
+    return None
+
+
+def latest_checkpoint_of_run(run_dir: str | os.PathLike, mlflow_run_id: str | None) -> Path | None:
+    """The newest complete checkpoint of ``run_dir`` written for ``mlflow_run_id`` (its ``state.json``), or None.
+
+    Ray Train registers a reported checkpoint asynchronously: a worker lost right after a report can restart
+    the group with no checkpoint although one was persisted. This finds it (local storage only).
+    """
+    if not mlflow_run_id or not Path(run_dir).is_dir():
+        return None
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_manifest(ckpt)
+            state = json.loads((ckpt / "state.json").read_text())
+        except (CheckpointError, OSError, ValueError):
+            continue
+        if isinstance(state, dict) and state.get("mlflow_run_id") == mlflow_run_id:
+            return ckpt
     return None
