@@ -163,3 +163,21 @@ def test_unwritable_checkpoint_uri_is_refused_before_ray(tiny_spec, tmp_path):
     spec = tiny_spec([f"checkpoint.uri={blocker / 'ckpts'}"])
     with pytest.raises(StorageError, match=f"checkpoint.uri: expected a writable directory, got '{blocker / 'ckpts'}'"):
         run_experiment(spec, run_name=_name("unwritable"))
+
+
+def test_latest_checkpoint_of_run_matches_mlflow_run_and_skips_incomplete(tmp_path):
+    import json
+
+    from methods.checkpoint_io import write_manifest
+    from ssl_platform.storage import latest_checkpoint_of_run
+
+    for name, run_id, complete in [("checkpoint_1", "runA", True), ("checkpoint_2", "runB", True), ("checkpoint_3", "runA", False)]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "state.json").write_text(json.dumps({"epoch": 1, "global_step": 4, "mlflow_run_id": run_id}))
+        if complete:
+            write_manifest(d)
+    assert latest_checkpoint_of_run(tmp_path, "runA") == tmp_path / "checkpoint_1"
+    assert latest_checkpoint_of_run(tmp_path, "runB") == tmp_path / "checkpoint_2"
+    assert latest_checkpoint_of_run(tmp_path, "runC") is None
+    assert latest_checkpoint_of_run(tmp_path / "missing", "runA") is None
