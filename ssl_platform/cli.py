@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as err:
-        if type(err).__module__.startswith(("ssl_platform", "methods", "builtins")):
+    except (ValueError, OSError) as err:
+        ours = type(err).__module__.startswith(("ssl_platform", "methods"))
+        if ours or (type(err).__module__ == "builtins" and isinstance(err, (ValueError, FileNotFoundError))):
             print(f"error: {err}", file=sys.stderr)
             return 2
         raise

@@ -91,8 +91,10 @@ def run_experiment(
     if resume and not run_name:
         raise ValueError("resume needs the run name of the run to continue (see `ssl_platform runs` or the MLflow UI)")
     run_name = run_name or default_run_name(spec)
+    from ssl_platform.preflight import preflight
     from ssl_platform.s3 import preflight_method_checkpoints, worker_storage_options
 
+    preflight(spec)  # data root and checkpoint location, before Ray starts
     preflight_method_checkpoints(spec)  # a missing/incomplete/mismatched teacher fails before Ray starts
     storage = worker_storage_options(spec)  # S3 checkpoint.uri: Ray's storage + workers' filesystem
     init_ray()

@@ -187,6 +187,8 @@ def _merge_schema(raw: dict[str, Any] | DictConfig, source: str | None) -> DictC
         msg = str(err).splitlines()[0]
         if "not in struct" in msg or "Key '" in msg and "not in" in msg:
             expected = "a known key (" + _known_keys(key) + ")"
+        elif "could not be converted to" in msg:
+            expected = "a value of type " + msg.rsplit("could not be converted to", 1)[1].strip()
         else:
             expected = msg
         seen = _lookup(raw, key)
@@ -367,10 +369,6 @@ def validate_method(method: DictConfig, source: str | None = None) -> None:
         if key.endswith("_scale") or key.endswith("_aspect_ratio"):
             hi = 1.0 if key.endswith("_scale") else 100.0
             _check_range_pair(list(value), full, 0.0 if hi == 1.0 else 0.01, hi, source)
-    if name == "salt":  # stage 2 trains against a frozen teacher: without one it would learn nothing useful
-        has_teacher = bool(method.get("teacher")) or method.get("teacher_state_dict") is not None or bool(method.get("pretrained"))
-        _check(has_teacher, "method.teacher", "a stage-1 checkpoint (local path or s3:// URI) for method salt "
-               "(or method.teacher_state_dict / method.pretrained=true)", method.get("teacher"), source)
     if "ema_decay_start" in method and "ema_decay_end" in method:
         _check(method.ema_decay_start <= method.ema_decay_end, "method.ema_decay_end",
                f">= method.ema_decay_start ({method.ema_decay_start})", method.ema_decay_end, source)
@@ -379,6 +377,16 @@ def validate_method(method: DictConfig, source: str | None = None) -> None:
         import timm
 
         _check(enc in timm.list_models(), "method.encoder_name", "a timm model name (timm.list_models())", enc, source)
+    _check_method_requirements(method, source)
+
+
+def _check_method_requirements(method: DictConfig, source: str | None = None) -> None:
+    """Method-specific required settings (a combination of keys, not one key's type or range)."""
+    if method.get("name") == "salt":  # stage 2 trains against a frozen teacher: without one it learns nothing useful
+        has_teacher = bool(method.get("teacher")) or method.get("teacher_state_dict") is not None
+        _check(has_teacher or bool(method.get("pretrained")), "method.teacher",
+               "a stage-1 checkpoint (local path or s3:// URI) for method salt "
+               "(or method.teacher_state_dict / method.pretrained=true)", method.get("teacher"), source)
 
 
 def _check_type(value: Any, hint: Any, default: Any, key: str, source: str | None) -> None:

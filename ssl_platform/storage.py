@@ -33,6 +33,7 @@ __all__ = [
     "load_training_checkpoint",
     "list_checkpoints",
     "latest_complete_checkpoint",
+    "latest_checkpoint_of_run",
 ]
 
 
@@ -67,17 +68,39 @@ def write_training_checkpoint(
 def load_training_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
     """Verify the manifest, then load model/optimizer state and ``state.json``."""
     d = Path(directory)
+    if not d.is_dir():
+        what = "a file" if d.exists() else "no such directory"
+        raise CheckpointError(f"checkpoint {str(d)!r}: expected a training checkpoint directory (with manifest.json), got {what}")
     manifest = verify_manifest(d)
     for name in ("model.pt", "optimizer.pt", "state.json"):
         if name not in manifest["files"]:
             raise CheckpointError(f"checkpoint {str(d)!r} is not a training checkpoint: {name!r} is not in its manifest")
+    model = _torch_load(d, "model.pt", weights_only=True)
+    opt = _torch_load(d, "optimizer.pt", weights_only=False)
+    _check_training_payload(d, model, opt)
     try:
-        model = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
-        opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise CheckpointError(f"checkpoint {str(d)!r}: unreadable torch file ({type(err).__name__}: {str(err)[:200]})") from None
-    state = json.loads((d / "state.json").read_text())
+        state = json.loads((d / "state.json").read_text())
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {str(d)!r}: unreadable 'state.json' ({err})") from None
+    if not isinstance(state, dict) or not {"epoch", "global_step"} <= set(state):
+        raise CheckpointError(f"checkpoint {str(d)!r}: 'state.json' has no epoch/global_step, not a training checkpoint")
     return {"model": model, "optimizer": opt["optimizer"], "scheduler": opt["scheduler"], "state": state, "manifest": manifest}
+
+
+def _torch_load(d: Path, name: str, *, weights_only: bool) -> Any:
+    try:
+        return torch.load(d / name, map_location="cpu", weights_only=weights_only)
+    except Exception as err:  # corrupt or foreign file: never a crash deep inside torch
+        raise CheckpointError(f"checkpoint {str(d)!r}: unreadable torch file {name!r} ({type(err).__name__}: {str(err)[:200]})") from None
+
+
+def _check_training_payload(d: Path, model: Any, opt: Any) -> None:
+    """A foreign torch file (another tool's checkpoint) is rejected with the key that is wrong."""
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise CheckpointError(f"checkpoint {str(d)!r}: 'model.pt' is not a state dict of tensors (foreign file?), got {type(model).__name__}")
+    if not isinstance(opt, dict) or not {"optimizer", "scheduler"} <= set(opt):
+        seen = sorted(map(str, opt)) if isinstance(opt, dict) else type(opt).__name__
+        raise CheckpointError(f"checkpoint {str(d)!r}: 'optimizer.pt' expected keys ['optimizer', 'scheduler'], got {seen}")
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -94,4 +117,23 @@ def latest_complete_checkpoint(run_dir: str | os.PathLike) -> Path | None:
             return ckpt
         except CheckpointError:
             continue
+    return None
+
+
+def latest_checkpoint_of_run(run_dir: str | os.PathLike, mlflow_run_id: str | None) -> Path | None:
+    """The newest complete checkpoint of ``run_dir`` written for ``mlflow_run_id`` (its ``state.json``), or None.
+
+    Ray Train registers a reported checkpoint asynchronously: a worker lost right after a report can restart
+    the group with no checkpoint although one was persisted. This finds it (local storage only).
+    """
+    if not mlflow_run_id or not Path(run_dir).is_dir():
+        return None
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_manifest(ckpt)
+            state = json.loads((ckpt / "state.json").read_text())
+        except (CheckpointError, OSError, ValueError):
+            continue
+        if isinstance(state, dict) and state.get("mlflow_run_id") == mlflow_run_id:
+            return ckpt
     return None

@@ -113,9 +113,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     elif resume_dir:
         loaded = load_training_checkpoint(resume_dir)
     else:
-        loaded = None
+        loaded = _persisted_checkpoint_of_this_run(config, rank)
     if loaded is not None:
-        method.load_state_dict(loaded["model"])
+        from methods.checkpoint_io import load_state_dict_strict
+
+        load_state_dict_strict(method, loaded["model"], f"training checkpoint ({loaded['manifest'].get('method')!r} -> {spec.method.name!r})")
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
         start_epoch = int(loaded["state"]["epoch"])
@@ -243,6 +245,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tracking.log_artifacts(spec.tracking.uri, run_id, [enc])
 
 
+def _persisted_checkpoint_of_this_run(config: dict[str, Any], rank: int) -> dict[str, Any] | None:
+    """After a worker failure, a checkpoint this run persisted but Ray had not registered yet (local storage)."""
+    from ssl_platform.storage import latest_checkpoint_of_run, load_training_checkpoint
+
+    local_dir = config.get("local_run_dir")
+    ckpt = latest_checkpoint_of_run(local_dir, config.get("mlflow_run_id")) if local_dir else None
+    if ckpt is None:
+        return None
+    if rank == 0:
+        print(f"[ssl_platform] restart: using persisted checkpoint {ckpt.name}", flush=True)
+    return load_training_checkpoint(ckpt)
+
+
 def _all_reduce_mean(value: torch.Tensor, world: int) -> float:
     if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         v = value.detach().clone()
@@ -304,4 +319,7 @@ def build_trainer(
         "fault_marker": str(Path(tempfile.gettempdir()) / "ssl_platform_faults"),
         "s3_filesystem": s3_filesystem,  # picklable pyarrow S3FileSystem: workers fetch an s3:// teacher with it
     }
+    root = storage_path or spec.checkpoint.uri
+    if storage_filesystem is None and "://" not in root:
+        loop_config["local_run_dir"] = str(Path(root) / run_name)
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
