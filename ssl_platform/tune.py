@@ -281,11 +281,15 @@ def trial_cpus(spec: DictConfig) -> float:
 
 
 def default_concurrency(sweep: SweepSpec) -> int:
-    """As many trials as the cluster's CPUs fit (Tune driver + Train workers each), at least 1."""
+    """As many trials as the cluster's CPUs (and GPUs) fit (Tune driver + Train workers each), at least 1."""
     import ray
 
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    return max(1, int(cpus // trial_cpus(sweep.base)))
+    total = ray.cluster_resources()
+    fit = int(float(total.get("CPU", 1)) // trial_cpus(sweep.base))
+    sc = sweep.base.scaling
+    if sc.use_gpu:
+        fit = min(fit, int(float(total.get("GPU", 0)) // (sc.num_workers * sc.gpus_per_worker)))
+    return max(1, fit)
 
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], sweep_name: str, parent_run_id: str) -> None:
@@ -382,6 +386,10 @@ def run_sweep(sweep: SweepSpec, *, resume: bool = False) -> SweepResult:
             "name": sweep.name, "parent_run_id": parent_run_id, "experiment_path": str(experiment_path),
             "source": sweep.source, "tracking_uri": base.tracking.uri,
         }, indent=2))
+    fit = default_concurrency(sweep)
+    if sweep.max_concurrent_trials and sweep.max_concurrent_trials > fit:
+        print(f"[ssl_platform] warning: sweep.max_concurrent_trials={sweep.max_concurrent_trials} but the cluster fits {fit} "
+              f"trial(s) of {trial_cpus(base)} CPUs: the others wait for resources", flush=True)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=to_container(base), keys=[p.key for p in sweep.params],
                              sweep_name=sweep.name, parent_run_id=parent_run_id),
@@ -396,7 +404,7 @@ def run_sweep(sweep: SweepSpec, *, resume: bool = False) -> SweepResult:
                 param_space=search_space(sweep.params),
                 tune_config=tune.TuneConfig(
                     metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
-                    max_concurrent_trials=sweep.max_concurrent_trials or default_concurrency(sweep),
+                    max_concurrent_trials=sweep.max_concurrent_trials or fit,
                     scheduler=build_scheduler(sweep), search_alg=build_searcher(sweep),
                 ),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=str(tune_root)),
