@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -355,7 +355,7 @@ def validate_method(method: DictConfig, source: str | None = None) -> None:
             continue
         full = f"method.{key}"
         _check(key in allowed, full, f"a constructor argument of {cls.__name__} ({', '.join(sorted(allowed))})", key, source)
-        if isinstance(value, DictConfig):
+        if isinstance(value, (DictConfig, ListConfig)):
             value = OmegaConf.to_container(value)
         _check_type(value, hints.get(key), params[key].default, full, source)
         if key in _UNIT_INTERVAL_OPEN:
