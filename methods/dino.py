@@ -34,11 +34,13 @@ from methods.teacher_student import TeacherStudent
 @dataclass
 class DINOOutput(MethodOutput):
     """``loss``; ``embedding`` ``[B, D]`` (teacher CLS of the first global view, or of ``images`` in eval);
-    ``loss_dino`` (same as ``loss``); ``teacher_temperature``; ``ema_momentum``."""
+    ``loss_dino`` (same as ``loss``); ``teacher_temperature``; ``ema_momentum``; ``student_views`` (number of
+    views the student saw: globals + locals)."""
 
     loss_dino: torch.Tensor | None = None
     teacher_temperature: torch.Tensor | None = None
     ema_momentum: torch.Tensor | None = None
+    student_views: torch.Tensor | None = None
 
 
 class BackboneHead(nn.Module):
@@ -197,6 +199,7 @@ class DINO(SSLMethod):
             loss_dino=loss.detach(),
             teacher_temperature=torch.tensor(self.current_teacher_temperature, device=device),
             ema_momentum=torch.tensor(self.ema_momentum, device=device),
+            student_views=torch.tensor(float(len(global_views) + len(local_views)), device=device),
         )
 
     # ---- export -----------------------------------------------------------------------------------------

@@ -210,6 +210,8 @@ def build_view_transform(view_kind: str, data: DictConfig):
             n_local=mc.n_local if view_kind == "multicrop" else 0,
             global_scale=tuple(mc.global_scale),
             local_scale=tuple(mc.local_scale),
+            mean=MEAN,  # the same normalisation as eval_tensors (kNN / probe), not ImageNet's
+            std=STD,
         )
     raise DataError(f"unknown view kind {view_kind!r}")
 

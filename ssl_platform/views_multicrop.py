@@ -28,6 +28,13 @@ def _blur_kernel(size: int) -> int:
     return k if k % 2 == 1 else k + 1
 
 
+class _Clamp01(torch.nn.Module):
+    """Clamp to [0, 1]: bicubic resizing overshoots, and colour jitter's hue step turns such values into NaN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(0.0, 1.0)
+
+
 class MultiCropTransform:
     """``image [3, H, W] float in [0, 1] -> {"global_views": [...], "local_views": [...]}`` (normalised).
 
@@ -74,6 +81,7 @@ class MultiCropTransform:
         self.global1 = T.Compose(
             [
                 T.RandomResizedCrop(global_size, scale=global_scale, **crop),
+                _Clamp01(),
                 *flip_color(),
                 blur(global_size, 1.0),
                 normalize,
@@ -82,6 +90,7 @@ class MultiCropTransform:
         self.global2 = T.Compose(
             [
                 T.RandomResizedCrop(global_size, scale=global_scale, **crop),
+                _Clamp01(),
                 *flip_color(),
                 blur(global_size, 0.1),
                 T.RandomSolarize(threshold=0.5, p=0.2),
@@ -91,6 +100,7 @@ class MultiCropTransform:
         self.local = T.Compose(
             [
                 T.RandomResizedCrop(local_size, scale=local_scale, **crop),
+                _Clamp01(),
                 *flip_color(),
                 blur(local_size, 0.5),
                 normalize,
