@@ -32,16 +32,24 @@ def _children(uri: str, parent_run_id: str) -> list:
 
 # ---- validation (no Ray) -------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "experiments" / "sweeps" / "*.yaml"))))
-def test_example_sweeps_validate(path):
+def test_example_sweeps_validate(path, tmp_path):
     import torch
     from torch.utils.data import DataLoader
 
     from ssl_platform.data import ViewDataset, build_view_transform, load_split
-    from ssl_platform.spec import to_container
+    from ssl_platform.spec import read_yaml, to_container
     from ssl_platform.train import build_method_from_spec
     from ssl_platform.tune import apply_values
 
-    sweep = load_sweep(path)
+    overrides = []
+    raw_method = read_yaml(path)["method"]
+    if raw_method["name"] == "salt":  # stage 2 needs a real stage-1 encoder of the same architecture
+        from methods import build_method, checkpoint_io
+
+        mae = build_method("mae", encoder_name=raw_method["encoder_name"], encoder_kwargs=raw_method["encoder_kwargs"])
+        checkpoint_io.save_encoder(tmp_path / "teacher", "mae", mae.encoder_config(), mae.encoder_state_dict())
+        overrides = [f"method.teacher={tmp_path / 'teacher'}"]
+    sweep = load_sweep(path, overrides)
     assert sweep.params and sweep.metric and sweep.mode in ("min", "max")
     assert sweep.base.optim.epochs <= 10
     # the first value of every swept key gives a spec whose method trains on the platform's views
