@@ -23,12 +23,11 @@ import torch
 from torch import nn
 
 from methods import vit as V
-from methods.base import MethodOutput, SSLMethod
-from methods.heads import DINOHead, cancel_gradients_last_layer
+from methods.base import MethodOutput
+from methods.heads import DINOHead
 from methods.losses import DINOLoss
 from methods.registry import register
-from methods.schedules import teacher_temperature
-from methods.teacher_student import TeacherStudent
+from methods.teacher_student import SelfDistillationMethod, TeacherStudent
 
 
 @dataclass
@@ -70,7 +69,7 @@ class BackboneHead(nn.Module):
 
 
 @register("dino")
-class DINO(SSLMethod):
+class DINO(SelfDistillationMethod):
     """DINO with a timm ViT backbone, multi-crop views and an EMA teacher.
 
     :param encoder_name: timm ViT name (default ``"vit_small_patch16_224"``) or a pre-built ViT module.
@@ -90,8 +89,6 @@ class DINO(SSLMethod):
     """
 
     view_kind = "multicrop"
-    #: epochs during which the prototype layer gets no update (DINO ``freeze_last_layer``).
-    freeze_last_layer_epochs: int = 1
 
     def __init__(
         self,
@@ -132,13 +129,10 @@ class DINO(SSLMethod):
         self.ts = TeacherStudent(BackboneHead(backbone, head), ema_decay_start, ema_decay_end)
         self.loss_fn = DINOLoss(n_prototypes, center_momentum)
 
-        self.temperature_student = float(temperature_student)
-        self.temperature_teacher_warmup = float(temperature_teacher_warmup)
-        self.temperature_teacher = float(temperature_teacher)
-        self.warmup_epochs_temperature_teacher = warmup_epochs_temperature_teacher
-        # Current schedule values (set by on_train_step; start values until then).
-        self.current_teacher_temperature = float(temperature_teacher_warmup)
-        self.ema_momentum = float(ema_decay_start)
+        self._init_schedules(
+            temperature_student, temperature_teacher_warmup, temperature_teacher,
+            warmup_epochs_temperature_teacher, ema_decay_start,
+        )
 
     @property
     def student(self) -> BackboneHead:
@@ -148,25 +142,8 @@ class DINO(SSLMethod):
     def teacher(self) -> BackboneHead:
         return self.ts.teacher
 
-    # ---- schedules --------------------------------------------------------------------------------------
-    def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
-        self.current_teacher_temperature = teacher_temperature(
-            epoch,
-            self.temperature_teacher_warmup,
-            self.temperature_teacher,
-            self.warmup_epochs_temperature_teacher,
-        )
-        self.ema_momentum = self.ts.momentum_at(step, total_steps)
-
-    def before_optimizer_step(self, epoch: float) -> None:
-        if epoch < self.freeze_last_layer_epochs:
-            cancel_gradients_last_layer(self.student.head)
-
-    def after_optimizer_step(self) -> None:
-        self.ts.update_teacher(self.ema_momentum)
-
-    def schedule_state(self) -> dict[str, float]:
-        return {"teacher_temperature": self.current_teacher_temperature, "ema_momentum": self.ema_momentum}
+    def last_layer_heads(self) -> list[nn.Module]:
+        return [self.student.head]
 
     # ---- forward ----------------------------------------------------------------------------------------
     def forward(

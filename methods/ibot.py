@@ -26,12 +26,11 @@ import torch
 from torch import nn
 
 from methods import vit as V
-from methods.base import MethodOutput, SSLMethod
-from methods.heads import DINOHead, cancel_gradients_last_layer
+from methods.base import MethodOutput
+from methods.heads import DINOHead
 from methods.losses import DINOLoss, iBOTPatchLoss
 from methods.registry import register
-from methods.schedules import teacher_temperature
-from methods.teacher_student import TeacherStudent
+from methods.teacher_student import SelfDistillationMethod, TeacherStudent
 
 
 @dataclass
@@ -69,7 +68,7 @@ class iBOTNet(nn.Module):
 
 
 @register("ibot")
-class iBOT(SSLMethod):
+class iBOT(SelfDistillationMethod):
     """iBOT with a timm ViT backbone and an EMA teacher (global views only).
 
     :param encoder_name: timm ViT name (default ``"vit_small_patch16_224"``).
@@ -93,8 +92,6 @@ class iBOT(SSLMethod):
     """
 
     view_kind = "global_views"
-    #: epochs during which the prototype layers get no update (DINO/iBOT ``freeze_last_layer``).
-    freeze_last_layer_epochs: int = 1
     #: EMA momentum of the CLS and patch centres (iBOT: 0.9 for both).
     center_momentum: float = 0.9
 
@@ -156,12 +153,10 @@ class iBOT(SSLMethod):
         self.image_size = image_size
         self.mask_ratio = float(mask_ratio)
         self.patch_loss_weight = float(patch_loss_weight)
-        self.temperature_student = float(temperature_student)
-        self.temperature_teacher_warmup = float(temperature_teacher_warmup)
-        self.temperature_teacher = float(temperature_teacher)
-        self.warmup_epochs_temperature_teacher = warmup_epochs_temperature_teacher
-        self.current_teacher_temperature = float(temperature_teacher_warmup)
-        self.ema_momentum = float(ema_decay_start)
+        self._init_schedules(
+            temperature_student, temperature_teacher_warmup, temperature_teacher,
+            warmup_epochs_temperature_teacher, ema_decay_start,
+        )
 
     @property
     def student(self) -> iBOTNet:
@@ -171,26 +166,8 @@ class iBOT(SSLMethod):
     def teacher(self) -> iBOTNet:
         return self.ts.teacher
 
-    # ---- schedules --------------------------------------------------------------------------------------
-    def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
-        self.current_teacher_temperature = teacher_temperature(
-            epoch,
-            self.temperature_teacher_warmup,
-            self.temperature_teacher,
-            self.warmup_epochs_temperature_teacher,
-        )
-        self.ema_momentum = self.ts.momentum_at(step, total_steps)
-
-    def before_optimizer_step(self, epoch: float) -> None:
-        if epoch < self.freeze_last_layer_epochs:
-            cancel_gradients_last_layer(self.student.cls_head)
-            cancel_gradients_last_layer(self.student.patch_head)
-
-    def after_optimizer_step(self) -> None:
-        self.ts.update_teacher(self.ema_momentum)
-
-    def schedule_state(self) -> dict[str, float]:
-        return {"teacher_temperature": self.current_teacher_temperature, "ema_momentum": self.ema_momentum}
+    def last_layer_heads(self) -> list[nn.Module]:
+        return [self.student.cls_head, self.student.patch_head]
 
     # ---- masking ----------------------------------------------------------------------------------------
     def sample_masks(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:

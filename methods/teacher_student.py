@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.schedules import cosine_ema_momentum
+from methods.base import SSLMethod
+from methods.heads import cancel_gradients_last_layer
+from methods.schedules import cosine_ema_momentum, teacher_temperature
 
 
 class TeacherStudent(nn.Module):
@@ -74,3 +76,56 @@ class TeacherStudent(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward_student(*args, **kwargs)
+
+
+class SelfDistillationMethod(SSLMethod):
+    """Schedules and hooks shared by DINO-style self-distillation (DINO, iBOT).
+
+    Subclasses set ``self.ts`` (a :class:`TeacherStudent`), call :meth:`_init_schedules`, and list the heads whose
+    last layer is frozen during the first ``freeze_last_layer_epochs`` epochs in :meth:`last_layer_heads`.
+    Teacher temperature: linear warm-up in epochs (:func:`methods.schedules.teacher_temperature`); EMA momentum:
+    cosine from ``ema_decay_start`` to ``ema_decay_end`` over the training steps.
+    """
+
+    freeze_last_layer_epochs: int = 1
+    ts: TeacherStudent
+
+    def _init_schedules(
+        self, temperature_student: float, temperature_teacher_warmup: float, temperature_teacher: float,
+        warmup_epochs_temperature_teacher: int, ema_decay_start: float,
+    ) -> None:
+        self.temperature_student = float(temperature_student)
+        self.temperature_teacher_warmup = float(temperature_teacher_warmup)
+        self.temperature_teacher = float(temperature_teacher)
+        self.warmup_epochs_temperature_teacher = warmup_epochs_temperature_teacher
+        # Current schedule values (set by on_train_step; start values until then).
+        self.current_teacher_temperature = float(temperature_teacher_warmup)
+        self.ema_momentum = float(ema_decay_start)
+
+    @property
+    def student(self) -> nn.Module:
+        return self.ts.student
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.ts.teacher
+
+    def last_layer_heads(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
+        self.current_teacher_temperature = teacher_temperature(
+            epoch, self.temperature_teacher_warmup, self.temperature_teacher, self.warmup_epochs_temperature_teacher
+        )
+        self.ema_momentum = self.ts.momentum_at(step, total_steps)
+
+    def before_optimizer_step(self, epoch: float) -> None:
+        if epoch < self.freeze_last_layer_epochs:
+            for head in self.last_layer_heads():
+                cancel_gradients_last_layer(head)
+
+    def after_optimizer_step(self) -> None:
+        self.ts.update_teacher(self.ema_momentum)
+
+    def schedule_state(self) -> dict[str, float]:
+        return {"teacher_temperature": self.current_teacher_temperature, "ema_momentum": self.ema_momentum}
