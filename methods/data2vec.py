@@ -22,8 +22,6 @@ embedding with zero loss; the exported encoder is the teacher.
 
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +32,7 @@ from torch import nn
 from methods import vit as V
 from methods.base import MethodOutput, SSLMethod
 from methods.registry import register
+from methods.teacher_student import TeacherStudent
 
 
 @dataclass
@@ -43,31 +42,6 @@ class Data2VecOutput(MethodOutput):
     predictions: torch.Tensor | None = None
     target: torch.Tensor | None = None
     mask: torch.Tensor | None = None
-
-
-# ---- EMA teacher (kept isolated: the lead switches these to methods.teacher_student when merging) --------
-def cosine_ema_momentum(step: int, total_steps: int, start: float, end: float) -> float:
-    """``m = end - (end - start) * (1 + cos(pi * step / total_steps)) / 2`` (``start`` at 0, ``end`` at T)."""
-    if total_steps <= 0:
-        return end
-    t = min(max(step, 0), total_steps) / total_steps
-    return end - (end - start) * (1.0 + math.cos(math.pi * t)) / 2.0
-
-
-@torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``p_T <- m p_T + (1 - m) p_S`` for parameters; buffers are copied from the student."""
-    for p_t, p_s in zip(teacher.parameters(), student.parameters(), strict=True):
-        p_t.mul_(momentum).add_(p_s.detach(), alpha=1.0 - momentum)
-    for b_t, b_s in zip(teacher.buffers(), student.buffers(), strict=True):
-        b_t.copy_(b_s)
-
-
-def make_ema_teacher(student: nn.Module) -> nn.Module:
-    """A frozen deep copy of ``student`` (``requires_grad=False``, eval mode)."""
-    teacher = copy.deepcopy(student)
-    teacher.requires_grad_(False)
-    return teacher.eval()
 
 
 @register("data2vec")
@@ -111,30 +85,33 @@ class Data2Vec(SSLMethod):
         self.ema_decay_end = ema_decay_end
         self.momentum = ema_decay_start
 
-        self.student = V.create_vit(encoder_name, self.encoder_kwargs, pretrained)
-        depth = len(self.student.blocks)
+        student = V.create_vit(encoder_name, self.encoder_kwargs, pretrained)
+        depth = len(student.blocks)
         if not 1 <= top_k_blocks <= depth:
             raise ValueError(f"top_k_blocks must be in [1, {depth}] (encoder depth), got {top_k_blocks}")
         self.top_k_blocks = top_k_blocks
-        self.teacher = make_ema_teacher(self.student)
-        dim = self.student.embed_dim
+        self.ts = TeacherStudent(student, ema_decay_start, ema_decay_end)  # the shared EMA teacher-student
+        dim = student.embed_dim
         self.embed_dim = dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.regressor = nn.Linear(dim, dim)
 
-    def train(self, mode: bool = True) -> Data2Vec:
-        """Switch the student and head; the EMA teacher always stays in eval mode."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
+    @property
+    def student(self) -> nn.Module:
+        return self.ts.student
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The EMA copy of the student (no gradients, always in eval mode)."""
+        return self.ts.teacher
 
     # ---- schedule / EMA ---------------------------------------------------------------------------------
     def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
-        self.momentum = cosine_ema_momentum(step, total_steps, self.ema_decay_start, self.ema_decay_end)
+        self.momentum = self.ts.momentum_at(step, total_steps)
 
     def after_optimizer_step(self) -> None:
-        ema_update_(self.teacher, self.student, self.momentum)
+        self.ts.update_teacher(self.momentum)
 
     def schedule_state(self) -> dict[str, float]:
         return {"ema_momentum": float(self.momentum)}

@@ -37,21 +37,36 @@ def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class DINOLoss(nn.Module):
+class _CentredLoss(nn.Module):
+    """A teacher centre ``c`` (zeros of ``center_shape``) and its EMA update, shared by DINO and iBOT losses."""
+
+    center: torch.Tensor
+
+    def __init__(self, center_shape: tuple[int, ...], center_momentum: float):
+        super().__init__()
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        self.center_momentum = float(center_momentum)
+        self.register_buffer("center", torch.zeros(*center_shape))
+
+    @torch.no_grad()
+    def update_center(self, teacher_outputs: Sequence[torch.Tensor]) -> None:
+        """``c <- m c + (1 - m) * mean(teacher outputs)``: the mean over views, every non-class dim and workers."""
+        stacked = torch.cat([t.detach().float() for t in teacher_outputs], dim=0)
+        batch_center = stacked.mean(dim=tuple(range(stacked.ndim - 1)), keepdim=True).reshape(self.center.shape)
+        batch_center = _all_reduce_mean(batch_center)
+        self.center.mul_(self.center_momentum).add_(batch_center * (1.0 - self.center_momentum))
+
+
+class DINOLoss(_CentredLoss):
     """DINO cross-view cross-entropy with a centred, sharpened teacher (see module docstring).
 
     :param out_dim: number of prototypes ``K``.
     :param center_momentum: EMA momentum of the centre (DINO: 0.9).
     """
 
-    center: torch.Tensor
-
     def __init__(self, out_dim: int, center_momentum: float = 0.9):
-        super().__init__()
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
-        self.center_momentum = float(center_momentum)
-        self.register_buffer("center", torch.zeros(1, out_dim))
+        super().__init__((1, out_dim), center_momentum)
 
     def forward(
         self,
@@ -86,31 +101,17 @@ class DINOLoss(nn.Module):
             self.update_center(teacher_outputs)
         return total / n_terms
 
-    @torch.no_grad()
-    def update_center(self, teacher_outputs: Sequence[torch.Tensor]) -> None:
-        """``c <- m c + (1 - m) * mean(teacher outputs)``, the mean taken over views, batch and workers."""
-        batch_center = torch.cat([t.detach().float() for t in teacher_outputs], dim=0).mean(
-            dim=0, keepdim=True
-        )
-        batch_center = _all_reduce_mean(batch_center)
-        self.center.mul_(self.center_momentum).add_(batch_center * (1.0 - self.center_momentum))
 
 
-class iBOTPatchLoss(nn.Module):
+class iBOTPatchLoss(_CentredLoss):
     """iBOT masked-image-modelling loss on patch tokens, with its own centre.
 
     :param out_dim: number of patch prototypes ``K``.
     :param center_momentum: EMA momentum of the patch centre (iBOT: 0.9).
     """
 
-    center: torch.Tensor
-
     def __init__(self, out_dim: int, center_momentum: float = 0.9):
-        super().__init__()
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
-        self.center_momentum = float(center_momentum)
-        self.register_buffer("center", torch.zeros(1, 1, out_dim))
+        super().__init__((1, 1, out_dim), center_momentum)
 
     def forward(
         self,
@@ -140,12 +141,3 @@ class iBOTPatchLoss(nn.Module):
         if update_center:
             self.update_center(teacher_patches)
         return total / len(masks)
-
-    @torch.no_grad()
-    def update_center(self, teacher_patches: Sequence[torch.Tensor]) -> None:
-        """``c <- m c + (1 - m) * mean over views, images, patches and workers of the teacher patch outputs``."""
-        batch_center = torch.cat([t.detach().float() for t in teacher_patches], dim=0).mean(
-            dim=(0, 1), keepdim=True
-        )
-        batch_center = _all_reduce_mean(batch_center)
-        self.center.mul_(self.center_momentum).add_(batch_center * (1.0 - self.center_momentum))

@@ -212,6 +212,9 @@ def build_view_transform(view_kind: str, data: DictConfig):
             local_scale=tuple(mc.local_scale),
             mean=MEAN,  # the same normalisation as eval_tensors (kNN / probe), not ImageNet's
             std=STD,
+            hflip_p=mc.hflip_p,
+            color_jitter_p=mc.color_jitter_p,
+            solarize_p=mc.solarize_p,
         )
     raise DataError(f"unknown view kind {view_kind!r}")
 

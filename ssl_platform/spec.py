@@ -44,6 +44,9 @@ class MultiCropSpec:
     global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
     local_scale: list[float] = field(default_factory=lambda: [0.1, 0.4])
     local_size: int = 16
+    hflip_p: float = 0.5  # DINO's flip / colour-jitter / solarisation probabilities
+    color_jitter_p: float = 0.8
+    solarize_p: float = 0.2
 
 
 @dataclass
@@ -299,6 +302,8 @@ def validate(spec: DictConfig, source: str | None = None) -> None:
     _check(mc.local_size >= 8, "data.multicrop.local_size", "an integer >= 8", mc.local_size, source)
     _check_range_pair(list(mc.global_scale), "data.multicrop.global_scale", 0.01, 1.0, source)
     _check_range_pair(list(mc.local_scale), "data.multicrop.local_scale", 0.01, 1.0, source)
+    for key in ("hflip_p", "color_jitter_p", "solarize_p"):
+        _check(0.0 <= mc[key] <= 1.0, f"data.multicrop.{key}", "a probability in [0, 1]", mc[key], source)
 
     o = s.optim
     _check(o.name in OPTIMIZERS, "optim.name", f"one of {list(OPTIMIZERS)}", o.name, source)

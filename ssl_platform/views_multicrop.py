@@ -46,6 +46,9 @@ class MultiCropTransform:
     :param local_scale: area range of local crops (default (0.05, 0.4)).
     :param mean: normalisation mean (default ImageNet).
     :param std: normalisation std (default ImageNet).
+    :param hflip_p: horizontal-flip probability (DINO: 0.5; 0 for data where mirroring changes the class, e.g. digits).
+    :param color_jitter_p: colour-jitter probability (DINO: 0.8).
+    :param solarize_p: solarisation probability of the second global crop (DINO: 0.2).
     """
 
     def __init__(
@@ -58,18 +61,24 @@ class MultiCropTransform:
         local_scale: tuple[float, float] = (0.05, 0.4),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        hflip_p: float = 0.5,
+        color_jitter_p: float = 0.8,
+        solarize_p: float = 0.2,
     ):
         if n_global < 1:
             raise ValueError(f"n_global must be >= 1, got {n_global}")
         if n_local < 0:
             raise ValueError(f"n_local must be >= 0, got {n_local}")
+        for name, p in (("hflip_p", hflip_p), ("color_jitter_p", color_jitter_p), ("solarize_p", solarize_p)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
         self.global_size, self.local_size = int(global_size), int(local_size)
         self.n_global, self.n_local = int(n_global), int(n_local)
 
         def flip_color() -> list[Any]:
             return [
-                T.RandomHorizontalFlip(p=0.5),
-                T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                T.RandomHorizontalFlip(p=hflip_p),
+                T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=color_jitter_p),
                 T.RandomGrayscale(p=0.2),
             ]
 
@@ -93,7 +102,7 @@ class MultiCropTransform:
                 _Clamp01(),
                 *flip_color(),
                 blur(global_size, 0.1),
-                T.RandomSolarize(threshold=0.5, p=0.2),
+                T.RandomSolarize(threshold=0.5, p=solarize_p),
                 normalize,
             ]
         )

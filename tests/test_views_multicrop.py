@@ -74,3 +74,26 @@ def test_dataloader_feeds_dino_forward():
     )
     out = model(**batch)
     assert torch.isfinite(out.loss) and out.embedding.shape == (4, 32)
+
+
+def test_flip_jitter_solarise_probabilities_can_be_switched_off():
+    """With scale (1, 1) crops, no flip, jitter or solarisation, and blur only on the first global crop, the
+    second global view is exactly the normalised (bicubic-resized) image: nothing mirrored or inverted."""
+    torch.manual_seed(0)
+    img = torch.zeros(3, 16, 16)
+    img[:, :, :4] = 1.0  # a bar on the left: a flip would move it to the right
+    t = MultiCropTransform(16, 8, n_global=2, n_local=0, global_scale=(1.0, 1.0), hflip_p=0.0,
+                           color_jitter_p=0.0, solarize_p=0.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    for _ in range(10):
+        g2 = t(img)["global_views"][1]
+        if not torch.allclose(g2, (img - 0.5) / 0.5, atol=1e-4):  # the 10% blur of the 2nd crop may apply
+            assert g2[:, :, :4].mean() > g2[:, :, -4:].mean()  # still not mirrored
+    with pytest.raises(ValueError, match="hflip_p"):
+        MultiCropTransform(16, 8, hflip_p=1.5)
+
+
+def test_spec_rejects_probability_out_of_range():
+    from ssl_platform.spec import SpecError, spec_from_dict
+
+    with pytest.raises(SpecError, match=r"data\.multicrop\.solarize_p"):
+        spec_from_dict({"name": "x", "method": {"name": "dino"}, "data": {"multicrop": {"solarize_p": 2.0}}})
