@@ -86,6 +86,8 @@ class DINO(SelfDistillationMethod):
     :param encoder_kwargs: extra kwargs for ``timm.create_model``; ``dynamic_img_size=True`` is always set so
         that global and local crops of different sizes go through the same ViT.
     :param pretrained: load pretrained timm weights for the encoder.
+    :param norm_last_layer: extension (DINO's ``--norm_last_layer``): True (default) fixes the prototypes' norm;
+        False trains the weight-norm gain, which DINO uses for ViT-S/small models.
     """
 
     view_kind = "multicrop"
@@ -105,6 +107,7 @@ class DINO(SelfDistillationMethod):
         ema_decay_end: float = 1.0,
         encoder_kwargs: dict | None = None,
         pretrained: bool = False,
+        norm_last_layer: bool = True,
     ):
         super().__init__()
         for name, value in (
@@ -125,7 +128,9 @@ class DINO(SelfDistillationMethod):
             self.encoder_name = encoder_name
             self._rebuildable = True
         embed_dim = int(getattr(backbone, "num_features", getattr(backbone, "embed_dim", 0)))
-        head = DINOHead(embed_dim, n_prototypes, projector_hidden_dim, projector_bottleneck_dim)
+        head = DINOHead(
+            embed_dim, n_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer
+        )
         self.ts = TeacherStudent(BackboneHead(backbone, head), ema_decay_start, ema_decay_end)
         self.loss_fn = DINOLoss(n_prototypes, center_momentum)
 

@@ -4,7 +4,9 @@
 DINO head: ``x -> MLP (3 layers, GELU, hidden h) -> bottleneck b -> z / ||z||_2 -> W z`` where the last layer
 is weight-normalised with its gain fixed to 1 (``weight_g = 1`` in DINO), i.e. every prototype row is
 ``w_k = v_k / ||v_k||_2`` and there is no bias. DINO freezes that last layer during the first epoch by
-dropping its gradients (:func:`cancel_gradients_last_layer`).
+dropping its gradients (:func:`cancel_gradients_last_layer`). DINO's ``norm_last_layer=False`` (its choice for
+ViT-S, "better performance but can make the training unstable") makes the gain trainable: ``w_k = g_k v_k / ||v_k||``
+with ``g_k`` initialised to 1.
 """
 
 from __future__ import annotations
@@ -17,16 +19,24 @@ from methods.vit import trunc_normal_init
 
 
 class NormalizedLinear(nn.Module):
-    """Bias-free linear layer with unit-norm rows: ``y = x @ (V / ||V||_row)^T`` (weight norm, g fixed to 1)."""
+    """Bias-free weight-normalised linear layer ``y = x @ (g * V / ||V||_row)^T``.
 
-    def __init__(self, in_features: int, out_features: int):
+    ``learn_gain=False`` (DINO's ``norm_last_layer=True``): ``g`` fixed to 1, unit-norm rows. ``learn_gain=True``:
+    a trainable per-row gain ``weight_g`` ``[out, 1]`` initialised to 1 (``torch.nn.utils.weight_norm`` with g=1).
+    """
+
+    def __init__(self, in_features: int, out_features: int, learn_gain: bool = False):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.weight_v = nn.Parameter(nn.Linear(in_features, out_features, bias=False).weight.detach().clone())
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1)) if learn_gain else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, F.normalize(self.weight_v, dim=1))
+        w = F.normalize(self.weight_v, dim=1)
+        if self.weight_g is not None:
+            w = w * self.weight_g
+        return F.linear(x, w)
 
 
 class DINOHead(nn.Module):
@@ -37,10 +47,12 @@ class DINOHead(nn.Module):
     :param hidden_dim: MLP hidden dimension (DINO: 2048).
     :param bottleneck_dim: dimension before the prototypes (DINO: 256).
     :param n_layers: MLP layers (DINO: 3).
+    :param norm_last_layer: fix the prototypes' weight-norm gain to 1 (DINO's default); False trains it.
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, n_layers: int = 3
+        self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, n_layers: int = 3,
+        norm_last_layer: bool = True,
     ):
         super().__init__()
         if n_layers < 1:
@@ -54,7 +66,7 @@ class DINOHead(nn.Module):
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
         self.mlp.apply(trunc_normal_init)
-        self.last_layer = NormalizedLinear(bottleneck_dim, out_dim)
+        self.last_layer = NormalizedLinear(bottleneck_dim, out_dim, learn_gain=not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)

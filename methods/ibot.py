@@ -89,6 +89,8 @@ class iBOT(SelfDistillationMethod):
     :param encoder_kwargs: platform extension (not in the reference signature): extra kwargs for
         ``timm.create_model`` (e.g. ``patch_size``, ``embed_dim``, ``depth``); an ``img_size`` here must
         equal ``image_size``.
+    :param norm_last_layer: extension (DINO/iBOT's ``--norm_last_layer``): True (default) fixes the prototypes'
+        norm; False trains the weight-norm gain (DINO's choice for small ViTs).
     """
 
     view_kind = "global_views"
@@ -113,6 +115,7 @@ class iBOT(SelfDistillationMethod):
         image_size: int = 224,
         pretrained: bool = False,
         encoder_kwargs: dict | None = None,
+        norm_last_layer: bool = True,
     ):
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
@@ -143,8 +146,8 @@ class iBOT(SelfDistillationMethod):
         dim = int(backbone.embed_dim)
         net = iBOTNet(
             backbone,
-            DINOHead(dim, n_cls_prototypes, projector_hidden_dim, projector_bottleneck_dim),
-            DINOHead(dim, n_patch_prototypes, projector_hidden_dim, projector_bottleneck_dim),
+            DINOHead(dim, n_cls_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer),
+            DINOHead(dim, n_patch_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer),
         )
         self.ts = TeacherStudent(net, ema_decay_start, ema_decay_end)
         self.cls_loss_fn = DINOLoss(n_cls_prototypes, self.center_momentum)

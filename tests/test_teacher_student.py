@@ -137,3 +137,22 @@ def test_center_identical_across_two_gloo_processes():
     m0, m1 = result["local_means"]
     assert not torch.allclose(m0, m1)  # the ranks did see different data
     torch.testing.assert_close(c0, 0.1 * (m0 + m1) / 2)
+
+
+def test_norm_last_layer_false_trains_the_weight_norm_gain():
+    """DINO's norm_last_layer=False: w_k = g_k v_k / ||v_k|| with g initialised to 1 and trained."""
+    torch.manual_seed(0)
+    fixed = DINOHead(8, 5, hidden_dim=16, bottleneck_dim=4)
+    learn = DINOHead(8, 5, hidden_dim=16, bottleneck_dim=4, norm_last_layer=False)
+    assert fixed.last_layer.weight_g is None
+    assert torch.equal(learn.last_layer.weight_g, torch.ones(5, 1))
+    z = torch.randn(3, 4)
+    with torch.no_grad():
+        learn.last_layer.weight_g.fill_(2.0)
+    v = learn.last_layer.weight_v
+    expected = z @ (2.0 * v / v.norm(dim=1, keepdim=True)).T
+    assert torch.allclose(learn.last_layer(z), expected, atol=1e-6)
+    learn.last_layer(z).sum().backward()
+    assert learn.last_layer.weight_g.grad is not None
+    cancel_gradients_last_layer(learn)  # the first-epoch freeze covers the gain too
+    assert learn.last_layer.weight_g.grad is None and learn.last_layer.weight_v.grad is None
