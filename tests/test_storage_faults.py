@@ -171,7 +171,7 @@ def test_upload_refuses_a_directory_without_manifest(tmp_path):
     assert not (tmp_path / "dest").exists()
 
 
-# ---- a training run whose S3 endpoint dies while it writes its second checkpoint -------------------------
+# ---- a training run whose S3 endpoint dies while it writes its second checkpoint, then resumes -----------
 def _wait_for_output(capfd, needles: list[str], timeout_s: float = 15.0) -> str:
     """Worker and controller lines reach the driver through Ray's log monitor, a little later."""
     seen, deadline = "", time.monotonic() + timeout_s
@@ -185,7 +185,7 @@ def _wait_for_output(capfd, needles: list[str], timeout_s: float = 15.0) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_run_stops_with_uri_when_s3_dies_during_checkpoint_write(ray_session, tiny_spec, s3_server, proxy, tmp_path, capfd):
+def test_s3_dies_during_checkpoint_write_run_stops_naming_uri_then_resumes(ray_session, tiny_spec, s3_server, proxy, tmp_path, capfd):
     bucket = s3_server["bucket"]
     name = f"s3fault-{uuid.uuid4().hex[:8]}"
     run_uri = f"s3://{bucket}/runs/{name}"
@@ -231,3 +231,9 @@ def test_run_stops_with_uri_when_s3_dies_during_checkpoint_write(ray_session, ti
     run = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
                              filter_string=f"tags.`ssl.run_name` = '{name}'")[0]
     assert run.info.status == "FAILED"
+
+    # and the run continues from that checkpoint, not from the cut one
+    res = run_experiment(spec, run_name=name, resume=True)
+    assert "resumed from checkpoint at epoch 1 (step 4)" in _wait_for_output(capfd, ["resumed from checkpoint"])
+    assert res.metrics["epoch"] == 3 and res.mlflow_run_id == run.info.run_id
+    assert res.checkpoint_path not in ckpts and latest_complete_checkpoint_uri(run_uri, fs) == res.checkpoint_path
