@@ -185,9 +185,9 @@ def retry_with_backoff(
     """``fn()``, tried up to ``attempts`` times while it raises one of ``retry_on``.
 
     Waits ``backoff_s`` before the second try and doubles the wait after each failed try (at most
-    ``MAX_BACKOFF_S``); every failed try is printed. A missing file and an error that was already retried
-    (:class:`StorageUnavailableError`) are not retried. Raises ``error`` naming ``what`` (e.g. the checkpoint URI
-    and file), the number of tries, the time spent and the last error.
+    ``MAX_BACKOFF_S``); every failed try is printed. ``FileNotFoundError`` and an error that was already retried
+    (:class:`StorageUnavailableError`) pass through at once. After the last try, raises ``error`` naming ``what``
+    (e.g. the checkpoint URI and file), the number of tries, the time spent and the last error.
     """
     if attempts < 1:
         raise ValueError(f"attempts: expected an integer >= 1, got {attempts!r}")
@@ -196,9 +196,9 @@ def retry_with_backoff(
         try:
             return fn()
         except retry_on as err:
-            if isinstance(err, StorageUnavailableError):
-                raise
-            if attempt == attempts or isinstance(err, FileNotFoundError):
+            if isinstance(err, (StorageUnavailableError, FileNotFoundError)):
+                raise  # already retried / an answer, not an outage: callers may test for FileNotFoundError
+            if attempt == attempts:
                 raise error(
                     f"{what}: failed after {attempt} attempt{'s' if attempt > 1 else ''} over "
                     f"{time.monotonic() - start:.1f} s; last error: {_describe(err)}"
