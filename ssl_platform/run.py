@@ -102,11 +102,13 @@ def run_experiment(
     trainer = build_trainer(spec, run_name, run_id, resume_from=resume_from, **storage)
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as err:
         tracking.end_run(spec.tracking.uri, run_id, "FAILED")
+        _raise_if_storage_failure(spec, run_name, err)
         raise
     if result.error is not None:
         tracking.end_run(spec.tracking.uri, run_id, "FAILED")
+        _raise_if_storage_failure(spec, run_name, result.error)
         raise result.error
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     if ckpt:
@@ -124,6 +126,22 @@ def run_experiment(
         tracking_uri=spec.tracking.uri,
         history=history,
     )
+
+
+def _raise_if_storage_failure(spec: DictConfig, run_name: str, err: BaseException) -> None:
+    """A run stopped by its checkpoint storage (unreachable or failing after all retries) ends with one clear error."""
+    from methods.checkpoint_io import MANIFEST_FILE
+    from ssl_platform.s3 import StorageUnavailableError, find_storage_error
+
+    cause = find_storage_error(err)
+    if cause is None:
+        return
+    run_uri = f"{spec.checkpoint.uri.rstrip('/')}/{run_name}"
+    raise StorageUnavailableError(
+        f"run {run_name!r} stopped: its checkpoint storage {run_uri} is unreachable or failing -- {cause}. "
+        f"A checkpoint without {MANIFEST_FILE} is never loaded: once the storage is back, `--resume` continues "
+        f"from the last complete checkpoint"
+    ) from err
 
 
 def _uri(spec: DictConfig, path: str) -> str:

@@ -92,6 +92,8 @@ class CheckpointSpec:
     every_epochs: int = 1
     keep: int = 2
     endpoint_url: Optional[str] = None  # S3-compatible endpoint (never secrets in a spec)
+    upload_attempts: int = 5  # tries per checkpoint file before the run stops (storage unreachable / errors)
+    upload_backoff_s: float = 1.0  # wait before the 2nd try, doubled after each failed try (at most 30 s)
 
 
 @dataclass
@@ -328,6 +330,8 @@ def validate(spec: DictConfig, source: str | None = None) -> None:
         _check(c.uri.startswith("s3://") and len(c.uri) > 5, "checkpoint.uri", "a local path or s3://bucket/prefix", c.uri, source)
     _check(c.every_epochs >= 1, "checkpoint.every_epochs", "an integer >= 1", c.every_epochs, source)
     _check(c.keep >= 1, "checkpoint.keep", "an integer >= 1", c.keep, source)
+    _check(c.upload_attempts >= 1, "checkpoint.upload_attempts", "an integer >= 1", c.upload_attempts, source)
+    _check(c.upload_backoff_s >= 0, "checkpoint.upload_backoff_s", "a number of seconds >= 0", c.upload_backoff_s, source)
 
     k = s.eval.knn
     _check(k.k >= 1, "eval.knn.k", "an integer >= 1", k.k, source)

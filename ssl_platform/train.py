@@ -232,7 +232,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if save and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 write_training_checkpoint(tmp, method=core, optimizer=optimizer, scheduler=scheduler, spec=spec, state=state)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_upload_fn=_checkpoint_uploader(spec))
         else:
             ray.train.report(metrics, checkpoint=None)
 
@@ -243,6 +244,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             enc = Path(tmp) / "encoder"
             checkpoint_io.save_encoder(enc, core.method_name, core.encoder_config(), core.encoder_state_dict())
             tracking.log_artifacts(spec.tracking.uri, run_id, [enc])
+
+
+def _checkpoint_uploader(spec: DictConfig):
+    """Ray Train's ``checkpoint_upload_fn``: our upload (retries with backoff, manifest last) to Ray's storage.
+
+    Ray Train's default copy (``pyarrow.fs.copy_files``) writes the files in name order (``manifest.json``
+    before ``model.pt``), retries only a few AWS error codes without logging them, and its error names a bucket
+    and key, not the checkpoint URI. The checkpoint still lands where Ray expects it, so Ray keeps managing it
+    (``checkpoint.keep``, ``get_checkpoint`` on restart/resume).
+    """
+    import ray.train
+
+    from ssl_platform.s3 import upload_checkpoint_dir
+
+    def upload(checkpoint, checkpoint_dir_name: str):
+        storage = ray.train.get_context().get_storage()
+        dest = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+        upload_checkpoint_dir(checkpoint.path, storage.storage_filesystem, dest,
+                              attempts=spec.checkpoint.upload_attempts, backoff_s=spec.checkpoint.upload_backoff_s)
+        return ray.train.Checkpoint(path=dest, filesystem=storage.storage_filesystem)
+
+    return upload
 
 
 def _persisted_checkpoint_of_this_run(config: dict[str, Any], rank: int) -> dict[str, Any] | None:
