@@ -108,6 +108,7 @@ class DINO(SelfDistillationMethod):
         encoder_kwargs: dict | None = None,
         pretrained: bool = False,
         norm_last_layer: bool = True,
+        use_bn_in_head: bool = False,
     ):
         super().__init__()
         for name, value in (
@@ -129,7 +130,8 @@ class DINO(SelfDistillationMethod):
             self._rebuildable = True
         embed_dim = int(getattr(backbone, "num_features", getattr(backbone, "embed_dim", 0)))
         head = DINOHead(
-            embed_dim, n_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer
+            embed_dim, n_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer,
+            use_bn=use_bn_in_head,
         )
         self.ts = TeacherStudent(BackboneHead(backbone, head), ema_decay_start, ema_decay_end)
         self.loss_fn = DINOLoss(n_prototypes, center_momentum)

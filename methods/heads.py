@@ -48,11 +48,15 @@ class DINOHead(nn.Module):
     :param bottleneck_dim: dimension before the prototypes (DINO: 256).
     :param n_layers: MLP layers (DINO: 3).
     :param norm_last_layer: fix the prototypes' weight-norm gain to 1 (DINO's default); False trains it.
+    :param use_bn: BatchNorm after each hidden linear layer (DINO's ``--use_bn_in_head``, its ResNet setting). It
+        removes the sample-independent part of the features, which dominates when all inputs look alike at
+        initialisation (small, uniform images such as digits): then the centred teacher is near-uniform while
+        the uncentred student is sharper, and training drifts to the uniform collapse.
     """
 
     def __init__(
         self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, n_layers: int = 3,
-        norm_last_layer: bool = True,
+        norm_last_layer: bool = True, use_bn: bool = False,
     ):
         super().__init__()
         if n_layers < 1:
@@ -60,18 +64,23 @@ class DINOHead(nn.Module):
         if n_layers == 1:
             self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
         else:
-            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            def hidden(d_in: int) -> list[nn.Module]:
+                return [nn.Linear(d_in, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if use_bn else []), nn.GELU()]
+
+            layers: list[nn.Module] = hidden(in_dim)
             for _ in range(n_layers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+                layers += hidden(hidden_dim)
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
         self.mlp.apply(trunc_normal_init)
         self.last_layer = NormalizedLinear(bottleneck_dim, out_dim, learn_gain=not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mlp(x)
+        """``[..., in_dim] -> [..., out_dim]`` (patch tokens ``[B, N, D]`` too: BatchNorm sees them as one batch)."""
+        lead = x.shape[:-1]
+        x = self.mlp(x.reshape(-1, x.shape[-1]))
         x = F.normalize(x, dim=-1, p=2, eps=1e-6)
-        return self.last_layer(x)
+        return self.last_layer(x).reshape(*lead, -1)
 
 
 def cancel_gradients_last_layer(head: DINOHead) -> None:

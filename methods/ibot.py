@@ -116,6 +116,7 @@ class iBOT(SelfDistillationMethod):
         pretrained: bool = False,
         encoder_kwargs: dict | None = None,
         norm_last_layer: bool = True,
+        use_bn_in_head: bool = False,
     ):
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
@@ -146,8 +147,8 @@ class iBOT(SelfDistillationMethod):
         dim = int(backbone.embed_dim)
         net = iBOTNet(
             backbone,
-            DINOHead(dim, n_cls_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer),
-            DINOHead(dim, n_patch_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer),
+            DINOHead(dim, n_cls_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer, use_bn=use_bn_in_head),
+            DINOHead(dim, n_patch_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer, use_bn=use_bn_in_head),
         )
         self.ts = TeacherStudent(net, ema_decay_start, ema_decay_end)
         self.cls_loss_fn = DINOLoss(n_cls_prototypes, self.center_momentum)

@@ -7,7 +7,8 @@ The teacher is a deep copy of the student taken at construction (so both start e
 
 with the momentum ``m`` following the cosine schedule of BYOL / DINO (Caron et al. 2021, arXiv 2104.14294)
 from :meth:`TeacherStudent.momentum_at`. Buffers (e.g. BatchNorm statistics) are copied from the student.
-The teacher is kept in eval mode (no dropout / drop-path), as DINO's teacher is built without drop-path.
+The teacher is kept in eval mode (no dropout / drop-path), as DINO's teacher is built without drop-path;
+its BatchNorm layers (if any) use batch statistics while training, as in DINO.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class TeacherStudent(nn.Module):
     def train(self, mode: bool = True) -> TeacherStudent:
         super().train(mode)
         self.teacher.eval()  # the teacher never uses dropout / drop-path
+        if mode:  # BatchNorm (e.g. DINO's use_bn_in_head) normalises with batch statistics, as in DINO's teacher
+            for module in self.teacher.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train()
         return self
 
     def momentum_at(self, step: int, total_steps: int) -> float:

@@ -45,7 +45,7 @@ def test_signature_matches_seed():
     }
     params = inspect.signature(DINO.__init__).parameters
     assert list(params)[1 : len(expected) + 1] == list(expected)  # the seed's order, then extensions
-    assert {k: params[k].default for k in list(params)[len(expected) + 1 :]} == {"norm_last_layer": True}
+    assert {k: params[k].default for k in list(params)[len(expected) + 1 :]} == {"norm_last_layer": True, "use_bn_in_head": False}
     assert {k: params[k].default for k in expected} == expected
     assert list(inspect.signature(DINO.forward).parameters)[1:] == ["global_views", "local_views", "images"]
     assert get_method_class("dino") is DINO and DINO.view_kind == "multicrop"

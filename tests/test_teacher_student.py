@@ -156,3 +156,24 @@ def test_norm_last_layer_false_trains_the_weight_norm_gain():
     assert learn.last_layer.weight_g.grad is not None
     cancel_gradients_last_layer(learn)  # the first-epoch freeze covers the gain too
     assert learn.last_layer.weight_g.grad is None and learn.last_layer.weight_v.grad is None
+
+
+def test_head_batchnorm_removes_the_shared_component_and_teacher_uses_batch_statistics():
+    """use_bn (DINO's --use_bn_in_head): inputs that differ only by a tiny amount around a large shared vector
+    give head outputs that still differ clearly; the teacher's BN normalises with batch statistics in training."""
+    torch.manual_seed(0)
+    shared = torch.randn(1, 8) * 10
+    x = shared + 0.01 * torch.randn(16, 8)
+    plain = DINOHead(8, 32, hidden_dim=16, bottleneck_dim=4)
+    bn = DINOHead(8, 32, hidden_dim=16, bottleneck_dim=4, use_bn=True)
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in bn.modules()) == 2  # after both hidden layers
+    spread = lambda out: float(out.std(dim=0).mean())  # noqa: E731 - variation across samples
+    assert spread(bn(x)) > 10 * spread(plain(x))
+    ts = TeacherStudent(DINOHead(8, 32, hidden_dim=16, bottleneck_dim=4, use_bn=True))
+    ts.train()
+    bns = [m for m in ts.teacher.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert all(m.training for m in bns) and not ts.teacher.training  # the rest of the teacher stays in eval
+    ts.eval()
+    assert not any(m.training for m in bns)
+    patches = torch.randn(2, 5, 8)  # [B, N, D] patch tokens go through the same head
+    assert ts.student(patches).shape == (2, 5, 32)
