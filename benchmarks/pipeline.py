@@ -1,0 +1,111 @@
+"""Data pipeline: views/s of the per-sample view generation + collation (multi-crop for DINO, global views for
+iBOT, one view for MAE / SALT / data2vec / APL) through a ``DataLoader`` as the platform builds it
+(``num_workers`` from the specs: 0, i.e. in the training process), and masks/s of the mask generators (run
+inside the methods' forward, on the device). With the model's images/s from ``steps`` it tells whether the
+loader or the model bounds a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from benchmarks.common import BenchConfig, method_spec, summarize, sync, timed, train_split
+
+VIEW_KINDS = {"multicrop": "dino", "global_views": "ibot", "images": "mae"}
+METHOD_VIEW_KIND = {"dino": "multicrop", "ibot": "global_views", "mae": "images", "salt": "images",
+                    "data2vec": "images", "apl": "images"}  # fmt: skip
+
+
+def _loader_rate(ds, n: int, repeats: int) -> list[float]:
+    loader = DataLoader(ds, batch_size=n, shuffle=True, num_workers=0, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    it = iter(loader)
+
+    def fetch():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(loader)
+            return next(it)
+
+    fetch()  # warm-up (transform construction, first allocations)
+    rates = [n / timed(fetch, 1, "cpu") for _ in range(repeats)]
+    return rates
+
+
+def run_pipeline(
+    cfg: BenchConfig,
+    workdir: Path,
+    repeats: int,
+    samples_per_call: int,
+    model_images_per_s: dict[str, float] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    from methods import vit as V
+    from methods.masks import MultiBlockMaskGenerator
+    from ssl_platform.data import ViewDataset, build_view_transform
+
+    n = min(samples_per_call, cfg.batch_size)
+    views: dict[str, Any] = {}
+    for kind, method in VIEW_KINDS.items():
+        spec = method_spec(method, cfg)
+        split = train_split(spec)
+        tf = build_view_transform(kind, spec.data)
+        mc = spec.data.multicrop
+        vpi = {"multicrop": mc.n_global + mc.n_local, "global_views": mc.n_global}.get(kind, 1)
+        entry: dict[str, Any] = {"method": method, "views_per_image": int(vpi), "samples_per_batch": n}
+        # platform: 1 torch thread during augmentation (ViewDataset default); inherit: the process's threads
+        for variant, threads in (("platform", 1), ("inherit_threads", None)):
+            rates = _loader_rate(ViewDataset(split, tf, transform_threads=threads), n, repeats)
+            entry[variant] = {"images_per_s": summarize(rates), "views_per_s": summarize([r * vpi for r in rates]),
+                              "transform_threads": threads or torch.get_num_threads()}  # fmt: skip
+        p, i = entry["platform"]["images_per_s"]["median"], entry["inherit_threads"]["images_per_s"]["median"]
+        entry["speedup_platform_vs_inherit"] = round(p / i, 3) if i else None
+        views[kind] = entry
+        log(f"[pipeline] {kind}: {p:.0f} images/s (1 thread), {i:.0f} images/s ({torch.get_num_threads()} threads)")
+
+    device = torch.device(cfg.device)
+    patch = cfg.encoder_kwargs["patch_size"]
+    grid = (cfg.image_size // patch, cfg.image_size // patch)
+    npatch = grid[0] * grid[1]
+    b = cfg.batch_size
+    salt_masks = method_spec("salt", cfg, teacher="unused").method
+    gen = MultiBlockMaskGenerator(
+        grid, num_targets=salt_masks.num_targets, context_scale=tuple(salt_masks.context_scale),
+        target_scale=tuple(salt_masks.target_scale), context_aspect_ratio=tuple(salt_masks.context_aspect_ratio),
+        target_aspect_ratio=tuple(salt_masks.target_aspect_ratio),
+    )  # fmt: skip
+    mask_fns = {
+        "multiblock (salt)": lambda: gen(b, device=device),
+        "random 0.75 (mae)": lambda: V.random_masking(b, npatch, 0.75, device),
+        "random 0.6 (data2vec)": lambda: V.random_masking(b, npatch, 0.6, device),
+        "random 0.3 x2 views (ibot)": lambda: V.random_masking(2 * b, npatch, 0.3, device),
+    }
+    masks: dict[str, Any] = {}
+    calls = 20
+    for name, fn in mask_fns.items():
+        fn()
+        sync(device)
+        rates = [b * calls / timed(fn, calls, device) for _ in range(repeats)]
+        masks[name] = {"images_per_s": summarize(rates), "grid": list(grid), "batch": b}
+        log(f"[pipeline] masks {name}: {masks[name]['images_per_s']['median']:.0f} images/s")
+
+    bound: dict[str, Any] = {}
+    for method, rate in (model_images_per_s or {}).items():
+        kind = METHOD_VIEW_KIND.get(method)
+        if kind not in views or not rate:
+            continue
+        loader = views[kind]["platform"]["images_per_s"]["median"]
+        # num_workers=0: the loader and the model run one after the other in the training process
+        share = (1 / loader) / (1 / loader + 1 / rate)
+        bound[method] = {"loader_images_per_s": loader, "model_images_per_s": rate,
+                         "loader_share_of_serial_step": round(share, 3),
+                         "bound_by": "loader" if loader < rate else "model"}  # fmt: skip
+    return {"device": cfg.device, "torch_threads": torch.get_num_threads(), "views": views, "masks": masks,
+            "bound": bound}  # fmt: skip
