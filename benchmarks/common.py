@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -249,6 +250,25 @@ def peak_bf16_flops(device: str) -> tuple[str | None, float | None]:
     return name, None
 
 
+def in_python_thread(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a new Python thread, as Ray Train V2 runs ``train_loop_per_worker`` in a thread of the worker
+    actor: OpenMP behaves differently there than in the main thread on a busy machine (see benchmarks/README.md)."""
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # re-raised in the caller
+            box["error"] = err
+
+    th = threading.Thread(target=target, name="bare-train-loop")
+    th.start()
+    th.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 # ---- timing --------------------------------------------------------------------------------------------
 def sync(device: str | torch.device) -> None:
     if torch.device(device).type == "cuda":
@@ -289,6 +309,10 @@ def paired_ratio(num: list[float], den: list[float]) -> dict[str, Any]:
 
 
 # ---- machine and results -------------------------------------------------------------------------------
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -317,7 +341,7 @@ def machine_info() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "cpu_model": cpu_model(),
         "logical_cores": cores,
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores,
+        "usable_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": _memory_gib(),
         "gpus": gpus,

@@ -17,7 +17,18 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import BenchConfig, Prepared, paired_ratio, prepare, summarize, sync, timed, train_step
+from benchmarks.common import (
+    BenchConfig,
+    Prepared,
+    in_python_thread,
+    paired_ratio,
+    prepare,
+    summarize,
+    sync,
+    timed,
+    train_step,
+    usable_cores,
+)
 
 
 def _round_robin(fns: dict[str, Callable[[], Any]], repeats: int, calls: int, device: str) -> dict[str, list[float]]:
@@ -50,7 +61,7 @@ def adamw(cfg: BenchConfig, workdir: Path, repeats: int, log: Callable[[str], No
     res["default_without_fused"] = base
     if "fused" in times:
         res["fused_vs_default_time"] = paired_ratio(times["fused"], times[base])
-    res["platform_uses"] = "fused" if cfg.device == "cuda" else "for_loop (PyTorch default on CPU)"
+    res["platform_uses"] = "fused (ssl_platform.optim.build_optimizer)"
     log("[opt] AdamW step ms: " + ", ".join(f"{k} {res[f'{k}_ms']['median']:.1f}" for k in times))
     return res
 
@@ -134,32 +145,42 @@ def compile_step(cfg: BenchConfig, workdir: Path, warmup: int, repeats: int, met
 
 def threads(cfg: BenchConfig, workdir: Path, warmup: int, repeats: int, method: str = "mae",
             log: Callable[[str], None] = print) -> dict[str, Any] | None:  # fmt: skip
-    """Intra-op threads 1 vs the process's N (CPU): on a machine shared with other busy processes, N threads
-    that wait for each other at every small op can be slower than one."""
-    n = torch.get_num_threads()
+    """Intra-op threads on CPU: 1 against N = the usable cores, in the main thread and in a Python thread (Ray
+    Train V2 runs ``train_loop_per_worker`` in a thread of the worker actor). On a machine shared with other busy
+    processes, N OpenMP threads that wait for each other at every small op can be much slower than one."""
+    n = usable_cores()
     if cfg.device != "cpu" or n < 2:
         return None
+    current = torch.get_num_threads()
     p = prepare(method, cfg, workdir)
-    for _ in range(warmup):
-        train_step(p)
 
-    def with_threads(k: int):
-        def run():
+    def with_threads(k: int, side_thread: bool = False):
+        def body():
             torch.set_num_threads(k)
             try:
                 train_step(p)
             finally:
-                torch.set_num_threads(n)
+                torch.set_num_threads(current)
+
+        def run():
+            in_python_thread(body) if side_thread else body()
 
         return run
 
-    t = _round_robin({"n": with_threads(n), "one": with_threads(1)}, repeats, 1, cfg.device)
+    fns = {"one": with_threads(1), "n_main": with_threads(n), "n_python_thread": with_threads(n, True)}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    t = _round_robin(fns, repeats, 1, cfg.device)
     res = {
         "method": method,
         "threads": n,
-        "n_threads_images_per_s": summarize([cfg.batch_size / s for s in t["n"]]),
         "one_thread_images_per_s": summarize([cfg.batch_size / s for s in t["one"]]),
-        "n_threads_speedup": paired_ratio(t["one"], t["n"]),
+        "n_threads_images_per_s": summarize([cfg.batch_size / s for s in t["n_main"]]),
+        "n_threads_python_thread_images_per_s": summarize([cfg.batch_size / s for s in t["n_python_thread"]]),
+        "n_threads_speedup": paired_ratio(t["one"], t["n_main"]),
+        "n_threads_python_thread_speedup": paired_ratio(t["one"], t["n_python_thread"]),
     }
-    log(f"[opt] threads {method}: {n} threads vs 1: x{res['n_threads_speedup']['median']}")
+    log(f"[opt] threads {method}: {n} threads vs 1: x{res['n_threads_speedup']['median']} (main thread), "
+        f"x{res['n_threads_python_thread_speedup']['median']} (in a Python thread)")
     return res

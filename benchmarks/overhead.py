@@ -10,9 +10,10 @@ hooks and clipping. Compared:
   loop's wall time including its own set-up;
 * Ray start-up (``ssl_platform.run.init_ray``: local instance with dashboard) and shutdown, separately.
 
-The bare loop runs before Ray starts and again after Ray has shut down (bracketing slow drifts of a shared
-machine); Ray's daemons are counted as platform cost. Both sides use ``scaling.cpus_per_worker`` torch threads
-(``OMP_NUM_THREADS``, which the train loop applies in the worker).
+The bare loop runs in a Python thread, as Ray Train V2 runs the loop in a thread of its worker actor, before
+Ray starts and again after Ray has shut down (bracketing slow drifts of a shared machine); Ray's daemons are
+counted as platform cost. Both sides use the same torch threads (``--threads``, default
+``scaling.cpus_per_worker``), through ``OMP_NUM_THREADS``, which the train loop applies in the worker.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from ray.train import UserCallback
 
-from benchmarks.common import ROOT, summarize
+from benchmarks.common import ROOT, in_python_thread, summarize
 
 SPEC = "experiments/mae_vit_tiny_digits.yaml"
 
@@ -113,7 +114,8 @@ class ReportLog(UserCallback):
             f.write(json.dumps({k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}) + "\n")
 
 
-def run_overhead(epochs: int, batch_size: int, test_fraction: float, device: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_overhead(epochs: int, batch_size: int, test_fraction: float, device: str, threads: int | None = None,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     import ray
 
     from ssl_platform.run import init_ray
@@ -122,14 +124,15 @@ def run_overhead(epochs: int, batch_size: int, test_fraction: float, device: str
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         storage = Path(tmp)
         spec = overhead_spec(epochs, batch_size, test_fraction, storage, device)
-        threads = int(spec.scaling.cpus_per_worker) if device == "cpu" else None
+        if device == "cpu":
+            threads = threads or int(spec.scaling.cpus_per_worker)
         already = ray.is_initialized()
         old_omp = os.environ.get("OMP_NUM_THREADS")
         if threads and not already:
             os.environ["OMP_NUM_THREADS"] = str(threads)  # the Ray worker then sets the same torch threads
         threads_before = torch.get_num_threads()
         try:
-            bare = [bare_loop(spec, torch.device(device), threads)]
+            bare = [in_python_thread(lambda: bare_loop(spec, torch.device(device), threads))]
             torch.set_num_threads(threads_before)
             log(f"[overhead] bare loop (before Ray): epochs {[round(t, 2) for t in bare[0]['epoch_time_s']]} s, wall {bare[0]['wall_s']:.1f} s")
 
@@ -153,7 +156,7 @@ def run_overhead(epochs: int, batch_size: int, test_fraction: float, device: str
                 t0 = time.perf_counter()
                 ray.shutdown()
                 ray_stop = time.perf_counter() - t0
-                bare.append(bare_loop(spec, torch.device(device), threads))
+                bare.append(in_python_thread(lambda: bare_loop(spec, torch.device(device), threads)))
                 torch.set_num_threads(threads_before)
                 log(f"[overhead] bare loop (after Ray): epochs {[round(t, 2) for t in bare[1]['epoch_time_s']]} s, wall {bare[1]['wall_s']:.1f} s")
         finally:

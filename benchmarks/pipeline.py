@@ -14,29 +14,48 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.common import BenchConfig, method_spec, summarize, sync, timed, train_split
+from benchmarks.common import (
+    BenchConfig,
+    in_python_thread,
+    method_spec,
+    summarize,
+    sync,
+    timed,
+    train_split,
+    usable_cores,
+)
 
 VIEW_KINDS = {"multicrop": "dino", "global_views": "ibot", "images": "mae"}
 METHOD_VIEW_KIND = {"dino": "multicrop", "ibot": "global_views", "mae": "images", "salt": "images",
                     "data2vec": "images", "apl": "images"}  # fmt: skip
 
 
-def _loader_rate(ds, n: int, repeats: int) -> list[float]:
-    loader = DataLoader(ds, batch_size=n, shuffle=True, num_workers=0, drop_last=True,
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
-    it = iter(loader)
+def _loader_rate(ds, n: int, repeats: int, threads: int, side_thread: bool = False) -> list[float]:
+    """Images/s of ``DataLoader`` batches of ``n`` with ``threads`` torch threads, in the main thread or in a
+    Python thread (as in a Ray Train worker)."""
 
-    def fetch():
-        nonlocal it
+    def measure() -> list[float]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
         try:
-            return next(it)
-        except StopIteration:
+            loader = DataLoader(ds, batch_size=n, shuffle=True, num_workers=0, drop_last=True,
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
             it = iter(loader)
-            return next(it)
 
-    fetch()  # warm-up (transform construction, first allocations)
-    rates = [n / timed(fetch, 1, "cpu") for _ in range(repeats)]
-    return rates
+            def fetch():
+                nonlocal it
+                try:
+                    return next(it)
+                except StopIteration:
+                    it = iter(loader)
+                    return next(it)
+
+            fetch()  # warm-up (transform construction, first allocations)
+            return [n / timed(fetch, 1, "cpu") for _ in range(repeats)]
+        finally:
+            torch.set_num_threads(previous)
+
+    return in_python_thread(measure) if side_thread else measure()
 
 
 def run_pipeline(
@@ -52,6 +71,7 @@ def run_pipeline(
     from ssl_platform.data import ViewDataset, build_view_transform
 
     n = min(samples_per_call, cfg.batch_size)
+    cores = usable_cores()
     views: dict[str, Any] = {}
     for kind, method in VIEW_KINDS.items():
         spec = method_spec(method, cfg)
@@ -60,15 +80,22 @@ def run_pipeline(
         mc = spec.data.multicrop
         vpi = {"multicrop": mc.n_global + mc.n_local, "global_views": mc.n_global}.get(kind, 1)
         entry: dict[str, Any] = {"method": method, "views_per_image": int(vpi), "samples_per_batch": n}
-        # platform: 1 torch thread during augmentation (ViewDataset default); inherit: the process's threads
-        for variant, threads in (("platform", 1), ("inherit_threads", None)):
-            rates = _loader_rate(ViewDataset(split, tf, transform_threads=threads), n, repeats)
+        # platform: ViewDataset augments a batch with 1 torch thread; "n_threads": with the usable cores'
+        # threads (ViewDataset(transform_threads=None)) in the main thread / in a Python thread (Ray worker)
+        variants = (("platform", 1, 1, False), ("n_threads_main", None, cores, False),
+                    ("n_threads_python_thread", None, cores, True))  # fmt: skip
+        for variant, ds_threads, threads, side in variants:
+            rates = _loader_rate(ViewDataset(split, tf, transform_threads=ds_threads), n, repeats, threads, side)
             entry[variant] = {"images_per_s": summarize(rates), "views_per_s": summarize([r * vpi for r in rates]),
-                              "transform_threads": threads or torch.get_num_threads()}  # fmt: skip
-        p, i = entry["platform"]["images_per_s"]["median"], entry["inherit_threads"]["images_per_s"]["median"]
-        entry["speedup_platform_vs_inherit"] = round(p / i, 3) if i else None
+                              "torch_threads": threads, "python_thread": side}  # fmt: skip
+        p = entry["platform"]["images_per_s"]["median"]
+        for variant in ("n_threads_main", "n_threads_python_thread"):
+            other = entry[variant]["images_per_s"]["median"]
+            entry[f"speedup_platform_vs_{variant}"] = round(p / other, 3) if other else None
+        log(f"[pipeline] {kind}: {p:.0f} images/s (1 thread), {cores} threads: "
+            f"{entry['n_threads_main']['images_per_s']['median']:.0f} (main thread), "
+            f"{entry['n_threads_python_thread']['images_per_s']['median']:.0f} (Python thread)")
         views[kind] = entry
-        log(f"[pipeline] {kind}: {p:.0f} images/s (1 thread), {i:.0f} images/s ({torch.get_num_threads()} threads)")
 
     device = torch.device(cfg.device)
     patch = cfg.encoder_kwargs["patch_size"]
@@ -107,5 +134,5 @@ def run_pipeline(
         bound[method] = {"loader_images_per_s": loader, "model_images_per_s": rate,
                          "loader_share_of_serial_step": round(share, 3),
                          "bound_by": "loader" if loader < rate else "model"}  # fmt: skip
-    return {"device": cfg.device, "torch_threads": torch.get_num_threads(), "views": views, "masks": masks,
+    return {"device": cfg.device, "usable_cores": cores, "views": views, "masks": masks,
             "bound": bound}  # fmt: skip

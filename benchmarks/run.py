@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ov = (4, 128, 0.2)
             else:
                 ov = (2, 32, 0.9) if quick else (4, 32, 0.8)
-            record("overhead", lambda: run_overhead(*ov, device=device, log=log))
+            record("overhead", lambda: run_overhead(*ov, device=device, threads=args.threads, log=log))
 
     if not args.no_plot:
         from benchmarks.report import plot_throughput
