@@ -18,6 +18,7 @@ from benchmarks.common import (
     BenchConfig,
     in_python_thread,
     method_spec,
+    paired_ratio,
     summarize,
     sync,
     timed,
@@ -30,32 +31,35 @@ METHOD_VIEW_KIND = {"dino": "multicrop", "ibot": "global_views", "mae": "images"
                     "data2vec": "images", "apl": "images"}  # fmt: skip
 
 
-def _loader_rate(ds, n: int, repeats: int, threads: int, side_thread: bool = False) -> list[float]:
-    """Images/s of ``DataLoader`` batches of ``n`` with ``threads`` torch threads, in the main thread or in a
-    Python thread (as in a Ray Train worker)."""
+def _interleaved_loader_rates(variants: dict[str, tuple[Any, int, bool]], n: int, repeats: int) -> dict[str, list[float]]:
+    """Images/s of ``DataLoader`` batches of ``n`` per variant ``name -> (dataset, torch threads, in a Python
+    thread)``; one batch of every variant per round (after one warm-up round), so drifts affect all alike."""
+    fetchers = {}
+    for name, (ds, _, _) in variants.items():
+        loader = DataLoader(ds, batch_size=n, shuffle=True, num_workers=0, drop_last=True,
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+        fetchers[name] = _cycle(loader)
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(repeats + 1):
+        for name, (_, threads, side) in variants.items():
 
-    def measure() -> list[float]:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            loader = DataLoader(ds, batch_size=n, shuffle=True, num_workers=0, drop_last=True,
-                                generator=torch.Generator().manual_seed(0))  # fmt: skip
-            it = iter(loader)
-
-            def fetch():
-                nonlocal it
+            def fetch(name=name, threads=threads):
+                previous = torch.get_num_threads()
+                torch.set_num_threads(threads)
                 try:
-                    return next(it)
-                except StopIteration:
-                    it = iter(loader)
-                    return next(it)
+                    return next(fetchers[name])
+                finally:
+                    torch.set_num_threads(previous)
 
-            fetch()  # warm-up (transform construction, first allocations)
-            return [n / timed(fetch, 1, "cpu") for _ in range(repeats)]
-        finally:
-            torch.set_num_threads(previous)
+            dt = timed((lambda f=fetch: in_python_thread(f)) if side else fetch, 1, "cpu")
+            if r > 0:
+                rates[name].append(n / dt)
+    return rates
 
-    return in_python_thread(measure) if side_thread else measure()
+
+def _cycle(loader):
+    while True:
+        yield from loader
 
 
 def run_pipeline(
@@ -80,21 +84,26 @@ def run_pipeline(
         mc = spec.data.multicrop
         vpi = {"multicrop": mc.n_global + mc.n_local, "global_views": mc.n_global}.get(kind, 1)
         entry: dict[str, Any] = {"method": method, "views_per_image": int(vpi), "samples_per_batch": n}
-        # platform: ViewDataset augments a batch with 1 torch thread; "n_threads": with the usable cores'
-        # threads (ViewDataset(transform_threads=None)) in the main thread / in a Python thread (Ray worker)
-        variants = (("platform", 1, 1, False), ("n_threads_main", None, cores, False),
-                    ("n_threads_python_thread", None, cores, True))  # fmt: skip
-        for variant, ds_threads, threads, side in variants:
-            rates = _loader_rate(ViewDataset(split, tf, transform_threads=ds_threads), n, repeats, threads, side)
-            entry[variant] = {"images_per_s": summarize(rates), "views_per_s": summarize([r * vpi for r in rates]),
-                              "torch_threads": threads, "python_thread": side}  # fmt: skip
-        p = entry["platform"]["images_per_s"]["median"]
-        for variant in ("n_threads_main", "n_threads_python_thread"):
-            other = entry[variant]["images_per_s"]["median"]
-            entry[f"speedup_platform_vs_{variant}"] = round(p / other, 3) if other else None
-        log(f"[pipeline] {kind}: {p:.0f} images/s (1 thread), {cores} threads: "
-            f"{entry['n_threads_main']['images_per_s']['median']:.0f} (main thread), "
-            f"{entry['n_threads_python_thread']['images_per_s']['median']:.0f} (Python thread)")
+        # ViewDataset(transform_threads=1) (the platform's default: 1 torch thread while augmenting a batch)
+        # against transform_threads=None (the process's threads: the usable cores), each in a Python thread (as
+        # train_loop_per_worker runs in a Ray Train worker) and in the main thread (a plain script)
+        variants = {
+            "platform": (1, True), "platform_n_threads": (None, True),
+            "main_1_thread": (1, False), "main_n_threads": (None, False),
+        }  # fmt: skip
+        rates = _interleaved_loader_rates(
+            {name: (ViewDataset(split, tf, transform_threads=t), cores, side) for name, (t, side) in variants.items()},
+            n, repeats,
+        )  # fmt: skip
+        for name, (t, side) in variants.items():
+            entry[name] = {"images_per_s": summarize(rates[name]), "views_per_s": summarize([r * vpi for r in rates[name]]),
+                           "transform_threads": t or cores, "python_thread": side}  # fmt: skip
+        entry["one_thread_speedup_python_thread"] = paired_ratio(rates["platform"], rates["platform_n_threads"])
+        entry["one_thread_speedup_main_thread"] = paired_ratio(rates["main_1_thread"], rates["main_n_threads"])
+        log(f"[pipeline] {kind}: images/s with 1 / {cores} augmentation threads: "
+            f"{entry['platform']['images_per_s']['median']:.0f} / {entry['platform_n_threads']['images_per_s']['median']:.0f} "
+            f"(Python thread, as in a Ray worker), {entry['main_1_thread']['images_per_s']['median']:.0f} / "
+            f"{entry['main_n_threads']['images_per_s']['median']:.0f} (main thread)")
         views[kind] = entry
 
     device = torch.device(cfg.device)

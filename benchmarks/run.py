@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--machine", default=None, help="machine label (default: from the CPU / GPU model)")
     ap.add_argument("--readme", type=Path, default=Path(__file__).resolve().parent / "README.md",
                     help="README whose generated part is rewritten")  # fmt: skip
+    ap.add_argument("--report-only", action="store_true", help="measure nothing: redraw the plot and README from the results")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README")
     ap.add_argument("--no-plot", action="store_true", help="do not draw the throughput plot")
     return ap.parse_args(argv)
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     sections, salt_only = select_sections(args.only, device)
+    if args.report_only:
+        sections = []
     quick = args.quick or args.tiny
     repeats = args.repeats or (3 if quick else 5)
     warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
@@ -97,9 +100,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data = {}
         if data.get("schema") != common.SCHEMA:
             data = {}
-    data.update({"schema": common.SCHEMA, "machine": machine, "versions": common.versions(),
-                 "command": command, "git_commit": common.git_commit(),
-                 "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
+    if not args.report_only:
+        data.update({"schema": common.SCHEMA, "machine": machine, "versions": common.versions(),
+                     "command": command, "git_commit": common.git_commit(),
+                     "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
+    elif not data:
+        raise SystemExit(f"--report-only: no results at {out_path}")
     results = data.setdefault("sections", {})
     log(f"benchmarks on {label}: {cfg.describe()}; sections {sections}; repeats {repeats}, warm-up {warmup}")
     if device == "cpu":
@@ -126,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             steps = results.get("steps", {}).get("methods", {})
             model_rates = {m: e["images_per_s"]["median"] for m, e in steps.items()}
-            record("pipeline", lambda: run_pipeline(cfg, work, repeats, 16 if quick else 32, model_rates, log))
+            # loader batches are cheap and noisy: twice the repeats
+            record("pipeline", lambda: run_pipeline(cfg, work, 2 * repeats, 16 if quick else 32, model_rates, log))
         if "opt" in sections:
             from benchmarks import optimizations as O
 

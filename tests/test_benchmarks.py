@@ -68,8 +68,9 @@ def test_pipeline_section(tiny_results):
     pipe = tiny_results[1]["sections"]["pipeline"]
     assert set(pipe["views"]) == {"multicrop", "global_views", "images"}
     for e in pipe["views"].values():
-        assert _is_stat(e["platform"]["images_per_s"]) and _is_stat(e["n_threads_main"]["views_per_s"])
-        assert _is_stat(e["n_threads_python_thread"]["images_per_s"])
+        for variant in ("platform", "platform_n_threads", "main_1_thread", "main_n_threads"):
+            assert _is_stat(e[variant]["images_per_s"]) and _is_stat(e[variant]["views_per_s"]), variant
+        assert _is_stat(e["one_thread_speedup_python_thread"]) and _is_stat(e["one_thread_speedup_main_thread"])
     assert any(k.startswith("multiblock") for k in pipe["masks"])
     assert set(pipe["bound"]) == set(METHODS)
     assert all(e["bound_by"] in ("loader", "model") for e in pipe["bound"].values())
