@@ -220,12 +220,12 @@ class ViewDataset(Dataset):
     """Training split -> per-sample view dicts (``default_collate`` batches dicts and lists of views).
 
     ``transform_threads``: torch intra-op threads while a batch's per-sample augmentations run (``DataLoader``
-    fetches a batch through :meth:`__getitems__`). Crops, jitter and blur of one small image gain nothing from
-    several threads and lose a lot to their synchronisation when the loader runs in the training process
-    (``num_workers=0``) on a busy machine: see benchmarks/README.md. ``None`` keeps the process setting.
+    fetches a batch through :meth:`__getitems__`); ``None`` (default) keeps the process setting. On a busy
+    machine, 1 thread makes multi-crop 5-30x faster when the loader runs in a process's main thread, but not
+    in a Ray Train worker, whose loop runs in another thread (benchmarks/README.md): the platform keeps None.
     """
 
-    def __init__(self, split: Split, transform, transform_threads: int | None = 1):
+    def __init__(self, split: Split, transform, transform_threads: int | None = None):
         self.split = split
         self.transform = transform
         self.transform_threads = transform_threads
