@@ -84,12 +84,12 @@ def run_pipeline(
         mc = spec.data.multicrop
         vpi = {"multicrop": mc.n_global + mc.n_local, "global_views": mc.n_global}.get(kind, 1)
         entry: dict[str, Any] = {"method": method, "views_per_image": int(vpi), "samples_per_batch": n}
-        # ViewDataset(transform_threads=1) (the platform's default: 1 torch thread while augmenting a batch)
-        # against transform_threads=None (the process's threads: the usable cores), each in a Python thread (as
+        # ViewDataset as the platform builds it (transform_threads=None: the process's threads, the usable cores)
+        # against transform_threads=1 (1 torch thread while augmenting a batch), each in a Python thread (as
         # train_loop_per_worker runs in a Ray Train worker) and in the main thread (a plain script)
         variants = {
-            "platform": (1, True), "platform_n_threads": (None, True),
-            "main_1_thread": (1, False), "main_n_threads": (None, False),
+            "platform": (None, True), "platform_1_thread": (1, True),
+            "main_n_threads": (None, False), "main_1_thread": (1, False),
         }  # fmt: skip
         rates = _interleaved_loader_rates(
             {name: (ViewDataset(split, tf, transform_threads=t), cores, side) for name, (t, side) in variants.items()},
@@ -98,10 +98,10 @@ def run_pipeline(
         for name, (t, side) in variants.items():
             entry[name] = {"images_per_s": summarize(rates[name]), "views_per_s": summarize([r * vpi for r in rates[name]]),
                            "transform_threads": t or cores, "python_thread": side}  # fmt: skip
-        entry["one_thread_speedup_python_thread"] = paired_ratio(rates["platform"], rates["platform_n_threads"])
+        entry["one_thread_speedup_python_thread"] = paired_ratio(rates["platform_1_thread"], rates["platform"])
         entry["one_thread_speedup_main_thread"] = paired_ratio(rates["main_1_thread"], rates["main_n_threads"])
         log(f"[pipeline] {kind}: images/s with 1 / {cores} augmentation threads: "
-            f"{entry['platform']['images_per_s']['median']:.0f} / {entry['platform_n_threads']['images_per_s']['median']:.0f} "
+            f"{entry['platform_1_thread']['images_per_s']['median']:.0f} / {entry['platform']['images_per_s']['median']:.0f} "
             f"(Python thread, as in a Ray worker), {entry['main_1_thread']['images_per_s']['median']:.0f} / "
             f"{entry['main_n_threads']['images_per_s']['median']:.0f} (main thread)")
         views[kind] = entry

@@ -118,17 +118,18 @@ def render_machine(data: dict[str, Any], plot_name: str | None = None) -> str:
     if pipe:
         out += ["#### Data pipeline (per-sample views + collation through a `DataLoader`, `num_workers=0`)", ""]
         cores = pipe.get("usable_cores", "N")
-        out += ["Augmentation with 1 torch thread (`ViewDataset(transform_threads=1)`, the platform's default) and "
-                f"with the process's {cores}, in a Python thread (as `train_loop_per_worker` runs in a Ray Train worker) "
-                "and in the main thread; batches of the variants interleaved.", ""]  # fmt: skip
-        out += _header(["view kind (method)", "views/image", "images/s: 1 thread, Python thread (platform)", "views/s",
-                        f"{cores} threads, Python thread", "1 vs N, Python thread", "1 thread, main thread",
-                        f"{cores} threads, main thread", "1 vs N, main thread"])  # fmt: skip
+        out += ["`ViewDataset` as the platform builds it (augmentation with the process's "
+                f"{cores} torch threads) and with `transform_threads=1`, in a Python thread (as `train_loop_per_worker` "
+                "runs in a Ray Train worker) and in the main thread (a plain script); batches of the variants "
+                "interleaved, ratios paired.", ""]  # fmt: skip
+        out += _header(["view kind (method)", "views/image", f"images/s: platform ({cores} threads, Python thread)",
+                        "views/s", "1 thread, Python thread", "1 vs N, Python thread", f"{cores} threads, main thread",
+                        "1 thread, main thread", "1 vs N, main thread"])  # fmt: skip
         for kind, e in pipe["views"].items():
             out.append(_row([f"{kind} ({e['method']})", e["views_per_image"], _stat(e["platform"]["images_per_s"]),
-                             _num(e["platform"]["views_per_s"]["median"]), _stat(e["platform_n_threads"]["images_per_s"]),
-                             _ratio(e["one_thread_speedup_python_thread"]), _stat(e["main_1_thread"]["images_per_s"]),
-                             _stat(e["main_n_threads"]["images_per_s"]), _ratio(e["one_thread_speedup_main_thread"])]))  # fmt: skip
+                             _num(e["platform"]["views_per_s"]["median"]), _stat(e["platform_1_thread"]["images_per_s"]),
+                             _ratio(e["one_thread_speedup_python_thread"]), _stat(e["main_n_threads"]["images_per_s"]),
+                             _stat(e["main_1_thread"]["images_per_s"]), _ratio(e["one_thread_speedup_main_thread"])]))  # fmt: skip
         out += ["", "Mask generation (inside the methods' forward, on the device, vectorised over the batch):", ""]
         out += _header(["generator", "grid", "images/s median (IQR)"])
         for name, e in pipe["masks"].items():

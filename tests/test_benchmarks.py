@@ -68,7 +68,7 @@ def test_pipeline_section(tiny_results):
     pipe = tiny_results[1]["sections"]["pipeline"]
     assert set(pipe["views"]) == {"multicrop", "global_views", "images"}
     for e in pipe["views"].values():
-        for variant in ("platform", "platform_n_threads", "main_1_thread", "main_n_threads"):
+        for variant in ("platform", "platform_1_thread", "main_1_thread", "main_n_threads"):
             assert _is_stat(e[variant]["images_per_s"]) and _is_stat(e[variant]["views_per_s"]), variant
         assert _is_stat(e["one_thread_speedup_python_thread"]) and _is_stat(e["one_thread_speedup_main_thread"])
     assert any(k.startswith("multiblock") for k in pipe["masks"])
@@ -101,14 +101,14 @@ def test_sections_and_stats():
 
 
 def test_view_dataset_batched_fetch_matches_per_sample():
-    """``ViewDataset.__getitems__`` (1 thread while augmenting) gives the per-sample views and restores threads."""
+    """``ViewDataset.__getitems__`` with 1 thread while augmenting gives the per-sample views and restores threads."""
     from torch.utils.data import default_collate
 
     from ssl_platform.data import ViewDataset, make_synthetic_split
     from ssl_platform.views_multicrop import MultiCropTransform
 
     split = make_synthetic_split(num_samples=12, image_size=16).train
-    ds = ViewDataset(split, MultiCropTransform(16, 8, n_global=2, n_local=2))
+    ds = ViewDataset(split, MultiCropTransform(16, 8, n_global=2, n_local=2), transform_threads=1)
     threads = torch.get_num_threads()
     torch.manual_seed(0)
     batched = default_collate(ds.__getitems__([0, 1, 2]))
