@@ -172,8 +172,8 @@ def render_machine(data: dict[str, Any], plot_name: str | None = None) -> str:
                              f"1 thread {_stat(e['one_thread_images_per_s'])} img/s"]))  # fmt: skip
         if comp:
             out.append(_row([f"torch.compile vs eager, {comp['method']} step", _ratio(comp["compile_speedup"]),
-                             f"compiled {_stat(comp['compiled_images_per_s'])} img/s, first step {comp['first_step_s']} s "
-                             f"({comp.get('inductor_cache', 'inductor cache state unknown')})",
+                             f"compiled {_stat(comp['compiled_images_per_s'])} img/s, first step {comp['first_step_s']} s, "
+                             f"inductor cache: {comp.get('inductor_cache', 'unknown')}",
                              f"eager {_stat(comp['eager_images_per_s'])} img/s"]))  # fmt: skip
         if pipe:
             for kind, e in pipe["views"].items():
