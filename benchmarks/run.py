@@ -30,7 +30,7 @@ SECTIONS = ("steps", "pipeline", "opt", "compile", "overhead")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--quick", action="store_true", help="fewer warm-up steps, repeats and epochs (~2-3 min on 2 CPU cores)")
+    ap.add_argument("--quick", action="store_true", help="fewer warm-up steps, repeats, epochs and A/Bs (~2.5 min on 2 busy CPU cores with --threads 1)")
     ap.add_argument("--only", default="", help=f"comma-separated sections: {', '.join(SECTIONS)}, salt (default: all but compile on CPU)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5, quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per model (default 2, quick 1)")
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             record("optimizations", lambda: {
                 "adamw": O.adamw(cfg, work, repeats, log),
-                "attention": O.attention(cfg, work, warmup, repeats, log=log),
+                "attention": O.attention(cfg, work, warmup, repeats, methods=("mae",) if quick else ("mae", "dino"), log=log),
                 "autocast": O.autocast(cfg, work, warmup, repeats, log=log),
-                "threads": O.threads(cfg, work, warmup, repeats, log=log),
+                "threads": None if quick else O.threads(cfg, work, warmup, repeats, log=log),
             })  # fmt: skip
         if "compile" in sections:
             from benchmarks import optimizations as O
