@@ -220,17 +220,35 @@ def build_view_transform(view_kind: str, data: DictConfig):
 
 
 class ViewDataset(Dataset):
-    """Training split -> per-sample view dicts (``default_collate`` batches dicts and lists of views)."""
+    """Training split -> per-sample view dicts (``default_collate`` batches dicts and lists of views).
 
-    def __init__(self, split: Split, transform):
+    ``transform_threads``: torch intra-op threads while a batch's per-sample augmentations run (``DataLoader``
+    fetches a batch through :meth:`__getitems__`); ``None`` (default) keeps the process setting. On a busy
+    machine, 1 thread makes multi-crop 5-30x faster when the loader runs in a process's main thread, but not
+    in a Ray Train worker, whose loop runs in another thread (benchmarks/README.md): the platform keeps None.
+    """
+
+    def __init__(self, split: Split, transform, transform_threads: int | None = None):
         self.split = split
         self.transform = transform
+        self.transform_threads = transform_threads
 
     def __len__(self) -> int:
         return len(self.split.labels)
 
     def __getitem__(self, index: int):
         return self.transform(self.split.images[index])
+
+    def __getitems__(self, indices: list[int]) -> list:
+        threads = self.transform_threads
+        previous = torch.get_num_threads()
+        if threads is None or previous <= threads:
+            return [self[i] for i in indices]
+        torch.set_num_threads(threads)
+        try:
+            return [self[i] for i in indices]
+        finally:
+            torch.set_num_threads(previous)
 
 
 def eval_tensors(split: Split) -> torch.Tensor:

@@ -35,7 +35,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, optim: DictConfig, device: torch.device) -> torch.optim.Optimizer:
     kwargs = {"lr": optim.lr, "betas": tuple(optim.betas)}
-    if device.type == "cuda":
+    if device.type in ("cuda", "cpu"):
+        # fused AdamW (CUDA; CPU since torch 2.4): on CPU 2.9x faster per optimizer step than the default
+        # for-loop implementation in benchmarks/README.md
         kwargs["fused"] = True
     return torch.optim.AdamW(param_groups(model, optim.weight_decay), **kwargs)
 

@@ -1,0 +1,234 @@
+"""Results JSON -> markdown tables (the generated part of benchmarks/README.md) and a throughput plot."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+BEGIN = "<!-- BEGIN GENERATED: python -m benchmarks.run rewrites this part from benchmarks/results/*.json -->"
+END = "<!-- END GENERATED -->"
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, int) and not isinstance(x, bool):
+        return str(x)
+    x = float(x)
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}g}"
+
+
+def _stat(s: dict | None, digits: int = 3) -> str:
+    """``median (IQR x)`` of a summary."""
+    if not s or s.get("median") is None:
+        return "n/a"
+    return f"{_num(s['median'], digits)} (IQR {_num(s['iqr'], 2)})"
+
+
+def _ratio(s: dict | None) -> str:
+    """``median [q1, q3]`` of a paired-ratio summary."""
+    if not s or s.get("median") is None:
+        return "n/a"
+    return f"{s['median']:.2f}x [{s['q1']:.2f}, {s['q3']:.2f}]"
+
+
+def _header(cols: list[str]) -> list[str]:
+    return ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def render_machine(data: dict[str, Any], plot_name: str | None = None) -> str:
+    m, v = data["machine"], data["versions"]
+    sec = data.get("sections", {})
+    gpu = ", ".join(f"{g['name']} ({g['memory_gib']} GiB)" for g in m.get("gpus", [])) or "none"
+    out = [
+        f"### `{m['label']}`",
+        "",
+        f"- machine: {m['cpu_model']}, {m['usable_cores']} usable cores ({m['logical_cores']} logical), "
+        f"{m.get('memory_gib')} GiB RAM; GPU: {gpu}",
+        f"- versions: python {v.get('python')}, torch {v.get('torch')}, torchvision {v.get('torchvision')}, "
+        f"timm {v.get('timm')}, ray {v.get('ray')}, CUDA {v.get('cuda') or 'n/a'}",
+        f"- last command: `{data.get('command')}` at {data.get('updated_at')} (git {data.get('git_commit')})",
+    ]
+    for name, s in sec.items():
+        meta = s.get("_meta", {})
+        out.append(f"- `{name}`: measured {meta.get('measured_at')} with `{meta.get('command')}`, "
+                   f"{meta.get('wall_s')} s, load average {meta.get('loadavg_start')} -> {meta.get('loadavg_end')}")  # fmt: skip
+    out.append("")
+
+    steps = sec.get("steps")
+    if steps:
+        c = steps["config"]
+        out += [
+            "#### Train-step throughput (forward + backward + clip + AdamW + schedule + EMA, one fixed batch)",
+            "",
+            f"{c['description']}; {steps['warmup_steps']} warm-up steps, {steps['repeats']} repeats of "
+            f"{steps['steps_per_repeat']} step(s), {steps['order']}. Ratios: median [q1, q3] of per-round ratios.",
+            "",
+        ]
+        out += _header(["method", "images/s median (IQR)", "vs MAE (images/s)", "step s", "GFLOP/step",
+                        "GFLOP/image", "achieved GFLOP/s", "MFU", "trainable M params", "views/image"])  # fmt: skip
+        for name, e in steps["methods"].items():
+            vs = "1.00x" if name == "mae" else _ratio(e.get("throughput_vs_mae"))
+            mfu = f"{100 * e['mfu']:.1f}%" if e.get("mfu") is not None else "n/a"
+            out.append(_row([name, _stat(e["images_per_s"]), vs, _num(e["step_s"]["median"]),
+                             _num(e["flops_per_step"] / 1e9), _num(e["gflops_per_image"]),
+                             _num(e["achieved_gflops_per_s"]), mfu, _num(e["params_trainable_m"]), e["views_per_image"]]))  # fmt: skip
+        if plot_name:
+            out += ["", f"![throughput per method](results/{plot_name})"]
+        if any(e.get("note") for e in steps["methods"].values()):
+            out += [""] + [f"- {n}: {e['note']}" for n, e in steps["methods"].items() if e.get("note")]
+        out.append("")
+        salt = steps.get("salt")
+        if salt:
+            out += ["#### SALT stage 2 against DINO and MAE (same backbone and batch)", ""]
+            out += _header(["ratio", "step time (paired, median [q1, q3])", "FLOPs per step"])
+            for ref in ("dino", "mae"):
+                if f"step_time_vs_{ref}" in salt:
+                    out.append(_row([f"SALT / {ref.upper()}", _ratio(salt[f"step_time_vs_{ref}"]), f"{salt[f'flops_vs_{ref}']:.2f}x"]))
+            out += ["", f"The frozen teacher's forward (no gradient, {salt['teacher_trainable_params']} trainable "
+                        f"parameters) is {100 * salt['teacher_share_of_step_flops']:.0f}% of SALT's FLOPs per step.", ""]  # fmt: skip
+
+    ov = sec.get("overhead")
+    if ov:
+        out += [
+            "#### Platform overhead: `TorchTrainer` (1 worker) against a bare PyTorch loop",
+            "",
+            f"`{ov['spec']}` with {ov['overrides']}: {ov['steps_per_epoch']} steps / {ov['images_per_epoch']} "
+            f"images per epoch on {ov['device']}, first {ov['warmup_epochs_dropped']} epoch(s) dropped.",
+            "",
+        ]
+        out += _header(["", "bare loop", "TorchTrainer", "ratio", "target"])
+        out.append(_row(["epoch s, median (IQR)", _stat(ov["bare_epoch_s"]), _stat(ov["platform_epoch_s"]),
+                         f"{_num(ov['epoch_ratio'])}x", f"<= {ov['epoch_ratio_target']:.2f}x"]))  # fmt: skip
+        out.append(_row(["whole run wall s (set-up + epochs)", _num(ov["bare_wall_s"]), _num(ov["platform_fit_wall_s"]),
+                         f"{_num(ov['run_ratio'])}x", ""]))  # fmt: skip
+        out.append(_row(["fixed cost s (wall - epochs)", _num(ov["bare_fixed_cost_s"]), _num(ov["platform_fixed_cost_s"]), "", ""]))
+        out += ["", f"Ray start-up (`init_ray`, local instance with dashboard): {_num(ov['ray_startup_s'])} s; "
+                    f"shutdown {_num(ov['ray_shutdown_s'])} s (not in the ratios).", ""]  # fmt: skip
+
+    pipe = sec.get("pipeline")
+    if pipe:
+        out += ["#### Data pipeline (per-sample views + collation through a `DataLoader`, `num_workers=0`)", ""]
+        cores = pipe.get("usable_cores", "N")
+        out += ["`ViewDataset` as the platform builds it (augmentation with the process's "
+                f"{cores} torch threads) and with `transform_threads=1`, in a Python thread (as `train_loop_per_worker` "
+                "runs in a Ray Train worker) and in the main thread (a plain script); batches of the variants "
+                "interleaved, ratios paired.", ""]  # fmt: skip
+        out += _header(["view kind (method)", "views/image", f"images/s: platform ({cores} threads, Python thread)",
+                        "views/s", "1 thread, Python thread", "1 vs N, Python thread", f"{cores} threads, main thread",
+                        "1 thread, main thread", "1 vs N, main thread"])  # fmt: skip
+        for kind, e in pipe["views"].items():
+            out.append(_row([f"{kind} ({e['method']})", e["views_per_image"], _stat(e["platform"]["images_per_s"]),
+                             _num(e["platform"]["views_per_s"]["median"]), _stat(e["platform_1_thread"]["images_per_s"]),
+                             _ratio(e["one_thread_speedup_python_thread"]), _stat(e["main_n_threads"]["images_per_s"]),
+                             _stat(e["main_1_thread"]["images_per_s"]), _ratio(e["one_thread_speedup_main_thread"])]))  # fmt: skip
+        out += ["", "Mask generation (inside the methods' forward, on the device, vectorised over the batch):", ""]
+        out += _header(["generator", "grid", "images/s median (IQR)"])
+        for name, e in pipe["masks"].items():
+            out.append(_row([name, "x".join(map(str, e["grid"])), _stat(e["images_per_s"])]))
+        if pipe.get("bound"):
+            out += ["", "Loader or model? (loader and model run one after the other with `num_workers=0`)", ""]
+            out += _header(["method", "loader images/s", "model images/s", "loader share of a step", "bound by"])
+            for name, e in pipe["bound"].items():
+                out.append(_row([name, _num(e["loader_images_per_s"]), _num(e["model_images_per_s"]),
+                                 f"{100 * e['loader_share_of_serial_step']:.0f}%", e["bound_by"]]))  # fmt: skip
+        out.append("")
+
+    opt = sec.get("optimizations")
+    comp = sec.get("compile")
+    if opt or comp:
+        out += ["#### Optimisations, A/B (paired per round; > 1 means the first option is faster)", ""]
+        out += _header(["change", "measured", "A", "B"])
+        if opt and "adamw" in opt:
+            a = opt["adamw"]
+            base = a["default_without_fused"]
+            cells = ", ".join(f"{k.removesuffix('_ms')} {_stat(a[k])}" for k in a if k.endswith("_ms"))
+            ratio = _ratio(a.get("fused_vs_default_time"))
+            out.append(_row([f"AdamW fused vs {base} (time ratio, < 1 = fused faster)", ratio, f"ms per step: {cells}", a["platform_uses"]]))
+        if opt and "attention" in opt:
+            for m, e in opt["attention"].items():
+                out.append(_row([f"SDPA vs explicit attention, {m} step", _ratio(e["sdpa_speedup"]),
+                                 f"SDPA {_stat(e['sdpa_images_per_s'])} img/s", f"explicit {_stat(e['explicit_images_per_s'])} img/s"]))  # fmt: skip
+        if opt and "autocast" in opt:
+            e = opt["autocast"]
+            out.append(_row([f"bf16 autocast vs fp32, {e['method']} step", _ratio(e["bf16_speedup"]),
+                             f"bf16 {_stat(e['bf16_images_per_s'])} img/s", f"fp32 {_stat(e['fp32_images_per_s'])} img/s"]))  # fmt: skip
+        if opt and opt.get("threads"):
+            e = opt["threads"]
+            out.append(_row([f"{e['threads']} torch threads vs 1, {e['method']} step, main thread", _ratio(e["n_threads_speedup"]),
+                             f"{e['threads']} threads {_stat(e['n_threads_images_per_s'])} img/s",
+                             f"1 thread {_stat(e['one_thread_images_per_s'])} img/s"]))  # fmt: skip
+            out.append(_row([f"{e['threads']} torch threads vs 1, {e['method']} step, in a Python thread (as in a Ray Train worker)",
+                             _ratio(e["n_threads_python_thread_speedup"]),
+                             f"{e['threads']} threads {_stat(e['n_threads_python_thread_images_per_s'])} img/s",
+                             f"1 thread {_stat(e['one_thread_images_per_s'])} img/s"]))  # fmt: skip
+        if comp:
+            out.append(_row([f"torch.compile vs eager, {comp['method']} step", _ratio(comp["compile_speedup"]),
+                             f"compiled {_stat(comp['compiled_images_per_s'])} img/s, first step {comp['first_step_s']} s, "
+                             f"inductor cache: {comp.get('inductor_cache', 'unknown')}",
+                             f"eager {_stat(comp['eager_images_per_s'])} img/s"]))  # fmt: skip
+        if pipe:
+            for kind, e in pipe["views"].items():
+                out.append(_row([f"1 torch thread during augmentation vs {pipe.get('usable_cores')}, {kind} views "
+                                 "(in a Python thread, as in a Ray Train worker)", _ratio(e["one_thread_speedup_python_thread"]),
+                                 f"in the main thread: {_ratio(e['one_thread_speedup_main_thread'])}", "see the pipeline table"]))  # fmt: skip
+        out.append("")
+    return "\n".join(out)
+
+
+def render_all(results_dir: Path) -> str:
+    parts = []
+    for path in sorted(results_dir.glob("*.json")):
+        data = json.loads(path.read_text())
+        plot = f"{path.stem}_throughput.png"
+        parts.append(render_machine(data, plot if (results_dir / plot).exists() else None))
+    return "\n".join(parts) if parts else "_No results yet: run `make bench`._\n"
+
+
+def update_readme(readme: Path, results_dir: Path) -> None:
+    text = readme.read_text() if readme.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n\n{render_all(results_dir)}\n{END}{tail}")
+
+
+def plot_throughput(data: dict[str, Any], path: Path) -> bool:
+    """Bar chart of images/s per method (median, q1-q3 error bars); False when matplotlib is missing."""
+    steps = data.get("sections", {}).get("steps")
+    if not steps:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = list(steps["methods"])
+    med = [steps["methods"][n]["images_per_s"]["median"] for n in names]
+    lo = [m - steps["methods"][n]["images_per_s"]["q1"] for n, m in zip(names, med)]
+    hi = [steps["methods"][n]["images_per_s"]["q3"] - m for n, m in zip(names, med)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(names, med, yerr=[lo, hi], capsize=4, color="#4c72b0")
+    ax.set_ylabel("images / s (median, q1-q3)")
+    title = f"{data['machine']['label']}: train-step throughput\n" + "\n".join(textwrap.wrap(steps["config"]["description"], 90))
+    ax.set_title(title, fontsize=8)
+    top = max(m + h for m, h in zip(med, hi))
+    for i, (m, h) in enumerate(zip(med, hi)):
+        ax.text(i, m + h + 0.02 * top, f"{m:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.12 * top)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

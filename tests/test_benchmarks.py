@@ -1,0 +1,120 @@
+"""The benchmark code runs end to end on a tiny configuration and writes the documented results schema.
+
+No timing is asserted here: performance is measured by ``make bench``, not by tests. No Ray (the ``overhead``
+section is exercised by ``make bench`` itself).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import report
+from benchmarks.common import METHODS, SCHEMA, summarize
+from benchmarks.run import main, select_sections
+
+STAT_KEYS = {"median", "q1", "q3", "iqr", "n", "values"}
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    try:
+        data = main(["--tiny", "--repeats", "1", "--warmup", "1", "--threads", "1", "--only", "steps,pipeline",
+                     "--out", str(out), "--machine", "test-machine", "--no-readme"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return out, data
+
+
+def _is_stat(s) -> bool:
+    return isinstance(s, dict) and STAT_KEYS <= set(s) and s["n"] >= 1 and s["median"] > 0
+
+
+def test_results_json_schema(tiny_results):
+    out, data = tiny_results
+    on_disk = json.loads((out / "test-machine.json").read_text())
+    assert on_disk == json.loads(json.dumps(data))
+    assert on_disk["schema"] == SCHEMA
+    m = on_disk["machine"]
+    assert m["label"] == "test-machine" and m["cpu_model"] and m["logical_cores"] >= 1 and isinstance(m["gpus"], list)
+    assert {"python", "torch", "timm", "ray", "torchvision"} <= set(on_disk["versions"])
+    assert on_disk["command"].endswith("--no-readme")
+    assert set(on_disk["sections"]) == {"steps", "pipeline"}
+    for section in on_disk["sections"].values():
+        assert {"measured_at", "command", "wall_s", "loadavg_start", "loadavg_end"} <= set(section["_meta"])
+
+
+def test_every_method_is_measured(tiny_results):
+    steps = tiny_results[1]["sections"]["steps"]
+    assert list(steps["methods"]) == list(METHODS)
+    for name, e in steps["methods"].items():
+        assert _is_stat(e["images_per_s"]) and _is_stat(e["step_s"]), name
+        assert e["flops_per_step"] > 0 and e["params_trainable_m"] > 0, name
+        assert e["mfu"] is None  # CPU: no peak to divide by
+        if name != "mae":
+            assert _is_stat(e["throughput_vs_mae"]), name
+    assert steps["methods"]["dino"]["views_per_image"] == 4 and steps["methods"]["ibot"]["views_per_image"] == 2
+    salt = steps["salt"]
+    assert _is_stat(salt["step_time_vs_dino"]) and _is_stat(salt["step_time_vs_mae"])
+    assert salt["flops_vs_dino"] > 0 and 0 < salt["teacher_share_of_step_flops"] < 1
+    assert salt["teacher_trainable_params"] == 0
+
+
+def test_pipeline_section(tiny_results):
+    pipe = tiny_results[1]["sections"]["pipeline"]
+    assert set(pipe["views"]) == {"multicrop", "global_views", "images"}
+    for e in pipe["views"].values():
+        for variant in ("platform", "platform_1_thread", "main_1_thread", "main_n_threads"):
+            assert _is_stat(e[variant]["images_per_s"]) and _is_stat(e[variant]["views_per_s"]), variant
+        assert _is_stat(e["one_thread_speedup_python_thread"]) and _is_stat(e["one_thread_speedup_main_thread"])
+    assert any(k.startswith("multiblock") for k in pipe["masks"])
+    assert set(pipe["bound"]) == set(METHODS)
+    assert all(e["bound_by"] in ("loader", "model") for e in pipe["bound"].values())
+
+
+def test_markdown_and_plot(tiny_results, tmp_path):
+    out, data = tiny_results
+    text = report.render_machine(data)
+    for name in METHODS:
+        assert f"| {name} |" in text
+    assert "SALT / DINO" in text and "Data pipeline" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# hand-written\n\n{report.BEGIN}\nold\n{report.END}\n\nhand-written tail\n")
+    report.update_readme(readme, out)
+    new = readme.read_text()
+    assert new.startswith("# hand-written") and new.rstrip().endswith("hand-written tail") and "old" not in new
+    assert "test-machine" in new
+
+
+def test_sections_and_stats():
+    assert select_sections("", "cpu") == (["steps", "pipeline", "opt", "overhead"], False)
+    assert "compile" in select_sections("", "cuda")[0]
+    assert select_sections("salt", "cpu") == (["steps"], True)
+    with pytest.raises(SystemExit):
+        select_sections("nope", "cpu")
+    s = summarize([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert s["median"] == 3.0 and s["q1"] == 2.0 and s["q3"] == 4.0 and s["iqr"] == 2.0 and s["n"] == 5
+
+
+def test_view_dataset_batched_fetch_matches_per_sample():
+    """``ViewDataset.__getitems__`` with 1 thread while augmenting gives the per-sample views and restores threads."""
+    from torch.utils.data import default_collate
+
+    from ssl_platform.data import ViewDataset, make_synthetic_split
+    from ssl_platform.views_multicrop import MultiCropTransform
+
+    split = make_synthetic_split(num_samples=12, image_size=16).train
+    ds = ViewDataset(split, MultiCropTransform(16, 8, n_global=2, n_local=2), transform_threads=1)
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    batched = default_collate(ds.__getitems__([0, 1, 2]))
+    assert torch.get_num_threads() == threads
+    torch.manual_seed(0)
+    single = default_collate([ds[i] for i in (0, 1, 2)])
+    for key in ("global_views", "local_views"):
+        for a, b in zip(batched[key], single[key]):
+            torch.testing.assert_close(a, b)
