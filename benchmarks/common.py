@@ -4,7 +4,7 @@ machine description.
 The fixed configuration comes from the experiment specs in ``experiments/`` (each method's own heads, views and
 optimiser settings), with the backbone, image size and batch size overridden identically for every method:
 
-* CPU: ViT-tiny width (192-d, 3 heads) with the default experiment's depth 6, 32x32 images in 4x4 patches
+* CPU: ViT-tiny width (192-d, 3 heads) at depth 6 (the ViT-tiny recipe the digits specs used before they moved to 96-d, depth 3), 32x32 images in 4x4 patches
   (64 tokens), batch 64, fp32 (the platform autocasts on CUDA only).
 * CUDA: ViT-S/16 (384-d, 6 heads, depth 12) at 224x224 (196 tokens), batch 128, bf16 autocast.
 * tiny (tests only): a 32-d, depth-1 ViT on 16x16 images, batch 8.
