@@ -57,7 +57,9 @@ class PromotionResult:
 def _client(tracking_uri: str):
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
+    from ssl_platform import tracking
+
+    tracking.client(tracking_uri)  # a new sqlite store is created once, under a lock
     mlflow.set_registry_uri(tracking_uri)
     return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 

@@ -22,11 +22,40 @@ RUN_NAME_TAG = "ssl.run_name"
 _MAX_PARAM_LEN = 6000
 
 
+_READY_STORES: set[str] = set()
+
+
 def client(tracking_uri: str):
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
+    if tracking_uri.startswith("sqlite:///") and tracking_uri not in _READY_STORES:
+        return _create_sqlite_store_once(tracking_uri)
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def _create_sqlite_store_once(tracking_uri: str):
+    """A client of a sqlite store, the store created / migrated under an exclusive file lock.
+
+    MLflow creates the tables of a new sqlite store on first use; two processes doing that at once (two jobs
+    submitted together, a sweep's first trials) fail with ``table ... already exists``. The first one to take the
+    lock creates the store, the others then find it ready.
+    """
+    import fcntl
+
+    import mlflow
+
+    db = Path(tracking_uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            c = mlflow.MlflowClient(tracking_uri=tracking_uri)
+            c.search_experiments(max_results=1)  # first use: creates or migrates the tables
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY_STORES.add(tracking_uri)
+    return c
 
 
 def git_commit() -> str:

@@ -11,6 +11,8 @@ from conftest import TINY_VIT
 
 from ssl_platform import registry
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _make_run(uri: str, value: float | None, *, parent: str | None = None, seed: int = 0, tags: dict | None = None) -> str:
     """A finished MLflow run with a real ``encoder`` artifact (train.py's layout) and a knn_top1 metric."""
@@ -139,3 +141,22 @@ def test_promote_real_training_run(ray_session, tiny_spec):
     mlflow.set_registry_uri(spec.tracking.uri)
     model = mlflow.pytorch.load_model("models:/real@champion")
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, TINY_VIT["embed_dim"])
+
+
+def test_new_sqlite_store_created_by_concurrent_processes(tmp_path):
+    """Two processes opening the same new sqlite tracking store at once (two jobs submitted together) both work."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'concurrent.db'}"
+    code = (
+        "import sys; from ssl_platform import tracking; c = tracking.client(sys.argv[1]); "
+        "print(tracking.experiment_id(c, 'exp'))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, uri], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1  # one experiment, seen by all
