@@ -463,8 +463,11 @@ def finish_sweep(sweep: SweepSpec, rows: list[TrialRow], parent_run_id: str, out
         if row.run_id:
             c.set_tag(row.run_id, "sweep.status", row.status)
             run = c.get_run(row.run_id)
-            if run.info.status == "RUNNING":  # the scheduler ended its Tune function (early, or at max_t)
-                final = {"COMPLETED": "FINISHED", "STOPPED_EARLY": "KILLED"}.get(row.status, "FAILED")
+            final = {"COMPLETED": "FINISHED", "STOPPED_EARLY": "KILLED"}.get(row.status, "FAILED")
+            # Tune's view of the trial decides: the scheduler may end a trial's function (early, or right after
+            # its last report at max_t) before it closed its run, or while it was closing it (then the function
+            # saw an interruption and marked the run FAILED although every epoch was done).
+            if run.info.status == "RUNNING" or (run.info.status == "FAILED" and final != "FAILED"):
                 c.set_terminated(row.run_id, status=final)
     best = best_row(rows, sweep.mode)
     files = {
