@@ -269,6 +269,11 @@ def resolve_paths(spec: DictConfig, base_dir: str | None = None) -> None:
         spec.tracking.uri = str((base / turi).resolve())
     if spec.data.root and "://" not in spec.data.root:
         spec.data.root = str((base / spec.data.root).resolve())
+    # a local stage-1 checkpoint (SALT's teacher): Ray workers do not run in the submitting directory
+    if "teacher" in spec.method and not OmegaConf.is_interpolation(spec.method, "teacher"):
+        teacher = spec.method.teacher
+        if isinstance(teacher, str) and teacher and "://" not in teacher:
+            spec.method.teacher = str((base / teacher).resolve())
 
 
 # ---- validation ----------------------------------------------------------------------------------------

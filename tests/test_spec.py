@@ -85,6 +85,16 @@ def test_relative_paths_are_resolved(tmp_path):
     assert spec.tracking.uri == f"sqlite:///{tmp_path / 'm.db'}"
 
 
+def test_relative_salt_teacher_path_is_resolved_for_the_workers(tmp_path):
+    """Ray workers do not run in the submitting directory: a local teacher path becomes absolute, s3:// stays."""
+    raw = tiny_spec_dict(tmp_path)
+    raw["method"] = {"name": "salt", "encoder_name": "vit_tiny_patch16_224", "teacher": "./ck/stage1/checkpoint_1"}
+    spec = spec_from_dict(raw, base_dir=str(tmp_path))
+    assert spec.method.teacher == str(tmp_path / "ck" / "stage1" / "checkpoint_1")
+    raw["method"]["teacher"] = "s3://bucket/stage1/checkpoint_1"
+    assert spec_from_dict(raw, base_dir=str(tmp_path)).method.teacher == "s3://bucket/stage1/checkpoint_1"
+
+
 def test_all_bundled_experiment_specs_are_valid():
     specs = sorted((ROOT / "experiments").glob("*.yaml"))
     assert specs, "no experiment specs"
