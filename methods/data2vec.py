@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods import vit as V
-from methods.base import MethodOutput, SSLMethod
+from methods.base import MethodOutput
 from methods.registry import register
-from methods.teacher_student import TeacherStudent
+from methods.teacher_student import EMATeacherMethod, TeacherStudent
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Data2VecOutput(MethodOutput):
 
 
 @register("data2vec")
-class Data2Vec(SSLMethod):
+class Data2Vec(EMATeacherMethod):
     """data2vec: predict the EMA teacher's top-K block average at masked patches.
 
     :param encoder_name: timm ViT name (default ``"vit_small_patch16_224"``).
@@ -83,7 +83,7 @@ class Data2Vec(SSLMethod):
         self.mask_ratio = mask_ratio
         self.ema_decay_start = ema_decay_start
         self.ema_decay_end = ema_decay_end
-        self.momentum = ema_decay_start
+        self.ema_momentum = float(ema_decay_start)
 
         student = V.create_vit(encoder_name, self.encoder_kwargs, pretrained)
         depth = len(student.blocks)
@@ -96,25 +96,6 @@ class Data2Vec(SSLMethod):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.regressor = nn.Linear(dim, dim)
-
-    @property
-    def student(self) -> nn.Module:
-        return self.ts.student
-
-    @property
-    def teacher(self) -> nn.Module:
-        """The EMA copy of the student (no gradients, always in eval mode)."""
-        return self.ts.teacher
-
-    # ---- schedule / EMA ---------------------------------------------------------------------------------
-    def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
-        self.momentum = self.ts.momentum_at(step, total_steps)
-
-    def after_optimizer_step(self) -> None:
-        self.ts.update_teacher(self.momentum)
-
-    def schedule_state(self) -> dict[str, float]:
-        return {"ema_momentum": float(self.momentum)}
 
     # ---- targets ----------------------------------------------------------------------------------------
     @torch.no_grad()

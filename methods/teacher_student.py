@@ -83,7 +83,36 @@ class TeacherStudent(nn.Module):
         return self.forward_student(*args, **kwargs)
 
 
-class SelfDistillationMethod(SSLMethod):
+class EMATeacherMethod(SSLMethod):
+    """Hooks shared by every method with an EMA teacher (DINO, iBOT, data2vec).
+
+    Subclasses set ``self.ts`` (a :class:`TeacherStudent`) and ``self.ema_momentum`` (its start value). Per step the
+    momentum follows :meth:`TeacherStudent.momentum_at`, and after every optimizer step the teacher is updated.
+    """
+
+    ts: TeacherStudent
+    ema_momentum: float
+
+    @property
+    def student(self) -> nn.Module:
+        return self.ts.student
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The EMA copy of the student (no gradients, always in eval mode)."""
+        return self.ts.teacher
+
+    def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
+        self.ema_momentum = self.ts.momentum_at(step, total_steps)
+
+    def after_optimizer_step(self) -> None:
+        self.ts.update_teacher(self.ema_momentum)
+
+    def schedule_state(self) -> dict[str, float]:
+        return {"ema_momentum": float(self.ema_momentum)}
+
+
+class SelfDistillationMethod(EMATeacherMethod):
     """Schedules and hooks shared by DINO-style self-distillation (DINO, iBOT).
 
     Subclasses set ``self.ts`` (a :class:`TeacherStudent`), call :meth:`_init_schedules`, and list the heads whose
@@ -93,7 +122,6 @@ class SelfDistillationMethod(SSLMethod):
     """
 
     freeze_last_layer_epochs: int = 1
-    ts: TeacherStudent
 
     def _init_schedules(
         self, temperature_student: float, temperature_teacher_warmup: float, temperature_teacher: float,
@@ -107,30 +135,19 @@ class SelfDistillationMethod(SSLMethod):
         self.current_teacher_temperature = float(temperature_teacher_warmup)
         self.ema_momentum = float(ema_decay_start)
 
-    @property
-    def student(self) -> nn.Module:
-        return self.ts.student
-
-    @property
-    def teacher(self) -> nn.Module:
-        return self.ts.teacher
-
     def last_layer_heads(self) -> list[nn.Module]:
         raise NotImplementedError
 
     def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
+        super().on_train_step(step, total_steps, epoch)
         self.current_teacher_temperature = teacher_temperature(
             epoch, self.temperature_teacher_warmup, self.temperature_teacher, self.warmup_epochs_temperature_teacher
         )
-        self.ema_momentum = self.ts.momentum_at(step, total_steps)
 
     def before_optimizer_step(self, epoch: float) -> None:
         if epoch < self.freeze_last_layer_epochs:
             for head in self.last_layer_heads():
                 cancel_gradients_last_layer(head)
 
-    def after_optimizer_step(self) -> None:
-        self.ts.update_teacher(self.ema_momentum)
-
     def schedule_state(self) -> dict[str, float]:
-        return {"teacher_temperature": self.current_teacher_temperature, "ema_momentum": self.ema_momentum}
+        return {"teacher_temperature": self.current_teacher_temperature, **super().schedule_state()}
