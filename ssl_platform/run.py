@@ -100,16 +100,7 @@ def run_experiment(
     init_ray()
     run_id = tracking.start_run(spec, run_name, resume=resume, parent_run_id=parent_run_id, extra_tags=extra_tags)
     trainer = build_trainer(spec, run_name, run_id, resume_from=resume_from, **storage)
-    try:
-        result = trainer.fit()
-    except BaseException as err:
-        tracking.end_run(spec.tracking.uri, run_id, "FAILED")
-        _raise_if_storage_failure(spec, run_name, err)
-        raise
-    if result.error is not None:
-        tracking.end_run(spec.tracking.uri, run_id, "FAILED")
-        _raise_if_storage_failure(spec, run_name, result.error)
-        raise result.error
+    result = fit_tracked(trainer, spec, run_name, run_id)
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     if ckpt:
         tracking.set_tags(spec.tracking.uri, run_id, {"final_checkpoint": _uri(spec, ckpt)})
@@ -126,6 +117,24 @@ def run_experiment(
         tracking_uri=spec.tracking.uri,
         history=history,
     )
+
+
+def fit_tracked(trainer, spec: DictConfig, run_name: str, run_id: str):
+    """``trainer.fit()``; a failed fit marks the MLflow run FAILED, and one stopped by its storage ends with one clear
+    error (:func:`_raise_if_storage_failure`). Used by single runs and by every sweep trial."""
+    from ssl_platform import tracking
+
+    try:
+        result = trainer.fit()
+    except BaseException as err:
+        tracking.end_run(spec.tracking.uri, run_id, "FAILED")
+        _raise_if_storage_failure(spec, run_name, err)
+        raise
+    if result.error is not None:
+        tracking.end_run(spec.tracking.uri, run_id, "FAILED")
+        _raise_if_storage_failure(spec, run_name, result.error)
+        raise result.error
+    return result
 
 
 def _raise_if_storage_failure(spec: DictConfig, run_name: str, err: BaseException) -> None:

@@ -298,6 +298,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ssl_platform import tracking
+    from ssl_platform.run import fit_tracked
     from ssl_platform.train import build_trainer
 
     values = {k: config[k] for k in keys}
@@ -312,14 +313,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
     attempts = int(c.get_run(run_id).data.tags.get("sweep.attempts", "0")) + 1
     c.set_tag(run_id, "sweep.attempts", str(attempts))
     trainer = build_trainer(spec, run_name, run_id, callbacks=[TuneReportCallback()])
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracking.end_run(spec.tracking.uri, run_id, "FAILED")
-        raise
-    if getattr(result, "error", None) is not None:
-        tracking.end_run(spec.tracking.uri, run_id, "FAILED")
-        raise result.error
+    fit_tracked(trainer, spec, run_name, run_id)
     tracking.end_run(spec.tracking.uri, run_id, "FINISHED")
 
 
