@@ -4,7 +4,10 @@ Stage 1 ("V-Pixel") is pixel reconstruction with multi-block masks: :class:`meth
 ``mask_type="multiblock"``. Stage 2 (this module) trains a NEW student against the FROZEN stage-1 encoder:
 
 * teacher ``f_T`` (frozen, eval mode, never updated, no EMA) encodes the full image; its targets are the
-  final-norm patch tokens ``z = f_T(x)[:, P:]`` (``[B, N, D]``, P prefix tokens dropped);
+  final-LayerNorm patch tokens ``z = LN(f_T(x))[:, P:]`` (``[B, N, D]``, P prefix tokens dropped). For
+  ``global_pool='avg'`` timm applies that LayerNorm (``fc_norm``) only after pooling, so it is applied per
+  token here (:func:`methods.vit.per_token_norm`), for the targets and for the student's context tokens that
+  enter the predictor;
 * I-JEPA multi-block masks (Assran et al., CVPR 2023): one context set ``C`` and ``T`` target blocks
   ``B_1..B_T`` disjoint from it (:mod:`methods.masks`);
 * student ``f_S`` (a freshly initialised ViT of the same architecture, not a copy of the teacher) encodes only
@@ -189,7 +192,7 @@ class SALT(SSLMethod):
     @torch.no_grad()
     def teacher_latents(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen teacher's final-norm patch tokens of the full image: ``[B, N, D]``."""
-        tokens = V.encode_full(self.teacher, images)
+        tokens = V.per_token_norm(self.teacher, V.encode_full(self.teacher, images))
         return tokens[:, V.num_prefix_tokens(self.teacher) :].detach()
 
     # ---- forward --------------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ class SALT(SSLMethod):
         if masks is None:
             masks = self.mask_generator(grid)(images.shape[0], device=images.device)
         latent = V.encode_visible(self.student, images, masks.context_idx)  # [B, P + Kc, D]
-        pred = self.predictor(latent, masks.context_idx, masks.target_idx, grid, V.num_prefix_tokens(self.student))
+        pred = self.predictor(V.per_token_norm(self.student, latent), masks.context_idx, masks.target_idx, grid, V.num_prefix_tokens(self.student))
         z = self.teacher_latents(images)  # [B, N, D]
         b, t, kt = masks.target_idx.shape
         target = torch.gather(z, 1, masks.flat_target_idx.unsqueeze(-1).expand(-1, -1, z.shape[-1]))

@@ -72,6 +72,19 @@ def run_blocks(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return vit.norm(x)
 
 
+def per_token_norm(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens from :func:`run_blocks` with the encoder's final LayerNorm applied to EVERY token.
+
+    timm moves that norm after pooling for ``global_pool='avg'`` (``norm`` is ``Identity``, ``fc_norm``
+    normalises the pooled vector), so the patch tokens are then the raw residual stream; this applies
+    ``fc_norm`` per token in that case and returns ``tokens`` unchanged when ``norm`` already did it. Methods
+    whose targets or predictor inputs are "final-norm tokens" (I-JEPA, SALT) use it.
+    """
+    if isinstance(vit.norm, nn.Identity) and isinstance(getattr(vit, "fc_norm", None), nn.LayerNorm):
+        return vit.fc_norm(tokens)
+    return tokens
+
+
 def keep_tokens(x: torch.Tensor, keep_idx: torch.Tensor, n_prefix: int) -> torch.Tensor:
     """Keep the prefix tokens and the patch tokens at ``keep_idx`` (``[B, K]`` indices into the patches)."""
     patches = x[:, n_prefix:]

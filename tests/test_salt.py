@@ -125,6 +125,29 @@ def test_loss_is_l1_at_target_positions_only():
     assert not torch.allclose(run(inside).loss, base.loss)
 
 
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_teacher_targets_are_layer_normed_per_token(global_pool):
+    """Targets are the teacher's final-LayerNorm patch tokens, also for global_pool='avg', where timm applies
+    that norm (fc_norm) only after pooling and the raw blocks output would otherwise be the target."""
+    torch.manual_seed(0)
+    model = _salt(encoder_kwargs={**ENC, "global_pool": global_pool})
+    teacher = model.teacher
+    final_norm = teacher.fc_norm if global_pool == "avg" else teacher.norm
+    assert isinstance(final_norm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        final_norm.weight.uniform_(0.5, 2.0)
+        final_norm.bias.uniform_(-1.0, 1.0)
+    images = torch.randn(2, 3, 32, 32)
+    # independently: patch embed + positions -> blocks -> LayerNorm(x) = (x - mean) / sqrt(var + eps) * w + b
+    x = teacher._pos_embed(teacher.patch_embed(images))
+    for block in teacher.blocks:
+        x = block(x)
+    x = x[:, teacher.num_prefix_tokens :]
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + final_norm.eps) * final_norm.weight + final_norm.bias
+    assert torch.allclose(model.teacher_latents(images), expected, atol=1e-5)
+
+
 def test_eval_returns_student_pooled_embedding_and_zero_loss():
     torch.manual_seed(0)
     model = _salt().eval()
