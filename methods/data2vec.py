@@ -127,7 +127,7 @@ class Data2Vec(EMATeacherMethod):
         if mask is None:
             _, mask = V.random_masking(images.shape[0], gh * gw, self.mask_ratio, images.device)
         tokens = V.run_blocks(self.student, V.embed_patches(self.student, images, mask, self.mask_token))
-        predictions = self.regressor(tokens[:, V.num_prefix_tokens(self.student) :])
+        predictions = self.regressor(V.per_token_norm(self.student, tokens)[:, V.num_prefix_tokens(self.student) :])
         target = self.teacher_targets(images)
         per_token = F.smooth_l1_loss(predictions.float(), target.float(), beta=2.0, reduction="none").mean(dim=-1)
         m = mask.float()

@@ -1,7 +1,8 @@
 """MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., CVPR 2022, arXiv 2111.06377).
 
 The encoder (a timm ViT) sees only the visible patches (``1 - mask_ratio`` of them, chosen uniformly at
-random per sample); a lightweight decoder gets the encoded visible tokens plus a shared mask token at every
+random per sample); a lightweight decoder gets the encoded visible tokens (after the encoder's final
+LayerNorm, applied per token also for ``global_pool='avg'``, :func:`methods.vit.per_token_norm`) plus a shared mask token at every
 masked position, with fixed 2-D sin-cos positions, and predicts the pixels of every patch. The loss is the
 mean squared error on masked patches only, against per-patch normalised pixels when ``norm_pix_loss``:
 
@@ -123,7 +124,7 @@ class MAE(SSLMethod):
         grid = V.grid_shape(self.encoder, images)
         keep_idx, mask = self.sample_mask(b, grid, images.device)
         latent = V.encode_visible(self.encoder, images, keep_idx)  # [B, P + K, D]
-        pred = self.decode(latent, keep_idx, grid)  # [B, N, p*p*C]
+        pred = self.decode(V.per_token_norm(self.encoder, latent), keep_idx, grid)  # [B, N, p*p*C]
 
         target = V.patchify(images, self.patch)
         if self.norm_pix_loss:

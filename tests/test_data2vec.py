@@ -109,6 +109,33 @@ def test_loss_only_on_masked_positions_and_formula():
     assert not torch.allclose(run(inside).loss, base.loss)
 
 
+def test_regression_head_gets_final_layernorm_tokens_with_avg_pooling():
+    """The student's output is layer-normed before the regression head; with global_pool='avg' timm applies
+    that LayerNorm (fc_norm) only after pooling, so data2vec applies it to every token."""
+    model = _model(enc={"global_pool": "avg", "class_token": False}).train()
+    student = model.student
+    assert isinstance(student.norm, torch.nn.Identity)
+    with torch.no_grad():
+        student.fc_norm.weight.uniform_(0.5, 2.0)
+        student.fc_norm.bias.uniform_(-1.0, 1.0)
+    seen = []
+    handle = model.regressor.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, ::2] = True
+    model(x, mask=mask)
+    handle.remove()
+    tokens = student.patch_embed(x)
+    tokens = torch.where(mask.unsqueeze(-1), model.mask_token.expand_as(tokens), tokens)
+    tokens = student._pos_embed(tokens)
+    for block in student.blocks:
+        tokens = block(tokens)
+    norm = student.fc_norm
+    mean, var = tokens.mean(-1, keepdim=True), tokens.var(-1, unbiased=False, keepdim=True)
+    expected = (tokens - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+    assert torch.allclose(seen[0], expected, atol=1e-5)
+
+
 def test_student_input_masks_tokens_with_mask_token():
     model = _model().train()
     x = torch.randn(1, 3, 32, 32)

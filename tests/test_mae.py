@@ -67,3 +67,39 @@ def test_visible_patches_only_enter_the_encoder():
     model.encoder.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
     model(images=torch.randn(2, 3, 16, 16))
     assert seen == [1 + 4]  # CLS + 25% of 16 patches
+
+
+def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def test_decoder_gets_final_layernorm_tokens_with_avg_pooling():
+    """MAE normalises the encoder output before the decoder (He et al. 2022). With global_pool='avg' timm
+    applies that LayerNorm (fc_norm) only after pooling, so MAE applies it to every visible token."""
+    torch.manual_seed(0)
+    model = build_method(
+        "mae", encoder_kwargs={**TINY_VIT, "global_pool": "avg"}, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2
+    ).train()
+    enc = model.encoder
+    assert isinstance(enc.norm, torch.nn.Identity)
+    with torch.no_grad():
+        enc.fc_norm.weight.uniform_(0.5, 2.0)
+        enc.fc_norm.bias.uniform_(-1.0, 1.0)
+    seen = {}
+    decode = model.decode
+
+    def capture(latent, keep_idx, grid):
+        seen["latent"], seen["keep_idx"] = latent, keep_idx
+        return decode(latent, keep_idx, grid)
+
+    model.decode = capture
+    images = torch.randn(2, 3, 16, 16)
+    model(images=images)
+    x = enc._pos_embed(enc.patch_embed(images))
+    keep = seen["keep_idx"]
+    p = enc.num_prefix_tokens  # timm keeps the CLS token with avg pooling; it is encoded too
+    x = torch.stack([torch.cat([x[i, :p], x[i, p:][keep[i]]]) for i in range(2)])
+    for block in enc.blocks:
+        x = block(x)
+    assert torch.allclose(seen["latent"], _layer_norm(x, enc.fc_norm), atol=1e-5)
