@@ -376,6 +376,10 @@ def versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
+    """``HEAD`` (``-dirty`` with uncommitted changes); ``$BENCH_GIT_COMMIT`` where the tree is a copy without
+    ``.git`` (a container or a remote GPU machine given the sources only)."""
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        return os.environ["BENCH_GIT_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
