@@ -123,7 +123,11 @@ class MAE(SSLMethod):
         b = images.shape[0]
         grid = V.grid_shape(self.encoder, images)
         keep_idx, mask = self.sample_mask(b, grid, images.device)
-        latent = V.encode_visible(self.encoder, images, keep_idx)  # [B, P + K, D]
+        if self.mask_type == "multiblock":  # the context size changes every step (see V.variable_length_attention)
+            with V.variable_length_attention():
+                latent = V.encode_visible(self.encoder, images, keep_idx)  # [B, P + K, D]
+        else:
+            latent = V.encode_visible(self.encoder, images, keep_idx)
         pred = self.decode(V.per_token_norm(self.encoder, latent), keep_idx, grid)  # [B, N, p*p*C]
 
         target = V.patchify(images, self.patch)

@@ -210,8 +210,12 @@ class SALT(SSLMethod):
         grid = V.grid_shape(self.student, images)
         if masks is None:
             masks = self.mask_generator(grid)(images.shape[0], device=images.device)
-        latent = V.encode_visible(self.student, images, masks.context_idx)  # [B, P + Kc, D]
-        pred = self.predictor(V.per_token_norm(self.student, latent), masks.context_idx, masks.target_idx, grid, V.num_prefix_tokens(self.student))
+        # context and target sizes change every step: keep cuDNN attention from planning each new length
+        with V.variable_length_attention():
+            latent = V.encode_visible(self.student, images, masks.context_idx)  # [B, P + Kc, D]
+            pred = self.predictor(
+                V.per_token_norm(self.student, latent), masks.context_idx, masks.target_idx, grid, V.num_prefix_tokens(self.student)
+            )
         z = self.teacher_latents(images)  # [B, N, D]
         b, t, kt = masks.target_idx.shape
         target = torch.gather(z, 1, masks.flat_target_idx.unsqueeze(-1).expand(-1, -1, z.shape[-1]))

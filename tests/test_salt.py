@@ -236,3 +236,25 @@ def test_vits_without_cls_or_with_register_tokens(extra):
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.target.shape == out.predictions.shape == (2, 4, masks.target_idx.shape[-1], 64)
     assert model.eval()(torch.randn(2, 3, 32, 32)).embedding.shape == (2, 64)
+
+
+@pytest.mark.parametrize("which", ["salt", "vpixel"])
+def test_variable_length_encoders_run_without_cudnn_attention(which):
+    """SALT's student/predictor and V-Pixel's encoder see a new sequence length every step; cuDNN attention
+    would build an execution plan for each (3.9x SALT's step time on an H100), so it is off inside them and
+    back on afterwards."""
+    torch.manual_seed(0)
+    if which == "salt":
+        model = _salt().train()
+        watched = [model.student.blocks[0], model.predictor.blocks[0]]
+    else:
+        model = MAE(encoder_kwargs=ENC, mask_type="multiblock", decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2).train()
+        watched = [model.encoder.blocks[0]]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled())) for m in watched]
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    model(torch.randn(2, 3, 32, 32)).loss.backward()
+    for h in hooks:
+        h.remove()
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
