@@ -2,9 +2,10 @@
 
 The encoder (a timm ViT) sees only the visible patches (``1 - mask_ratio`` of them, chosen uniformly at
 random per sample); a lightweight decoder gets the encoded visible tokens (after the encoder's final
-LayerNorm, applied per token also for ``global_pool='avg'``, :func:`methods.vit.per_token_norm`) plus a shared mask token at every
-masked position, with fixed 2-D sin-cos positions, and predicts the pixels of every patch. The loss is the
-mean squared error on masked patches only, against per-patch normalised pixels when ``norm_pix_loss``:
+LayerNorm, applied per token also for ``global_pool='avg'``, :func:`methods.vit.per_token_norm`) plus a shared
+mask token at every masked position, with fixed 2-D sin-cos positions, and predicts the pixels of every patch.
+The loss is the mean squared error on masked patches only, against per-patch normalised pixels when
+``norm_pix_loss``:
 
     target_i = (x_i - mean(x_i)) / sqrt(var(x_i) + 1e-6),   loss = sum_i m_i * ||pred_i - target_i||^2 / (D * sum_i m_i)
 
@@ -123,11 +124,8 @@ class MAE(SSLMethod):
         b = images.shape[0]
         grid = V.grid_shape(self.encoder, images)
         keep_idx, mask = self.sample_mask(b, grid, images.device)
-        if self.mask_type == "multiblock":  # the context size changes every step (see V.variable_length_attention)
-            with V.variable_length_attention():
-                latent = V.encode_visible(self.encoder, images, keep_idx)  # [B, P + K, D]
-        else:
-            latent = V.encode_visible(self.encoder, images, keep_idx)
+        with V.variable_length_attention(enabled=self.mask_type == "multiblock"):  # multi-block: a new context size every step
+            latent = V.encode_visible(self.encoder, images, keep_idx)  # [B, P + K, D]
         pred = self.decode(V.per_token_norm(self.encoder, latent), keep_idx, grid)  # [B, N, p*p*C]
 
         target = V.patchify(images, self.patch)

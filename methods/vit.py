@@ -7,6 +7,7 @@ it through these helpers, so masking is written once. Encoders are plain ``timm`
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import timm
@@ -78,8 +79,9 @@ def per_token_norm(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
     timm moves that norm after pooling for ``global_pool='avg'`` (``norm`` is ``Identity``, ``fc_norm``
     normalises the pooled vector), so the patch tokens are then the raw residual stream; this applies
-    ``fc_norm`` per token in that case and returns ``tokens`` unchanged when ``norm`` already did it. Methods
-    whose targets or predictor inputs are "final-norm tokens" (I-JEPA, SALT) use it.
+    ``fc_norm`` per token in that case and returns ``tokens`` unchanged when ``norm`` already did it. Used where
+    the papers take "final-norm tokens": SALT's targets and predictor input, MAE's decoder input and data2vec's
+    regression-head input.
     """
     if isinstance(vit.norm, nn.Identity) and isinstance(getattr(vit, "fc_norm", None), nn.LayerNorm):
         return vit.fc_norm(tokens)
@@ -92,9 +94,10 @@ def per_token_norm(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 VARIABLE_LENGTH_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
-def variable_length_attention():
-    """Context manager: ``scaled_dot_product_attention`` (forward and backward) without the cuDNN backend."""
-    return sdpa_kernel(list(VARIABLE_LENGTH_SDPA_BACKENDS))
+def variable_length_attention(enabled: bool = True):
+    """Context manager: ``scaled_dot_product_attention`` (forward and backward) without the cuDNN backend; with
+    ``enabled=False`` (sequences of a fixed length) it changes nothing."""
+    return sdpa_kernel(list(VARIABLE_LENGTH_SDPA_BACKENDS)) if enabled else contextlib.nullcontext()
 
 
 def keep_tokens(x: torch.Tensor, keep_idx: torch.Tensor, n_prefix: int) -> torch.Tensor:
