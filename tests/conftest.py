@@ -27,6 +27,22 @@ def ray_session():
 TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
 
+def randomize_layer_norm_(norm):
+    """Give a LayerNorm a non-trivial affine part (gain in [0.5, 2], bias in [-1, 1]), so tests see it applied."""
+    import torch
+
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    return norm
+
+
+def layer_norm_reference(x, norm):
+    """``(x - mean) / sqrt(var + eps) * w + b`` over the last dim, from the formula (not ``F.layer_norm``)."""
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / (var + norm.eps).sqrt() * norm.weight + norm.bias
+
+
 def tiny_spec_dict(tmp_path: Path, **sections) -> dict:
     """A run spec that trains in seconds: tiny MAE on 64 generated 16x16 images."""
     spec = {

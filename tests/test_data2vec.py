@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from methods.data2vec import Data2Vec
 from methods.registry import build_method
+from tests.conftest import layer_norm_reference, randomize_layer_norm_
 
 ENC = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 3, "num_heads": 2}
 
@@ -115,9 +116,7 @@ def test_regression_head_gets_final_layernorm_tokens_with_avg_pooling():
     model = _model(enc={"global_pool": "avg", "class_token": False}).train()
     student = model.student
     assert isinstance(student.norm, torch.nn.Identity)
-    with torch.no_grad():
-        student.fc_norm.weight.uniform_(0.5, 2.0)
-        student.fc_norm.bias.uniform_(-1.0, 1.0)
+    randomize_layer_norm_(student.fc_norm)
     seen = []
     handle = model.regressor.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     x = torch.randn(2, 3, 32, 32)
@@ -130,10 +129,7 @@ def test_regression_head_gets_final_layernorm_tokens_with_avg_pooling():
     tokens = student._pos_embed(tokens)
     for block in student.blocks:
         tokens = block(tokens)
-    norm = student.fc_norm
-    mean, var = tokens.mean(-1, keepdim=True), tokens.var(-1, unbiased=False, keepdim=True)
-    expected = (tokens - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
-    assert torch.allclose(seen[0], expected, atol=1e-5)
+    assert torch.allclose(seen[0], layer_norm_reference(tokens, student.fc_norm), atol=1e-5)
 
 
 def test_student_input_masks_tokens_with_mask_token():

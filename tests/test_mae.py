@@ -6,7 +6,7 @@ import torch
 
 from methods import build_method
 from methods import vit as V
-from tests.conftest import TINY_VIT
+from tests.conftest import TINY_VIT, layer_norm_reference, randomize_layer_norm_
 
 
 def tiny_mae(**kw):
@@ -69,11 +69,6 @@ def test_visible_patches_only_enter_the_encoder():
     assert seen == [1 + 4]  # CLS + 25% of 16 patches
 
 
-def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
-    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
-    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
-
-
 def test_decoder_gets_final_layernorm_tokens_with_avg_pooling():
     """MAE normalises the encoder output before the decoder (He et al. 2022). With global_pool='avg' timm
     applies that LayerNorm (fc_norm) only after pooling, so MAE applies it to every visible token."""
@@ -83,9 +78,7 @@ def test_decoder_gets_final_layernorm_tokens_with_avg_pooling():
     ).train()
     enc = model.encoder
     assert isinstance(enc.norm, torch.nn.Identity)
-    with torch.no_grad():
-        enc.fc_norm.weight.uniform_(0.5, 2.0)
-        enc.fc_norm.bias.uniform_(-1.0, 1.0)
+    randomize_layer_norm_(enc.fc_norm)
     seen = {}
     decode = model.decode
 
@@ -102,4 +95,4 @@ def test_decoder_gets_final_layernorm_tokens_with_avg_pooling():
     x = torch.stack([torch.cat([x[i, :p], x[i, p:][keep[i]]]) for i in range(2)])
     for block in enc.blocks:
         x = block(x)
-    assert torch.allclose(seen["latent"], _layer_norm(x, enc.fc_norm), atol=1e-5)
+    assert torch.allclose(seen["latent"], layer_norm_reference(x, enc.fc_norm), atol=1e-5)

@@ -19,6 +19,7 @@ from methods.mae import MAE
 from methods.masks import MultiBlockMaskGenerator
 from methods.registry import build_method
 from methods.salt import SALT
+from tests.conftest import layer_norm_reference, randomize_layer_norm_
 
 ENC = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
 PRED = {"predictor_embed_dim": 32, "predictor_depth": 1, "predictor_num_heads": 2}
@@ -134,17 +135,13 @@ def test_teacher_targets_are_layer_normed_per_token(global_pool):
     teacher = model.teacher
     final_norm = teacher.fc_norm if global_pool == "avg" else teacher.norm
     assert isinstance(final_norm, torch.nn.LayerNorm)
-    with torch.no_grad():
-        final_norm.weight.uniform_(0.5, 2.0)
-        final_norm.bias.uniform_(-1.0, 1.0)
+    randomize_layer_norm_(final_norm)
     images = torch.randn(2, 3, 32, 32)
     # independently: patch embed + positions -> blocks -> LayerNorm(x) = (x - mean) / sqrt(var + eps) * w + b
     x = teacher._pos_embed(teacher.patch_embed(images))
     for block in teacher.blocks:
         x = block(x)
-    x = x[:, teacher.num_prefix_tokens :]
-    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
-    expected = (x - mean) / torch.sqrt(var + final_norm.eps) * final_norm.weight + final_norm.bias
+    expected = layer_norm_reference(x[:, teacher.num_prefix_tokens :], final_norm)
     assert torch.allclose(model.teacher_latents(images), expected, atol=1e-5)
 
 
