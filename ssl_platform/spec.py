@@ -51,12 +51,17 @@ class MultiCropSpec:
 
 @dataclass
 class DataSpec:
-    name: str = "digits"  # digits | synthetic | image_folder | cifar10
-    root: Optional[str] = None
+    name: str = "digits"  # digits | synthetic | image_folder | shards | cifar10
+    root: Optional[str] = None  # image_folder / shards: the training images, a local directory or s3://bucket/prefix
+    val_root: Optional[str] = None  # the validation split in the same format (e.g. ImageNet's val/); else test_fraction
     image_size: int = 32
     batch_size: int = 128
-    num_workers: int = 0
+    num_workers: int = 0  # streamed sources: concurrent Ray Data decode tasks (0: Ray Data decides)
     test_fraction: float = 0.2
+    decode_size: int = 0  # streamed sources: the CPU fits each image into a decode_size^2 canvas (0: 4/3 image_size)
+    prefetch_batches: int = 2  # streamed sources: batches decoded ahead of the step, per worker
+    shuffle_buffer: int = 1000  # shards only: rows in each worker's local shuffle buffer (files shuffle every epoch)
+    max_bad_fraction: float = 0.01  # undecodable files are skipped and counted; above this share the run stops
     num_samples: int = 512  # synthetic only
     num_classes: int = 10  # synthetic only
     augment: AugmentSpec = field(default_factory=AugmentSpec)
@@ -110,6 +115,7 @@ class KnnSpec:
     k: int = 20
     temperature: float = 0.07
     every_epochs: int = 0  # 0: only at the end
+    max_train_samples: int = 100000  # cap on the kNN / linear-probe train bank of large streamed sets (0: no cap)
 
 
 @dataclass
@@ -150,7 +156,8 @@ class RunSpec:
     fault: FaultSpec = field(default_factory=FaultSpec)
 
 
-DATASETS = ("digits", "synthetic", "image_folder", "cifar10")
+DATASETS = ("digits", "synthetic", "image_folder", "shards", "cifar10")
+STREAMED_DATASETS = ("image_folder", "shards")
 PRECISIONS = ("bf16", "fp32")
 OPTIMIZERS = ("adamw",)
 SECRET_MARKERS = ("secret", "token", "password", "key_id", "access_key")
@@ -267,8 +274,9 @@ def resolve_paths(spec: DictConfig, base_dir: str | None = None) -> None:
         spec.tracking.uri = "sqlite:///" + str((base / turi[len("sqlite:///"):]).resolve())
     elif "://" not in turi:
         spec.tracking.uri = str((base / turi).resolve())
-    if spec.data.root and "://" not in spec.data.root:
-        spec.data.root = str((base / spec.data.root).resolve())
+    for key in ("root", "val_root"):
+        if spec.data[key] and "://" not in spec.data[key]:
+            spec.data[key] = str((base / spec.data[key]).resolve())
     # a local stage-1 checkpoint (SALT's teacher): Ray workers do not run in the submitting directory
     if "teacher" in spec.method and not OmegaConf.is_interpolation(spec.method, "teacher"):
         teacher = spec.method.teacher
@@ -300,8 +308,21 @@ def validate(spec: DictConfig, source: str | None = None) -> None:
     _check(0.0 < s.data.test_fraction < 1.0, "data.test_fraction", "a number in (0, 1)", s.data.test_fraction, source)
     _check(s.data.num_samples >= 2, "data.num_samples", "an integer >= 2", s.data.num_samples, source)
     _check(s.data.num_classes >= 2, "data.num_classes", "an integer >= 2", s.data.num_classes, source)
-    if s.data.name in ("image_folder",):
-        _check(bool(s.data.root), "data.root", "a directory path for data.name=image_folder", s.data.root, source)
+    if s.data.name in STREAMED_DATASETS:
+        _check(bool(s.data.root), "data.root", f"a local directory or s3://bucket/prefix for data.name={s.data.name}",
+               s.data.root, source)
+    for key in ("root", "val_root"):
+        value = s.data[key]
+        if value and "://" in value:
+            _check(value.startswith("s3://") and len(value) > 5, f"data.{key}", "a local path or s3://bucket/prefix", value, source)
+    if s.data.val_root:
+        _check(s.data.name in STREAMED_DATASETS, "data.val_root", f"unset unless data.name is one of {list(STREAMED_DATASETS)}",
+               s.data.val_root, source)
+    _check(s.data.decode_size == 0 or s.data.decode_size >= s.data.image_size, "data.decode_size",
+           f"0 (auto) or an integer >= data.image_size ({s.data.image_size})", s.data.decode_size, source)
+    _check(s.data.prefetch_batches >= 0, "data.prefetch_batches", "an integer >= 0", s.data.prefetch_batches, source)
+    _check(s.data.shuffle_buffer >= 0, "data.shuffle_buffer", "an integer >= 0 (0: no local shuffle)", s.data.shuffle_buffer, source)
+    _check(0.0 <= s.data.max_bad_fraction <= 1.0, "data.max_bad_fraction", "a number in [0, 1]", s.data.max_bad_fraction, source)
     _check_range_pair(list(s.data.augment.crop_scale), "data.augment.crop_scale", 0.01, 1.0, source)
     mc = s.data.multicrop
     _check(mc.n_global >= 1, "data.multicrop.n_global", "an integer >= 1", mc.n_global, source)
@@ -342,6 +363,7 @@ def validate(spec: DictConfig, source: str | None = None) -> None:
     _check(k.k >= 1, "eval.knn.k", "an integer >= 1", k.k, source)
     _check(k.temperature > 0, "eval.knn.temperature", "a number > 0", k.temperature, source)
     _check(k.every_epochs >= 0, "eval.knn.every_epochs", "an integer >= 0", k.every_epochs, source)
+    _check(k.max_train_samples >= 0, "eval.knn.max_train_samples", "an integer >= 0 (0: no cap)", k.max_train_samples, source)
     _check(s.eval.linear.epochs >= 1, "eval.linear.epochs", "an integer >= 1", s.eval.linear.epochs, source)
     validate_method(s.method, source)
 
