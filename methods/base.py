@@ -35,14 +35,19 @@ class MethodOutput:
     loss: torch.Tensor | None = None
     embedding: torch.Tensor | None = None
 
-    def metrics(self) -> dict[str, float]:
-        """Scalar tensors of the output other than ``loss`` (e.g. ``loss_cls``), as floats for logging."""
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """Scalar tensors of the output other than ``loss`` (e.g. ``loss_cls``), detached, on their device (no
+        host synchronisation: the platform sums them on the device and reads them every few steps)."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name != "loss" and isinstance(value, torch.Tensor) and value.ndim == 0:
-                out[f.name] = float(value.detach())
+                out[f.name] = value.detach()
         return out
+
+    def metrics(self) -> dict[str, float]:
+        """:meth:`metric_tensors` as floats."""
+        return {k: float(v) for k, v in self.metric_tensors().items()}
 
 
 class SSLMethod(nn.Module):

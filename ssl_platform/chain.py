@@ -238,8 +238,9 @@ class ChainResult:
     state_uri: str
 
 
-def run_chain(chain: Chain, *, require_state: bool = False) -> ChainResult:
-    """Run the stages in order, skipping complete ones; returns the final chain state."""
+def run_chain(chain: Chain, *, require_state: bool = False, step_hooks: dict[str, list] | None = None) -> ChainResult:
+    """Run the stages in order, skipping complete ones; returns the final chain state. ``step_hooks``: per stage
+    name, :class:`ssl_platform.hooks.StepHook` objects for its workers (tests inject faults)."""
     from ssl_platform import tracking
     from ssl_platform.run import run_experiment
     from ssl_platform.s3 import filesystem, is_s3
@@ -275,7 +276,8 @@ def run_chain(chain: Chain, *, require_state: bool = False) -> ChainResult:
                 save_state(chain, state, fs)
                 print(f"[chain {chain.name}] stage {stage.name}: run {run_name} (method {spec.method.name})", flush=True)
                 try:
-                    res = run_experiment(spec, run_name=run_name, resume=True, parent_run_id=parent, extra_tags=tags)
+                    res = run_experiment(spec, run_name=run_name, resume=True, parent_run_id=parent, extra_tags=tags,
+                                         step_hooks=(step_hooks or {}).get(stage.name))
                 except BaseException:
                     entry["status"] = "FAILED"
                     entry["run_id"] = entry["run_id"] or _run_id(chain, spec, run_name)

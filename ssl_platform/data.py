@@ -3,11 +3,12 @@
 * ``digits``: scikit-learn's bundled digits (1797 real 8x8 images, 10 classes), the embedded default: grey
   values 0..16 -> [0, 1], replicated to RGB and resized to ``image_size``; a fixed stratified train/test split.
 * ``synthetic``: generated class-conditional images (oriented gratings + noise) for fast tests.
-* ``image_folder``: a torchvision ``ImageFolder`` tree (``root/class/xxx.png``): the path for real data.
 * ``cifar10``: torchvision's CIFAR-10 from an existing local copy under ``root`` (no download here).
 
-Training samples are turned into the views a method asks for (``SSLMethod.view_kind``): ``images`` (one
-augmented image), ``multicrop`` (global + local crops, DINO) or ``global_views`` (iBOT).
+These small sources are held in memory by every worker (``ssl_platform.streaming.InMemoryImages``); real
+datasets (``image_folder``, ``shards``) are streamed (``ssl_platform.streaming``). Both reach the same
+device-side augmentation (``ssl_platform.augment``). The per-sample torchvision transforms below are the
+reference that augmentation reproduces (tests compare the distributions; ``benchmarks`` times both).
 """
 
 from __future__ import annotations
@@ -121,33 +122,6 @@ def make_synthetic_split(
     return _from_arrays(images.clamp(0, 1), labels.numpy(), image_size, test_fraction, "synthetic")
 
 
-def load_image_folder_split(root: str, image_size: int = 32, test_fraction: float = 0.2) -> TrainTest:
-    """A torchvision ``ImageFolder`` tree, decoded to RGB and resized to ``image_size``."""
-    from torchvision import datasets, transforms
-
-    path = Path(root)
-    if not path.is_dir():
-        raise DataError(f"data.root: expected an image-folder directory, got {root!r} (not a directory)")
-    files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise DataError(f"data.root: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root!r}: the dataset is empty")
-    tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor()])
-    try:
-        ds = datasets.ImageFolder(str(path), transform=tf, loader=_rgb_loader)
-    except (FileNotFoundError, RuntimeError) as err:
-        raise DataError(f"data.root: {root!r} is not an ImageFolder layout (root/class_name/image): {err}") from None
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
-    labels = np.asarray(ds.targets, dtype=np.int64)
-    return _from_arrays(images, labels, image_size, test_fraction, f"image_folder {root}")
-
-
-def _rgb_loader(path: str):
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.convert("RGB")
-
-
 def load_cifar10_split(root: str, image_size: int = 32) -> TrainTest:
     """CIFAR-10 from an existing local copy (``download=False``); its own train/test split."""
     from torchvision import datasets
@@ -168,13 +142,12 @@ def load_cifar10_split(root: str, image_size: int = 32) -> TrainTest:
 
 
 def load_split(data: DictConfig) -> TrainTest:
-    """The spec's ``data`` section -> train/test tensors in [0, 1]."""
+    """The spec's ``data`` section of a small in-memory source -> train/test tensors in [0, 1] (``image_folder`` and
+    ``shards`` are streamed: ``ssl_platform.streaming``)."""
     if data.name == "digits":
         return load_digits_split(data.image_size, data.test_fraction)
     if data.name == "synthetic":
         return make_synthetic_split(data.num_samples, data.num_classes, data.image_size, data.test_fraction)
-    if data.name == "image_folder":
-        return load_image_folder_split(data.root, data.image_size, data.test_fraction)
     if data.name == "cifar10":
         return load_cifar10_split(data.root, data.image_size)
     raise DataError(f"data.name: unknown dataset {data.name!r}")

@@ -1,4 +1,4 @@
-"""Pre-flight checks on the driver, before Ray starts: the data root and the local checkpoint location.
+"""Pre-flight checks on the driver, before Ray starts: the data (listed once) and the local checkpoint location.
 
 Workers would hit the same problems, but only after Ray, the worker group and the MLflow run were set up,
 and (for data) once per worker and per retry. Errors name the key, the expected form and the value seen.
@@ -6,47 +6,30 @@ and (for data) once per worker and per retry. Errors name the key, the expected 
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ssl_platform.data import IMAGE_SUFFIXES, DataError
+from ssl_platform.data import DataError
 
 
 class StorageError(OSError):
     """The checkpoint location cannot be written."""
 
 
-def check_data(spec: DictConfig) -> None:
-    """``data.root`` exists and (for ``image_folder``) holds ``root/class_name/image`` files."""
+def check_data(spec: DictConfig):
+    """Streamed sources (``image_folder``, ``shards``): list them / read their manifests once and return the
+    :class:`~ssl_platform.streaming.StreamedSource` (its counts travel to the workers); ``cifar10``: the copy exists."""
+    from ssl_platform.spec import STREAMED_DATASETS
+    from ssl_platform.streaming import plan_streamed_source
+
     data = spec.data
-    if data.name not in ("image_folder", "cifar10"):
-        return
-    root = Path(data.root or "")
-    if not data.root or not root.is_dir():
-        raise DataError(f"data.root: expected an existing directory for data.name={data.name}, got {data.root!r}")
-    if data.name == "cifar10":
-        if not (root / "cifar-10-batches-py").is_dir():
-            raise DataError(f"data.root: expected a directory holding cifar-10-batches-py, got {data.root!r}")
-        return
-    classes = [c for c in root.iterdir() if c.is_dir() and _has_image(c)]
-    if not classes:
-        loose = _has_image(root, recursive=False)
-        hint = " (images lie directly under it: put them in root/class_name/)" if loose else ": the dataset is empty"
-        raise DataError(
-            f"data.root: expected an ImageFolder tree root/class_name/image ({', '.join(sorted(IMAGE_SUFFIXES))}), "
-            f"got {data.root!r} with no class directory holding images{hint}"
-        )
-
-
-def _has_image(directory: Path, recursive: bool = True) -> bool:
-    it = os.walk(directory) if recursive else [(str(directory), [], os.listdir(directory))]
-    for _, _, files in it:
-        if any(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files):
-            return True
-    return False
+    if data.name in STREAMED_DATASETS:
+        return plan_streamed_source(spec)
+    if data.name == "cifar10" and not (data.root and (Path(data.root) / "cifar-10-batches-py").is_dir()):
+        raise DataError(f"data.root: expected a directory holding cifar-10-batches-py, got {data.root!r}")
+    return None
 
 
 def check_storage(spec: DictConfig) -> None:
@@ -66,6 +49,8 @@ def check_storage(spec: DictConfig) -> None:
         ) from None
 
 
-def preflight(spec: DictConfig) -> None:
-    check_data(spec)
+def preflight(spec: DictConfig):
+    """Data and checkpoint storage checks; returns the planned streamed source (or None for in-memory data)."""
+    source = check_data(spec)
     check_storage(spec)
+    return source

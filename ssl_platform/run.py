@@ -83,8 +83,10 @@ def run_experiment(
     resume_from: str | None = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    step_hooks: list | None = None,
 ) -> RunResult:
-    """Train ``spec`` with Ray Train and track it in MLflow. ``resume`` reuses ``run_name``'s checkpoints/run."""
+    """Train ``spec`` with Ray Train and track it in MLflow. ``resume`` reuses ``run_name``'s checkpoints/run.
+    ``step_hooks``: :class:`ssl_platform.hooks.StepHook` objects run in every worker (tests inject faults)."""
     from ssl_platform import tracking
     from ssl_platform.train import build_trainer
 
@@ -94,12 +96,12 @@ def run_experiment(
     from ssl_platform.preflight import preflight
     from ssl_platform.s3 import preflight_method_checkpoints, worker_storage_options
 
-    preflight(spec)  # data root and checkpoint location, before Ray starts
+    source = preflight(spec)  # data (listed once) and checkpoint location, before Ray starts
     preflight_method_checkpoints(spec)  # a missing/incomplete/mismatched teacher fails before Ray starts
     storage = worker_storage_options(spec)  # S3 checkpoint.uri: Ray's storage + workers' filesystem
     init_ray()
     run_id = tracking.start_run(spec, run_name, resume=resume, parent_run_id=parent_run_id, extra_tags=extra_tags)
-    trainer = build_trainer(spec, run_name, run_id, resume_from=resume_from, **storage)
+    trainer = build_trainer(spec, run_name, run_id, resume_from=resume_from, step_hooks=step_hooks, source=source, **storage)
     result = fit_tracked(trainer, spec, run_name, run_id)
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     if ckpt:

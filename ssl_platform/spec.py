@@ -78,6 +78,7 @@ class OptimSpec:
     epochs: int = 10
     min_lr_ratio: float = 0.01
     clip_grad: float = 3.0
+    max_nonfinite_skips: int = 0  # steps with non-finite gradients skipped (checked every log interval) before the run stops
 
 
 @dataclass
@@ -133,16 +134,6 @@ class EvalSpec:
 
 
 @dataclass
-class FaultSpec:
-    """Fault injection used only by tests (kill a worker, poison the loss)."""
-
-    kill_rank_at_epoch: int = -1
-    kill_rank: int = 1
-    nan_at_step: int = -1
-    max_nonfinite_skips: int = 0
-
-
-@dataclass
 class RunSpec:
     name: str = MISSING
     seed: int = 0
@@ -153,7 +144,6 @@ class RunSpec:
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
-    fault: FaultSpec = field(default_factory=FaultSpec)
 
 
 DATASETS = ("digits", "synthetic", "image_folder", "shards", "cifar10")
@@ -341,6 +331,7 @@ def validate(spec: DictConfig, source: str | None = None) -> None:
     _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", f"a number in [0, optim.epochs={o.epochs}]", o.warmup_epochs, source)
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]", o.min_lr_ratio, source)
     _check(o.clip_grad >= 0, "optim.clip_grad", "a number >= 0 (0 disables clipping)", o.clip_grad, source)
+    _check(o.max_nonfinite_skips >= 0, "optim.max_nonfinite_skips", "an integer >= 0", o.max_nonfinite_skips, source)
     betas = list(o.betas)
     _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "optim.betas", "[beta1, beta2] each in [0, 1)", betas, source)
 
@@ -482,7 +473,6 @@ def to_container(spec: DictConfig) -> dict[str, Any]:
 
 def spec_hash(spec: DictConfig | dict) -> str:
     data = to_container(spec) if isinstance(spec, DictConfig) else spec
-    data = {k: v for k, v in data.items() if k not in ("fault",)}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

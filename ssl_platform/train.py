@@ -1,8 +1,17 @@
-"""Ray Train (V2) ``TorchTrainer`` built from a spec, and its thin ``train_loop_per_worker``.
+"""Ray Train (V2) ``TorchTrainer`` built from a spec, and its worker loop as a few named steps.
 
-Each worker builds the method from the registry, its views from ``data.py``, AdamW + warm-up/cosine, and
-loops: schedules hook -> forward (bf16 autocast on CUDA) -> backward -> method hook -> clip -> step -> EMA
-hook. Every epoch all ranks call ``ray.train.report`` (a barrier); rank 0 attaches a checkpoint every
+``train_loop_per_worker``: :func:`setup_worker` -> :func:`setup_data` -> :func:`build_training` ->
+:func:`restore` -> :func:`random_init_baseline` -> per epoch :func:`train_one_epoch`, :func:`evaluate`,
+:func:`report_epoch` -> :func:`export_encoder`.
+
+A step: schedules hook -> device-side views of a uint8 batch (``ssl_platform.augment``) -> forward (bf16
+autocast on CUDA) -> backward -> method hook -> gradient norm (+ clipping) -> AdamW -> EMA hook. Nothing in a
+step reads a value on the host: losses and metrics are summed on the device and read every ``log_every``
+steps and at the epoch end. A step whose gradients are not finite (a NaN/Inf loss makes them so) is skipped on
+the device by the fused AdamW kernel (``found_inf``, as ``torch.amp.GradScaler`` does); at the next read the
+run stops if more than ``optim.max_nonfinite_skips`` steps were skipped, naming the first one.
+
+Every epoch all ranks call ``ray.train.report`` (a barrier); rank 0 attaches a checkpoint every
 ``checkpoint.every_epochs`` and on the last epoch, and logs to MLflow. A restarted or resumed run continues
 from ``ray.train.get_checkpoint()`` at the next epoch, with its LR schedule, EMA state and MLflow run.
 """
@@ -14,12 +23,19 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from ssl_platform.hooks import StepHook, StepInfo
+from ssl_platform.streaming import ImageBatch
+
+EVAL_BATCH_SIZE = 256
 
 
 class NonFiniteLossError(RuntimeError):
@@ -32,21 +48,152 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
 def build_method_from_spec(spec: DictConfig):
     from methods.registry import build_method
     from ssl_platform.spec import method_kwargs
 
     return build_method(spec.method.name, **method_kwargs(spec))
+
+
+# ---- what the driver hands every worker -----------------------------------------------------------------
+@dataclass
+class LoopConfig:
+    """The worker loop's input (``train_loop_config={"loop": LoopConfig}``)."""
+
+    spec: dict[str, Any]
+    run_name: str
+    mlflow_run_id: str | None = None
+    resume_from: str | None = None
+    local_run_dir: str | None = None  # local storage: find a checkpoint persisted but not yet registered by Ray
+    s3_filesystem: Any = None  # picklable pyarrow S3FileSystem: workers fetch an s3:// teacher with it
+    num_train: int | None = None  # streamed sources: images of the training split (listing / manifest)
+    num_classes: int | None = None
+    step_hooks: list[StepHook] = field(default_factory=list)
+
+
+@dataclass
+class Worker:
+    spec: DictConfig
+    loop: LoopConfig
+    rank: int
+    world: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+
+@dataclass
+class WorkerData:
+    """This worker's batches: ``train(epoch)`` and ``evaluation(split)`` iterate :class:`ImageBatch` streams."""
+
+    batch_size: int
+    steps_per_epoch: int
+    num_classes: int
+    train: Callable[[int], Iterator[ImageBatch]]
+    evaluation: Callable[[str], Iterator[ImageBatch]]  # "train" (the kNN bank) | "val"
+    views: Callable[[ImageBatch, torch.Generator], dict[str, Any]]
+    eval_input: Callable[[ImageBatch], torch.Tensor]
+
+
+@dataclass
+class Training:
+    """The state that changes while training. ``method`` owns the hooks and the weights; ``model`` is what the
+    step calls (``method`` compiled and/or wrapped in DDP)."""
+
+    method: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    epoch: int = 0
+    global_step: int = 0
+    skipped_steps: int = 0
+    baseline: dict[str, float] = field(default_factory=dict)
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    worker = setup_worker(config["loop"])
+    data = setup_data(worker)
+    training = build_training(worker, data)
+    restore(worker, training)
+    random_init_baseline(worker, data, training)
+    training.model = _wrap_for_steps(worker, training.method)
+    for epoch in range(training.epoch, worker.spec.optim.epochs):
+        metrics = train_one_epoch(worker, data, training, epoch)
+        metrics.update(evaluate(worker, data, training.method, final=epoch + 1 == worker.spec.optim.epochs, epoch=epoch + 1))
+        report_epoch(worker, training, metrics)
+    export_encoder(worker, training)
+
+
+def setup_worker(loop: LoopConfig) -> Worker:
+    import ray.train
+    import ray.train.torch
+
+    spec = OmegaConf.create(loop.spec)
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    bf16 = device.type == "cuda" and spec.scaling.precision == "bf16"
+    return Worker(spec, loop, ctx.get_world_rank(), ctx.get_world_size(), device, torch.bfloat16 if bf16 else None)
+
+
+def setup_data(worker: Worker) -> WorkerData:
+    """Streamed sources: this worker's Ray Data shards; small sources: their arrays, sharded by rank."""
+    from methods.registry import get_method_class
+    from ssl_platform.augment import BatchViews, eval_views
+    from ssl_platform.spec import STREAMED_DATASETS
+
+    spec, loop, rank, world = worker.spec, worker.loop, worker.rank, worker.world
+    data = spec.data
+    batch_views = BatchViews.from_spec(get_method_class(spec.method.name).view_kind, data)
+    if data.name in STREAMED_DATASETS:
+        import ray.train
+
+        from ssl_platform.streaming import streamed_batches
+
+        num_train, num_classes = int(loop.num_train), int(loop.num_classes)
+        per_worker = _batch_size_per_worker(spec, world, num_train)
+        shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "eval_train", "eval_val")}
+
+        def train(epoch: int) -> Iterator[ImageBatch]:
+            return streamed_batches(shards["train"], per_worker, prefetch_batches=data.prefetch_batches,
+                                    shuffle_buffer=data.shuffle_buffer, seed=spec.seed + 1000 * rank + epoch)
+
+        def evaluation(split: str) -> Iterator[ImageBatch]:
+            return streamed_batches(shards["eval_" + split], EVAL_BATCH_SIZE, prefetch_batches=data.prefetch_batches,
+                                    drop_last=False)
+    else:
+        from ssl_platform.data import load_split
+        from ssl_platform.streaming import InMemoryImages
+
+        split = load_split(data)
+        sets = {"train": InMemoryImages.from_float(split.train.images, split.train.labels),
+                "val": InMemoryImages.from_float(split.test.images, split.test.labels)}
+        num_classes = split.num_classes
+        per_worker = _batch_size_per_worker(spec, world, len(sets["train"]))
+
+        def train(epoch: int) -> Iterator[ImageBatch]:
+            return sets["train"].batches(per_worker, rank, world, epoch, spec.seed)
+
+        def evaluation(name: str) -> Iterator[ImageBatch]:
+            return sets[name].batches(EVAL_BATCH_SIZE, rank, world, None, spec.seed, drop_last=False)
+
+        num_train = len(sets["train"])
+    device, image_size = worker.device, data.image_size
+    return WorkerData(
+        batch_size=per_worker,
+        steps_per_epoch=num_train // world // per_worker,
+        num_classes=num_classes,
+        train=train,
+        evaluation=evaluation,
+        views=lambda batch, gen: batch_views(batch.images, batch.sizes, gen),
+        eval_input=lambda batch: _eval_input(batch.to(device), image_size, eval_views),
+    )
+
+
+def _eval_input(batch: ImageBatch, image_size: int, eval_views: Callable) -> torch.Tensor:
+    return eval_views(batch.images, batch.sizes, image_size)
 
 
 def _batch_size_per_worker(spec: DictConfig, world_size: int, n_train: int) -> int:
@@ -60,190 +207,284 @@ def _batch_size_per_worker(spec: DictConfig, world_size: int, n_train: int) -> i
     return per_worker
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-    from torch.utils.data import DataLoader
-
-    from ssl_platform import tracking
-    from ssl_platform.data import ViewDataset, build_view_transform, eval_tensors, load_split
-    from ssl_platform.evaluation import embed_images, knn_top1, linear_probe_top1
-    from ssl_platform.storage import load_training_checkpoint, write_training_checkpoint
-
-    spec = OmegaConf.create(config["spec"])
-    run_id: str | None = config.get("mlflow_run_id")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
-    is_cuda = device.type == "cuda"
-    autocast_dtype = torch.bfloat16 if (is_cuda and spec.scaling.precision == "bf16") else None
-
-    seed_everything(spec.seed)  # identical initial weights on every rank
+def build_training(worker: Worker, data: WorkerData) -> Training:
+    """The method (same initial weights on every rank), AdamW and the per-step LR schedule."""
+    from ssl_platform.optim import build_optimizer, build_scheduler
     from ssl_platform.s3 import localize_method_checkpoints
 
-    method = build_method_from_spec(localize_method_checkpoints(spec, config.get("s3_filesystem")))  # s3:// teacher
-    split = load_split(spec.data)
-    train_ds = ViewDataset(split.train, build_view_transform(method.view_kind, spec.data))
-    per_worker = _batch_size_per_worker(spec, world, len(train_ds))
-    seed_everything(spec.seed + 1000 * rank)  # different augmentations / masks per rank
-    loader = DataLoader(
-        train_ds, batch_size=per_worker, shuffle=True, drop_last=True, num_workers=spec.data.num_workers,
-        pin_memory=is_cuda, persistent_workers=spec.data.num_workers > 0,
-        generator=torch.Generator().manual_seed(spec.seed + rank),
-    )
-    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
-    steps_per_epoch = len(loader)
-    total_steps = spec.optim.epochs * steps_per_epoch
+    spec = worker.spec
+    seed_everything(spec.seed)
+    method = build_method_from_spec(localize_method_checkpoints(spec, worker.loop.s3_filesystem))  # s3:// teacher
+    seed_everything(spec.seed + 1000 * worker.rank)  # different masks per rank
+    method.to(worker.device)
+    optimizer = build_optimizer(method, spec.optim, worker.device)
+    scheduler = build_scheduler(optimizer, spec.optim, data.steps_per_epoch)
+    return Training(method=method, model=method, optimizer=optimizer, scheduler=scheduler)
 
-    from ssl_platform.optim import build_optimizer, build_scheduler
 
-    method.to(device)
-    optimizer = build_optimizer(method, spec.optim, device)
-    scheduler = build_scheduler(optimizer, spec.optim, steps_per_epoch)
+def restore(worker: Worker, training: Training) -> None:
+    """Continue from Ray's checkpoint (restart / resume), ``--from-checkpoint``, or one this run persisted."""
+    import ray.train
 
-    start_epoch, global_step, state_extra = 0, 0, {}
+    from methods.checkpoint_io import load_state_dict_strict
+    from ssl_platform.storage import latest_checkpoint_of_run, load_training_checkpoint
+
+    loop = worker.loop
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = config.get("resume_from")
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             loaded = load_training_checkpoint(d)
-    elif resume_dir:
-        loaded = load_training_checkpoint(resume_dir)
+    elif loop.resume_from:
+        loaded = load_training_checkpoint(loop.resume_from)
     else:
-        loaded = _persisted_checkpoint_of_this_run(config, rank)
-    if loaded is not None:
-        from methods.checkpoint_io import load_state_dict_strict
+        persisted = latest_checkpoint_of_run(loop.local_run_dir, loop.mlflow_run_id) if loop.local_run_dir else None
+        if persisted is not None and worker.rank == 0:
+            print(f"[ssl_platform] restart: using persisted checkpoint {persisted.name}", flush=True)
+        loaded = load_training_checkpoint(persisted) if persisted is not None else None
+    if loaded is None:
+        return
+    what = f"training checkpoint ({loaded['manifest'].get('method')!r} -> {worker.spec.method.name!r})"
+    load_state_dict_strict(training.method, loaded["model"], what)
+    training.optimizer.load_state_dict(loaded["optimizer"])
+    training.scheduler.load_state_dict(loaded["scheduler"])
+    state = loaded["state"]
+    training.epoch, training.global_step = int(state["epoch"]), int(state["global_step"])
+    training.skipped_steps = int(state.get("nonfinite_skipped", 0))
+    training.baseline = {k: v for k, v in state.items() if k.startswith("baseline_")}
+    if worker.rank == 0:
+        print(f"[ssl_platform] resumed from checkpoint at epoch {training.epoch} (step {training.global_step})", flush=True)
 
-        load_state_dict_strict(method, loaded["model"], f"training checkpoint ({loaded['manifest'].get('method')!r} -> {spec.method.name!r})")
-        optimizer.load_state_dict(loaded["optimizer"])
-        scheduler.load_state_dict(loaded["scheduler"])
-        start_epoch = int(loaded["state"]["epoch"])
-        global_step = int(loaded["state"]["global_step"])
-        state_extra = {k: v for k, v in loaded["state"].items() if k.startswith("baseline_")}
-        if rank == 0:
-            print(f"[ssl_platform] resumed from checkpoint at epoch {start_epoch} (step {global_step})", flush=True)
 
-    eval_images = None
-    knn_cfg = spec.eval.knn
-    if rank == 0 and knn_cfg.enabled:
-        eval_images = (eval_tensors(split.train), eval_tensors(split.test))
+def random_init_baseline(worker: Worker, data: WorkerData, training: Training) -> None:
+    """kNN (and linear probe) of the same encoder at random init, once per run (kept in the checkpoints)."""
+    from ssl_platform import tracking
 
-    def evaluate(model, final: bool) -> dict[str, float]:
-        tr = embed_images(model, eval_images[0], device=device)
-        te = embed_images(model, eval_images[1], device=device)
-        out = {"knn_top1": knn_top1(tr, split.train.labels, te, split.test.labels, knn_cfg.k, knn_cfg.temperature, split.num_classes)}
-        if final and spec.eval.linear.enabled:
-            lin = spec.eval.linear
-            out["linear_top1"] = linear_probe_top1(tr, split.train.labels, te, split.test.labels, lin.epochs, lin.lr, spec.seed)
+    spec = worker.spec
+    if not (spec.eval.knn.enabled and spec.eval.random_init_baseline) or "baseline_knn_top1" in training.baseline:
+        return
+    baseline = evaluate(worker, data, training.method, final=True, epoch=0)
+    training.baseline = {f"baseline_{k}": v for k, v in baseline.items()}
+    if worker.rank == 0 and worker.loop.mlflow_run_id:
+        tracking.log_metrics(spec.tracking.uri, worker.loop.mlflow_run_id, {f"{k}_random_init": v for k, v in baseline.items()}, 0)
+
+
+def _wrap_for_steps(worker: Worker, method: torch.nn.Module) -> torch.nn.Module:
+    import ray.train.torch
+
+    model = torch.compile(method) if worker.spec.scaling.compile else method
+    return ray.train.torch.prepare_model(model, move_to_device=False)
+
+
+# ---- one epoch ------------------------------------------------------------------------------------------
+class _DeviceSums:
+    """Loss, metrics and skip counters summed on the device; read on the host only by :meth:`read`."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), device=device)
+        self.finite_steps = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), device=device)
+        self.first_skipped = torch.full((), -1, dtype=torch.long, device=device)
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], skipped: torch.Tensor, global_step: int) -> None:
+        ok = 1.0 - skipped
+        self.loss += torch.where(skipped > 0, torch.zeros_like(loss), loss.float())
+        self.finite_steps += ok
+        self.skipped += skipped
+        first_here = (skipped > 0) & (self.first_skipped < 0)
+        self.first_skipped = torch.where(first_here, torch.full_like(self.first_skipped, global_step), self.first_skipped)
+        for k, v in metrics.items():
+            v = torch.where(skipped > 0, torch.zeros_like(v, dtype=torch.float32), v.float())
+            self.metrics[k] = self.metrics[k] + v if k in self.metrics else v
+
+    def read(self) -> dict[str, float]:
+        values = torch.stack([self.loss, self.finite_steps, self.skipped, self.first_skipped.float(),
+                              *self.metrics.values()]).tolist()  # one host synchronisation
+        loss, finite, skipped, first, *rest = values
+        out = {"loss": loss / max(finite, 1.0), "finite_steps": finite, "skipped": skipped, "first_skipped": first}
+        out.update({k: v / max(finite, 1.0) for k, v in zip(self.metrics, rest)})
         return out
 
-    if rank == 0 and knn_cfg.enabled and spec.eval.random_init_baseline and "baseline_knn_top1" not in state_extra:
-        # the same encoder at random init, same split
-        baseline = evaluate(method, final=True)
-        state_extra.update({f"baseline_{k}": v for k, v in baseline.items()})
-        if run_id:
-            tracking.log_metrics(spec.tracking.uri, run_id, {f"{k}_random_init": v for k, v in baseline.items()}, 0)
 
-    if spec.scaling.compile:
-        method_for_step = torch.compile(method)
-    else:
-        method_for_step = method
-    model = ray.train.torch.prepare_model(method_for_step, move_to_device=False)
-    core = method
+def train_one_epoch(worker: Worker, data: WorkerData, training: Training, epoch: int) -> dict[str, float]:
+    """One pass over this worker's shard; returns the epoch's metrics (loss and output metrics averaged over the
+    ranks' finite steps). Undecodable files are named, counted (``bad_images``) and judged (:func:`_check_bad_data`)."""
+    from ssl_platform.streaming import warn_bad
 
-    fault = spec.fault
-    skips = 0
-    last_metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, spec.optim.epochs):
-        if world > 1 and hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        n_steps = 0
-        extra_sums: dict[str, float] = {}
-        log_every = max(1, steps_per_epoch // 4)
-        for i, batch in enumerate(loader):
-            _maybe_kill(fault, rank, epoch, i, steps_per_epoch, config)
-            batch = to_device(batch, device)
-            core.on_train_step(global_step, total_steps, epoch + i / steps_per_epoch)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = model(**batch)
-            loss = out.loss
-            if fault.nan_at_step >= 0 and global_step == fault.nan_at_step:
-                loss = loss * float("nan")
-            if not torch.isfinite(loss.detach()):
-                skips += 1
-                if skips > fault.max_nonfinite_skips:
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({float(loss.detach())}) at step {global_step} (epoch {epoch + 1}) of method "
-                        f"{spec.method.name!r}; the last complete checkpoint is kept"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            core.before_optimizer_step(epoch + i / steps_per_epoch)
-            if spec.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(method.parameters(), spec.optim.clip_grad)
-            optimizer.step()
-            scheduler.step()
-            core.after_optimizer_step()
-            global_step += 1
-            n_steps += 1
-            loss_sum += loss.detach().float()
-            for k, v in out.metrics().items():
-                extra_sums[k] = extra_sums.get(k, 0.0) + v
-            if rank == 0 and ((i + 1) % log_every == 0 or i + 1 == steps_per_epoch):
-                print(
-                    f"[{spec.name}] epoch {epoch + 1}/{spec.optim.epochs} step {i + 1}/{steps_per_epoch} "
-                    f"loss {float(loss.detach()):.4f} lr {scheduler.get_last_lr()[0]:.2e}",
-                    flush=True,
-                )
-        elapsed = time.perf_counter() - t0
-        mean_loss = _all_reduce_mean(loss_sum / max(1, n_steps), world)
-        metrics: dict[str, float] = {
-            "epoch": epoch + 1,
-            "loss": float(mean_loss),
-            "lr": float(scheduler.get_last_lr()[0]),
-            "global_step": global_step,
-            "epoch_time_s": elapsed,
-            "images_per_sec": n_steps * per_worker * world / max(elapsed, 1e-9),
-            "nonfinite_skipped": skips,
-        }
-        metrics.update({k: v / max(1, n_steps) for k, v in extra_sums.items()})
-        metrics.update(core.schedule_state())
-        last_epoch = epoch + 1 == spec.optim.epochs
-        if rank == 0 and knn_cfg.enabled and (last_epoch or (knn_cfg.every_epochs and (epoch + 1) % knn_cfg.every_epochs == 0)):
-            metrics.update(evaluate(core, final=last_epoch))
-        metrics.update({f"{k[len('baseline_'):]}_random_init": v for k, v in state_extra.items()})
-        if not math.isfinite(metrics["loss"]):
-            raise NonFiniteLossError(f"non-finite mean loss at epoch {epoch + 1} of method {spec.method.name!r}")
-        if rank == 0 and run_id:
-            tracking.log_metrics(spec.tracking.uri, run_id, metrics, step=epoch + 1)
-        save = last_epoch or (epoch + 1) % spec.checkpoint.every_epochs == 0
-        state = {"epoch": epoch + 1, "global_step": global_step, "mlflow_run_id": run_id, **state_extra,
-                 **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-        last_metrics = metrics
-        if save and rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                write_training_checkpoint(tmp, method=core, optimizer=optimizer, scheduler=scheduler, spec=spec, state=state)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_upload_fn=_checkpoint_uploader(spec))
-        else:
-            ray.train.report(metrics, checkpoint=None)
+    spec, rank = worker.spec, worker.rank
+    steps, epochs = data.steps_per_epoch, spec.optim.epochs
+    log_every = max(1, steps // 4)
+    generator = torch.Generator(device=worker.device).manual_seed(spec.seed * 7919 + 1000 * rank + epoch)
+    sums = _DeviceSums(worker.device)
+    bad_paths: list[str] = []
+    seen = bad = 0
+    skipped_before = training.skipped_steps
+    training.model.train()
+    t0 = time.perf_counter()
+    for i, batch in enumerate(data.train(epoch)):
+        if i >= steps:  # streamed shards may hold a few rows more than the schedule's steps
+            break
+        seen += len(batch.labels) + len(batch.bad_paths)
+        if batch.bad_paths:
+            warn_bad(batch.bad_paths)
+            bad += len(batch.bad_paths)
+            bad_paths.extend(batch.bad_paths[: 3 - len(bad_paths)])
+            _check_bad_data(bad, seen, bad_paths, spec.data.max_bad_fraction, epoch_end=False)
+        info = StepInfo(worker.loop.run_name, rank, epoch, i, steps, training.global_step)
+        for hook in worker.loop.step_hooks:
+            hook.before_step(info)
+        loss, metrics, skipped = train_step(worker, data, training, batch, generator, info, epoch + i / steps)
+        sums.add(loss, metrics, skipped, training.global_step)
+        training.global_step += 1
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            read = _check_nonfinite(worker, training, sums.read(), skipped_before, steps)
+            if rank == 0:
+                print(f"[{spec.name}] epoch {epoch + 1}/{epochs} step {i + 1}/{steps} loss {read['loss']:.4f} "
+                      f"lr {training.scheduler.get_last_lr()[0]:.2e}", flush=True)
+    elapsed = time.perf_counter() - t0
+    _check_bad_data(bad, seen, bad_paths, spec.data.max_bad_fraction, epoch_end=True)
+    read = _check_nonfinite(worker, training, sums.read(), skipped_before, steps)
+    done = int(round(read["finite_steps"] + read["skipped"]))
+    metrics = {
+        "epoch": epoch + 1,
+        "loss": _all_reduce_mean(torch.tensor(read["loss"]), worker.world),
+        "lr": float(training.scheduler.get_last_lr()[0]),
+        "global_step": training.global_step,
+        "epoch_time_s": elapsed,
+        "images_per_sec": done * data.batch_size * worker.world / max(elapsed, 1e-9),
+        "nonfinite_skipped": training.skipped_steps,
+        "bad_images": _all_reduce_sum(bad, worker.world),
+    }
+    metrics.update({k: v for k, v in read.items() if k not in ("loss", "finite_steps", "skipped", "first_skipped")})
+    metrics.update(training.method.schedule_state())
+    if not math.isfinite(metrics["loss"]):
+        raise NonFiniteLossError(f"non-finite mean loss at epoch {epoch + 1} of method {spec.method.name!r}")
+    return metrics
 
-    if rank == 0 and run_id and last_metrics:
-        with tempfile.TemporaryDirectory() as tmp:
-            from methods import checkpoint_io
 
-            enc = Path(tmp) / "encoder"
-            checkpoint_io.save_encoder(enc, core.method_name, core.encoder_config(), core.encoder_state_dict())
-            tracking.log_artifacts(spec.tracking.uri, run_id, [enc])
+def train_step(
+    worker: Worker, data: WorkerData, training: Training, batch: ImageBatch, generator: torch.Generator,
+    info: StepInfo, epoch_progress: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """One optimisation step; returns the loss, the output's scalar metrics and ``skipped`` (1.0 when the
+    gradients were not finite and AdamW left the weights as they were), all on the device."""
+    spec, method, optimizer = worker.spec, training.method, training.optimizer
+    method.on_train_step(training.global_step, spec.optim.epochs * data.steps_per_epoch, epoch_progress)
+    views = data.views(batch.to(worker.device), generator)
+    with torch.autocast(worker.device.type, dtype=worker.autocast_dtype, enabled=worker.autocast_dtype is not None):
+        out = training.model(**views)
+    loss = out.loss
+    for hook in worker.loop.step_hooks:
+        loss = hook.transform_loss(loss, info)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    method.before_optimizer_step(epoch_progress)
+    params = [p for p in method.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if spec.optim.clip_grad > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, spec.optim.clip_grad, grad_norm)
+    skipped = (~torch.isfinite(grad_norm)).float()
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skipped  # the fused kernel skips the update on the device
+        optimizer.step()
+    elif not bool(skipped):  # other optimisers: one host read
+        optimizer.step()
+    training.scheduler.step()
+    method.after_optimizer_step()
+    return loss.detach(), out.metric_tensors(), skipped
+
+
+def _check_nonfinite(
+    worker: Worker, training: Training, read: dict[str, float], skipped_before: int, steps_per_epoch: int,
+) -> dict[str, float]:
+    """Counts the skipped steps (those of this epoch read so far + earlier epochs); stops past
+    ``optim.max_nonfinite_skips``, naming the first skipped step of this epoch."""
+    training.skipped_steps = skipped_before + int(read["skipped"])
+    limit = worker.spec.optim.max_nonfinite_skips
+    if training.skipped_steps > limit:
+        first = int(read["first_skipped"])
+        raise NonFiniteLossError(
+            f"non-finite loss or gradients at step {first} (epoch {first // steps_per_epoch + 1}) of method "
+            f"{worker.spec.method.name!r} ({training.skipped_steps} step(s) skipped, optim.max_nonfinite_skips={limit}); "
+            f"the last complete checkpoint is kept"
+        )
+    return read
+
+
+def _check_bad_data(bad: int, seen: int, examples: list[str], max_fraction: float, epoch_end: bool) -> None:
+    """Stop once undecodable files are more than ``data.max_bad_fraction`` of this epoch's files; judged once
+    ``1 / max_fraction`` files were seen (a single bad file in the first batch is no verdict) or at the epoch end."""
+    from ssl_platform.streaming import BadDataError
+
+    if not bad or bad / max(seen, 1) <= max_fraction:
+        return
+    if epoch_end or max_fraction == 0 or seen * max_fraction >= 1:
+        raise BadDataError(f"data.max_bad_fraction: expected at most a share {max_fraction} of undecodable images, "
+                           f"got {bad} undecodable of {seen} seen in this epoch, e.g. {examples[:3]}")
+
+
+# ---- evaluation, report, export -------------------------------------------------------------------------
+def evaluate(worker: Worker, data: WorkerData, method: Any, *, final: bool, epoch: int) -> dict[str, float]:
+    """kNN top-1 (and the linear probe on the last epoch) of the frozen encoder. Every rank embeds its share of
+    the train bank and the validation split in streamed batches; rank 0 gathers the features and scores them."""
+    from ssl_platform.evaluation import embed_batches, gather_to_rank0, knn_top1, linear_probe_top1
+
+    spec = worker.spec
+    knn = spec.eval.knn
+    due = final or (knn.every_epochs and epoch % knn.every_epochs == 0)
+    if not knn.enabled or not due:
+        return {}
+    bank = gather_to_rank0(*embed_batches(method, data.evaluation("train"), data.eval_input, worker.device))
+    val = gather_to_rank0(*embed_batches(method, data.evaluation("val"), data.eval_input, worker.device))
+    if worker.rank != 0:
+        return {}
+    (tr, tr_y), (te, te_y) = bank, val
+    out = {"knn_top1": knn_top1(tr, tr_y, te, te_y, knn.k, knn.temperature, data.num_classes)}
+    if final and spec.eval.linear.enabled:
+        lin = spec.eval.linear
+        out["linear_top1"] = linear_probe_top1(tr, tr_y, te, te_y, lin.epochs, lin.lr, spec.seed)
+    return out
+
+
+def report_epoch(worker: Worker, training: Training, metrics: dict[str, float]) -> None:
+    """MLflow metrics (rank 0) and ``ray.train.report`` on every rank, with a checkpoint when one is due."""
+    import ray.train
+
+    from ssl_platform import tracking
+    from ssl_platform.storage import write_training_checkpoint
+
+    spec, loop = worker.spec, worker.loop
+    epoch = int(metrics["epoch"])
+    training.epoch = epoch
+    metrics.update({f"{k[len('baseline_'):]}_random_init": v for k, v in training.baseline.items()})
+    if worker.rank == 0 and loop.mlflow_run_id:
+        tracking.log_metrics(spec.tracking.uri, loop.mlflow_run_id, metrics, step=epoch)
+    if worker.rank != 0 or not (epoch == spec.optim.epochs or epoch % spec.checkpoint.every_epochs == 0):
+        ray.train.report(metrics, checkpoint=None)
+        return
+    state = {"epoch": epoch, "global_step": training.global_step, "mlflow_run_id": loop.mlflow_run_id, **training.baseline,
+             **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_training_checkpoint(tmp, method=training.method, optimizer=training.optimizer, scheduler=training.scheduler,
+                                  spec=spec, state=state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_upload_fn=_checkpoint_uploader(spec))
+
+
+def export_encoder(worker: Worker, training: Training) -> None:
+    """The trained encoder as an MLflow artifact of the run (rank 0)."""
+    from methods import checkpoint_io
+    from ssl_platform import tracking
+
+    loop = worker.loop
+    if worker.rank != 0 or not loop.mlflow_run_id or training.epoch == 0:
+        return
+    method = training.method
+    with tempfile.TemporaryDirectory() as tmp:
+        enc = Path(tmp) / "encoder"
+        checkpoint_io.save_encoder(enc, method.method_name, method.encoder_config(), method.encoder_state_dict())
+        tracking.log_artifacts(worker.spec.tracking.uri, loop.mlflow_run_id, [enc])
 
 
 def _checkpoint_uploader(spec: DictConfig):
@@ -268,42 +509,29 @@ def _checkpoint_uploader(spec: DictConfig):
     return upload
 
 
-def _persisted_checkpoint_of_this_run(config: dict[str, Any], rank: int) -> dict[str, Any] | None:
-    """After a worker failure, a checkpoint this run persisted but Ray had not registered yet (local storage)."""
-    from ssl_platform.storage import latest_checkpoint_of_run, load_training_checkpoint
-
-    local_dir = config.get("local_run_dir")
-    ckpt = latest_checkpoint_of_run(local_dir, config.get("mlflow_run_id")) if local_dir else None
-    if ckpt is None:
-        return None
-    if rank == 0:
-        print(f"[ssl_platform] restart: using persisted checkpoint {ckpt.name}", flush=True)
-    return load_training_checkpoint(ckpt)
-
-
 def _all_reduce_mean(value: torch.Tensor, world: int) -> float:
     if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        v = value.detach().clone()
+        v = value.detach().clone().to(_collective_device())
         torch.distributed.all_reduce(v)
         return float(v) / world
     return float(value)
 
 
-def _maybe_kill(fault: DictConfig, rank: int, epoch: int, step: int, steps_per_epoch: int, config: dict[str, Any]) -> None:
-    """Test-only fault injection: the chosen rank exits mid-epoch once (a marker file prevents a loop)."""
-    if fault.kill_rank_at_epoch < 0 or rank != fault.kill_rank:
-        return
-    if epoch + 1 != fault.kill_rank_at_epoch or step != steps_per_epoch // 2:
-        return
-    marker = Path(config.get("fault_marker") or tempfile.gettempdir()) / f"killed-{config.get('run_name', 'run')}"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(os.getpid()))
-    print(f"[fault] rank {rank} exits during epoch {epoch + 1}", flush=True)
-    os._exit(1)
+def _all_reduce_sum(value: int, world: int) -> int:
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        v = torch.tensor(float(value), device=_collective_device())
+        torch.distributed.all_reduce(v)
+        return int(v)
+    return value
 
 
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# ---- driver side ----------------------------------------------------------------------------------------
 def build_trainer(
     spec: DictConfig,
     run_name: str,
@@ -314,12 +542,15 @@ def build_trainer(
     storage_filesystem=None,
     storage_path: str | None = None,
     s3_filesystem=None,
+    step_hooks: list[StepHook] | None = None,
+    source=None,
 ):
-    """The ``TorchTrainer`` for a spec (Ray Train V2)."""
+    """The ``TorchTrainer`` for a spec (Ray Train V2). Streamed data (``source``: a
+    :class:`~ssl_platform.streaming.StreamedSource`, planned here when not given) goes in as Ray Data datasets."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ssl_platform.spec import to_container
+    from ssl_platform.spec import STREAMED_DATASETS, to_container
 
     sc = spec.scaling
     resources = {"CPU": sc.cpus_per_worker}
@@ -334,15 +565,17 @@ def build_trainer(
         failure_config=FailureConfig(max_failures=sc.max_failures),
         callbacks=callbacks or None,
     )
-    loop_config = {
-        "spec": to_container(spec),
-        "mlflow_run_id": mlflow_run_id,
-        "run_name": run_name,
-        "resume_from": resume_from,
-        "fault_marker": str(Path(tempfile.gettempdir()) / "ssl_platform_faults"),
-        "s3_filesystem": s3_filesystem,  # picklable pyarrow S3FileSystem: workers fetch an s3:// teacher with it
-    }
+    loop = LoopConfig(spec=to_container(spec), run_name=run_name, mlflow_run_id=mlflow_run_id, resume_from=resume_from,
+                      s3_filesystem=s3_filesystem, step_hooks=list(step_hooks or []))
     root = storage_path or spec.checkpoint.uri
     if storage_filesystem is None and "://" not in root:
-        loop_config["local_run_dir"] = str(Path(root) / run_name)
-    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
+        loop.local_run_dir = str(Path(root) / run_name)
+    datasets = None
+    if spec.data.name in STREAMED_DATASETS:
+        from ssl_platform.streaming import plan_streamed_source
+
+        source = source or plan_streamed_source(spec)
+        loop.num_train, loop.num_classes = source.num_train, len(source.classes)
+        datasets = source.datasets(spec)
+    return TorchTrainer(train_loop_per_worker, train_loop_config={"loop": loop}, scaling_config=scaling,
+                        run_config=run_config, datasets=datasets)
