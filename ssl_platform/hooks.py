@@ -2,7 +2,7 @@
 
 The spec never names hooks: they are Python objects (picklable, shipped to every worker) for what a YAML
 should not express, such as the fault injection of the tests (:class:`KillWorkerOnce`, :class:`PoisonLoss`).
-A hook sees each step before it runs (:meth:`StepHook.before_step`) and may replace its loss
+A hook sees each step and its batch before it runs (:meth:`StepHook.before_step`) and may replace its loss
 (:meth:`StepHook.transform_loss`).
 """
 
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ssl_platform.streaming import ImageBatch
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,8 @@ class StepInfo:
 class StepHook:
     """Base class: both calls do nothing."""
 
-    def before_step(self, info: StepInfo) -> None:
-        """Called before the step's forward pass."""
+    def before_step(self, info: StepInfo, batch: ImageBatch) -> None:
+        """Called before the step's forward pass, with its uint8 batch (on the host)."""
 
     def transform_loss(self, loss: torch.Tensor, info: StepInfo) -> torch.Tensor:
         """The loss the step back-propagates (default: unchanged)."""
@@ -51,7 +53,7 @@ class KillWorkerOnce(StepHook):
     def marker(self, run_name: str) -> Path:
         return Path(self.marker_dir) / f"killed-{run_name}"
 
-    def before_step(self, info: StepInfo) -> None:
+    def before_step(self, info: StepInfo, batch: ImageBatch) -> None:
         if info.rank != self.rank or info.epoch + 1 != self.epoch or info.step != info.steps_per_epoch // 2:
             return
         marker = self.marker(info.run_name)

@@ -44,18 +44,22 @@ class BadDataError(DataError):
 @dataclass
 class ImageBatch:
     """uint8 images ``[B, 3, C, C]`` (a canvas per image), their valid ``(h, w)`` ``[B, 2]`` (``None``: the whole
-    canvas), labels ``[B]``, and the paths of the rows dropped because they could not be decoded."""
+    canvas), labels ``[B]``, what identifies each image (``keys``: file paths, or indices of an in-memory set) and
+    the paths of the rows dropped because they could not be decoded."""
 
     images: torch.Tensor
     sizes: torch.Tensor | None
     labels: torch.Tensor
+    keys: list[str] = field(default_factory=list)
     bad_paths: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device) -> ImageBatch:
+        if self.images.device == device:
+            return self
         non_blocking = device.type == "cuda"
         images = self.images.pin_memory() if non_blocking else self.images
         sizes = None if self.sizes is None else self.sizes.to(device, non_blocking=non_blocking)
-        return ImageBatch(images.to(device, non_blocking=non_blocking), sizes, self.labels, self.bad_paths)
+        return ImageBatch(images.to(device, non_blocking=non_blocking), sizes, self.labels, self.keys, self.bad_paths)
 
 
 def canvas_size(data: DictConfig) -> int:
@@ -150,6 +154,11 @@ class StreamedSource:
 
     def datasets(self, spec: DictConfig) -> dict[str, Any]:
         """``{"train", "eval_train", "eval_val"}`` Ray Data datasets (lazy: nothing is read here)."""
+        import ray.data
+
+        context = ray.data.DataContext.get_current()  # the worker loop prints progress; Ray Data's bars are noise
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
         data = spec.data
         endpoint = spec.checkpoint.get("endpoint_url")
         if self.kind == "shards":
@@ -257,13 +266,14 @@ def streamed_batches(
         bad = [str(p) for p in b[PATH_COLUMN][~ok]]
         if bad:
             ok_idx = np.flatnonzero(ok)
-            images, sizes, labels = b[IMAGE_COLUMN][ok_idx], b[SIZE_COLUMN][ok_idx], b[LABEL_COLUMN][ok_idx]
+            images, sizes, labels, paths = (b[c][ok_idx] for c in (IMAGE_COLUMN, SIZE_COLUMN, LABEL_COLUMN, PATH_COLUMN))
         else:
-            images, sizes, labels = b[IMAGE_COLUMN], b[SIZE_COLUMN], b[LABEL_COLUMN]
+            images, sizes, labels, paths = (b[c] for c in (IMAGE_COLUMN, SIZE_COLUMN, LABEL_COLUMN, PATH_COLUMN))
         yield ImageBatch(
             images=torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2),
             sizes=torch.from_numpy(np.ascontiguousarray(sizes)).long(),
             labels=torch.from_numpy(np.ascontiguousarray(labels)).long(),
+            keys=[str(p) for p in paths],
             bad_paths=bad,
         )
 
@@ -296,7 +306,7 @@ class InMemoryImages:
         stop = len(idx) - len(idx) % batch_size if drop_last else len(idx)
         for start in range(0, stop, batch_size):
             sel = idx[start:start + batch_size]
-            yield ImageBatch(self.images[sel], None, self.labels[sel])
+            yield ImageBatch(self.images[sel], None, self.labels[sel], [str(i) for i in sel.tolist()])
 
 
 def warn_bad(paths: list[str]) -> None:

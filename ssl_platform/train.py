@@ -333,7 +333,7 @@ def train_one_epoch(worker: Worker, data: WorkerData, training: Training, epoch:
             _check_bad_data(bad, seen, bad_paths, spec.data.max_bad_fraction, epoch_end=False)
         info = StepInfo(worker.loop.run_name, rank, epoch, i, steps, training.global_step)
         for hook in worker.loop.step_hooks:
-            hook.before_step(info)
+            hook.before_step(info, batch)
         loss, metrics, skipped = train_step(worker, data, training, batch, generator, info, epoch + i / steps)
         sums.add(loss, metrics, skipped, training.global_step)
         training.global_step += 1

@@ -12,6 +12,7 @@ import mlflow
 import pytest
 import yaml
 
+from ssl_platform.hooks import KillWorkerOnce, PoisonLoss
 from ssl_platform.run import result_table, run_experiment
 from ssl_platform.storage import latest_complete_checkpoint, list_checkpoints, load_training_checkpoint
 from tests.conftest import ROOT, tiny_spec_dict
@@ -25,10 +26,10 @@ def _name(prefix: str) -> str:
 @pytest.mark.slow
 def test_nan_loss_names_step_and_keeps_last_good_checkpoint(ray_session, tiny_spec):
     # 64 training images / batch 16 = 4 steps per epoch: step 5 is the 2nd step of epoch 2
-    spec = tiny_spec(["fault.nan_at_step=5", "optim.epochs=3"])
+    spec = tiny_spec(["optim.epochs=3"])
     name = _name("nan")
     with pytest.raises(Exception) as info:
-        run_experiment(spec, run_name=name)
+        run_experiment(spec, run_name=name, step_hooks=[PoisonLoss(at_step=5)])
     msg = str(info.value)
     assert "non-finite loss" in msg and "at step 5 (epoch 2)" in msg and "'mae'" in msg, msg
 
@@ -100,10 +101,10 @@ def test_cli_validate_redacts_secrets(tmp_path):
 def test_worker_loss_restarts_from_last_checkpoint(ray_session, tiny_spec, capfd):
     spec = tiny_spec([
         "scaling.num_workers=2", "scaling.max_failures=2", "optim.epochs=4", "checkpoint.every_epochs=1",
-        "fault.kill_rank_at_epoch=2", "fault.kill_rank=1", "eval.knn.enabled=false",
+        "eval.knn.enabled=false",
     ])
     name = _name("workerloss")
-    res = run_experiment(spec, run_name=name)
+    res = run_experiment(spec, run_name=name, step_hooks=[KillWorkerOnce(epoch=2, rank=1)])
 
     marker = Path(os.environ.get("TMPDIR", "/tmp")) / "ssl_platform_faults" / f"killed-{name}"
     assert marker.exists(), "the fault was not injected"
@@ -143,7 +144,7 @@ def test_preflight_data_errors(tiny_spec, tmp_path):
     from ssl_platform.data import DataError
     from ssl_platform.preflight import check_data
 
-    with pytest.raises(DataError, match="expected an existing directory for data.name=image_folder"):
+    with pytest.raises(DataError, match="data.root: expected an ImageFolder directory .* which does not exist"):
         check_data(tiny_spec(["data.name=image_folder", f"data.root={tmp_path / 'nope'}"]))
     flat = tmp_path / "flat"
     flat.mkdir()

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from ssl_platform.chain import load_chain, run_chain
+from ssl_platform.hooks import PoisonLoss
 from ssl_platform.run import run_experiment
 from ssl_platform.s3 import download_checkpoint, latest_complete_checkpoint_uri, list_checkpoint_uris
 from ssl_platform.storage import load_training_checkpoint
@@ -50,21 +51,19 @@ def test_run_checkpoints_to_s3_and_resumes_from_latest_complete(ray_session, tin
     assert last["state"]["epoch"] == 3
 
 
-def _chain_file(tmp_path, bucket: str, fault: dict | None) -> str:
+def _chain_file(tmp_path, bucket: str) -> str:
     stage1 = tiny_spec_dict(tmp_path)
     stage1["method"]["mask_type"] = "multiblock"
     stage2 = tiny_spec_dict(tmp_path)
     stage2["name"] = "tiny-salt"
     stage2["method"] = {**SALT_TINY, "teacher": "${stages.stage1.encoder}"}
-    if fault:
-        stage2["fault"] = fault
     for s in (stage1, stage2):  # set once at the chain level; no kNN evaluation, to keep the test short
         del s["checkpoint"]["uri"], s["tracking"]
         s["eval"] = {"knn": {"enabled": False}}
     chain = {"name": "tiny-chain", "checkpoint": {"uri": f"s3://{bucket}/chains"},
              "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "chains"},
              "stages": {"stage1": stage1, "stage2": stage2}}
-    path = tmp_path / ("chain-fault.yaml" if fault else "chain.yaml")
+    path = tmp_path / "chain.yaml"
     path.write_text(yaml.safe_dump(chain, sort_keys=False))
     return str(path)
 
@@ -74,9 +73,9 @@ def test_chain_s3_teacher_bit_exact_and_resume_after_stage2_failure(ray_session,
 
     bucket = s3_server["bucket"]
     # 64 training images / batch 16 = 4 steps per epoch: step 5 is in epoch 2, after stage 2's first checkpoint
-    failing = load_chain(_chain_file(tmp_path, bucket, {"nan_at_step": 5}))
+    failing = load_chain(_chain_file(tmp_path, bucket))
     with pytest.raises(WorkerGroupError, match="non-finite loss .* at step 5"):
-        run_chain(failing)
+        run_chain(failing, step_hooks={"stage2": [PoisonLoss(at_step=5)]})
     state = json.loads(boto3.client("s3").get_object(Bucket=bucket, Key="chains/tiny-chain/chain_state.json")["Body"].read())
     assert state["stages"]["stage1"]["status"] == "FINISHED"
     assert state["stages"]["stage2"]["status"] == "FAILED"
@@ -85,7 +84,7 @@ def test_chain_s3_teacher_bit_exact_and_resume_after_stage2_failure(ray_session,
     stage1_keys = _keys(bucket, "chains/tiny-chain-stage1/")
     failed_stage2_run = state["stages"]["stage2"]["run_id"]
 
-    res = run_chain(load_chain(_chain_file(tmp_path, bucket, None)))  # same chain name: resumes
+    res = run_chain(load_chain(_chain_file(tmp_path, bucket)))  # same chain name: resumes
 
     assert res.stages["stage1"]["skipped"] and not res.stages["stage2"]["skipped"]
     assert _keys(bucket, "chains/tiny-chain-stage1/") == stage1_keys  # stage 1 was not rerun
@@ -109,5 +108,5 @@ def test_chain_s3_teacher_bit_exact_and_resume_after_stage2_failure(ray_session,
     for k, v in teacher.items():
         assert torch.equal(model[f"teacher.{k}"], v), k  # the frozen teacher is stage 1's encoder, bit for bit
 
-    again = run_chain(load_chain(_chain_file(tmp_path, bucket, None)))
+    again = run_chain(load_chain(_chain_file(tmp_path, bucket)))
     assert again.stages["stage1"]["skipped"] and again.stages["stage2"]["skipped"]

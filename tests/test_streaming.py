@@ -1,0 +1,171 @@
+"""The streamed data path: listing, CPU decoding into canvases, Ray Data shards per Train worker, bad files.
+
+Real parts only: generated JPEG/PNG trees on disk and on the moto S3 server, real Ray Data in a real local Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from pathlib import Path
+
+import boto3
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks.image_tree import encode_image, write_image_tree
+from ssl_platform.data import DataError
+from ssl_platform.sources import in_test_split, list_image_folder, split_by_hash
+from ssl_platform.streaming import InMemoryImages, decode_batch, decode_to_canvas
+
+
+# ---- CPU side ----------------------------------------------------------------------------------------------
+def test_decode_fits_the_canvas_keeping_aspect_and_never_enlarges():
+    rng = np.random.default_rng(0)
+    big = encode_image((rng.random((375, 500, 3)) * 255).astype(np.uint8))
+    canvas, h, w = decode_to_canvas(big, 64)
+    assert canvas.shape == (64, 64, 3) and canvas.dtype == np.uint8
+    assert (h, w) == (48, 64)  # 500x375 -> long side 64
+    assert canvas[h:].max() == 0  # zero padding below the image
+    small = encode_image((rng.random((20, 10, 3)) * 255).astype(np.uint8), "PNG")
+    canvas, h, w = decode_to_canvas(small, 64)
+    assert (h, w) == (20, 10) and canvas[:20, :10].any() and canvas[20:].max() == 0 and canvas[:, 10:].max() == 0
+    grey = io.BytesIO()
+    Image.fromarray((rng.random((30, 30)) * 255).astype(np.uint8), mode="L").save(grey, format="PNG")
+    assert decode_to_canvas(grey.getvalue(), 32)[0].shape == (32, 32, 3)  # grey -> RGB
+
+
+def test_decode_batch_labels_by_class_folder_and_flags_corrupt_files():
+    good = encode_image(np.full((12, 16, 3), 200, dtype=np.uint8))
+    batch = {
+        "bytes": np.array([good, b"not an image", good, good], dtype=object),
+        "path": np.array(["/d/b/1.jpg", "/d/a/2.jpg", "/d/loose.jpg", "/d/zzz/3.jpg"], dtype=object),
+    }
+    out = decode_batch(batch, canvas=16, root="/d", class_index={"a": 0, "b": 1})
+    # the loose file and the unknown class are dropped; the corrupt one is a bad row with its path
+    assert list(out["path"]) == ["/d/b/1.jpg", "/d/a/2.jpg"]
+    assert out["label"].tolist() == [1, 0] and out["ok"].tolist() == [True, False]
+    assert out["image"].shape == (2, 16, 16, 3) and out["size"].tolist() == [[12, 16], [0, 0]]
+    held = decode_batch(batch, canvas=16, root="/d", class_index={"a": 0, "b": 1}, holdout=(0.5, True))
+    kept = [p for p in ["/d/b/1.jpg", "/d/a/2.jpg"] if in_test_split(p[len("/d/"):], 0.5)]
+    assert list(held["path"]) == kept
+
+
+def test_listing_and_hash_split(tmp_path):
+    write_image_tree(tmp_path / "tree", num_classes=3, per_class=20, mean_size=(12, 16))
+    listing = list_image_folder(str(tmp_path / "tree"))
+    assert listing.classes == ["class_000", "class_001", "class_002"] and len(listing) == 60
+    assert listing.labels == [0] * 20 + [1] * 20 + [2] * 20
+    train, test = split_by_hash(listing, 0.25)
+    assert len(train) + len(test) == 60 and 5 <= len(test) <= 25
+    assert not set(train.files) & set(test.files)
+    assert split_by_hash(listing, 0.25)[1].files == test.files  # deterministic
+
+
+def test_listing_errors_name_the_key_and_uri(tmp_path, s3_server):
+    with pytest.raises(DataError, match=r"data.root: expected an ImageFolder directory .*nope.*does not exist"):
+        list_image_folder(str(tmp_path / "nope"))
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match="the dataset is empty"):
+        list_image_folder(str(tmp_path / "empty"))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.png").write_bytes(encode_image(np.zeros((4, 4, 3), np.uint8), "PNG"))
+    with pytest.raises(DataError, match="images lie directly under it"):
+        list_image_folder(str(tmp_path / "flat"), key="data.val_root")
+    with pytest.raises(DataError, match=r"data.root: .*s3://no-such-bucket-x/train"):
+        list_image_folder("s3://no-such-bucket-x/train")
+    with pytest.raises(DataError, match=r"data.root: .*s3://ssl-test/missing/prefix.*does not exist"):
+        list_image_folder(f"s3://{s3_server['bucket']}/missing/prefix")
+
+
+def test_in_memory_shards_are_disjoint_cover_and_reshuffle():
+    data = InMemoryImages.from_float(torch.rand(50, 3, 4, 4), torch.arange(50) % 5)
+    epoch0 = [data.shard_indices(r, 2, 0, seed=1) for r in range(2)]
+    assert len(epoch0[0]) == len(epoch0[1]) == 25 and not set(epoch0[0].tolist()) & set(epoch0[1].tolist())
+    assert not torch.equal(epoch0[0], data.shard_indices(0, 2, 1, seed=1))
+    evaluation = torch.cat([data.shard_indices(r, 3, None, seed=1) for r in range(3)])
+    assert sorted(evaluation.tolist()) == list(range(50))  # evaluation: every image once, nothing dropped
+
+
+# ---- through Ray Train ---------------------------------------------------------------------------------
+def _folder_spec(tiny_spec, root: str, val_root: str | None, extra: list[str] | None = None):
+    overrides = ["data.name=image_folder", f"data.root={root}", "data.batch_size=8", "data.image_size=16",
+                 "data.decode_size=24", *([f"data.val_root={val_root}"] if val_root else []), *(extra or [])]
+    return tiny_spec(overrides)
+
+
+@pytest.mark.slow
+def test_two_workers_see_disjoint_files_that_cover_each_epoch(ray_session, tiny_spec, tmp_path):
+    from ssl_platform.run import run_experiment
+    from tests.recording_hooks import RecordKeys
+
+    files = write_image_tree(tmp_path / "train", num_classes=2, per_class=16, mean_size=(30, 40))
+    write_image_tree(tmp_path / "val", num_classes=2, per_class=4, mean_size=(30, 40), seed=1)
+    spec = _folder_spec(tiny_spec, str(tmp_path / "train"), str(tmp_path / "val"), ["scaling.num_workers=2"])
+    hook = RecordKeys(str(tmp_path / "seen"))
+    res = run_experiment(spec, run_name=f"stream-{uuid.uuid4().hex[:6]}", step_hooks=[hook])
+
+    assert res.metrics["epoch"] == 2 and res.metrics["global_step"] == 2 * 4  # 32 files / 2 workers / 4 per batch
+    assert 0.0 <= res.metrics["knn_top1"] <= 1.0 and res.metrics["bad_images"] == 0
+    rows = hook.read()
+    everything = sorted(str(f) for f in files)
+    orders = []
+    for epoch in (0, 1):
+        per_rank = {r: [k for row in rows if row["epoch"] == epoch and row["rank"] == r for k in row["keys"]] for r in (0, 1)}
+        assert len(per_rank[0]) == len(per_rank[1]) == 16
+        assert not set(per_rank[0]) & set(per_rank[1])  # disjoint
+        assert sorted(per_rank[0] + per_rank[1]) == everything  # together: the whole epoch
+        orders.append(per_rank[0] + per_rank[1])
+    assert orders[0] != orders[1]  # files are shuffled again every epoch
+
+
+@pytest.mark.slow
+def test_s3_image_folder_trains_and_resumes(ray_session, tiny_spec, tmp_path, s3_server):
+    from ssl_platform.run import run_experiment
+
+    s3 = boto3.client("s3")
+    for f in write_image_tree(tmp_path / "tree", num_classes=2, per_class=14, mean_size=(30, 40)):
+        s3.put_object(Bucket=s3_server["bucket"], Key=f"data/{f.parent.name}/{f.name}", Body=f.read_bytes())
+    root = f"s3://{s3_server['bucket']}/data"
+    name = f"s3data-{uuid.uuid4().hex[:6]}"
+    first = run_experiment(_folder_spec(tiny_spec, root, None, ["optim.epochs=1", "data.test_fraction=0.25"]), run_name=name)
+    assert first.metrics["epoch"] == 1 and "knn_top1" in first.metrics
+    second = run_experiment(_folder_spec(tiny_spec, root, None, ["optim.epochs=2", "data.test_fraction=0.25"]),
+                            run_name=name, resume=True)
+    assert second.mlflow_run_id == first.mlflow_run_id and second.metrics["epoch"] == 2
+    assert second.metrics["global_step"] == 2 * first.metrics["global_step"]  # continued, not restarted
+    steps = [m.step for m in mlflow.MlflowClient(first.tracking_uri).get_metric_history(first.mlflow_run_id, "loss")]
+    assert sorted(steps) == [1, 2]  # epoch 1 was not trained (nor logged) twice
+
+
+@pytest.mark.slow
+def test_corrupt_files_are_skipped_counted_and_stop_the_run_past_the_limit(ray_session, tiny_spec, tmp_path):
+    from ray.train import WorkerGroupError
+
+    from ssl_platform.run import run_experiment
+
+    write_image_tree(tmp_path / "train", num_classes=2, per_class=12, mean_size=(30, 40))
+    write_image_tree(tmp_path / "val", num_classes=2, per_class=3, mean_size=(30, 40), seed=1)
+    broken = tmp_path / "train" / "class_001" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 this is not a jpeg")
+    ok = run_experiment(_folder_spec(tiny_spec, str(tmp_path / "train"), str(tmp_path / "val"),
+                                     ["optim.epochs=1", "data.max_bad_fraction=0.2"]), run_name=f"bad-{uuid.uuid4().hex[:6]}")
+    assert ok.metrics["bad_images"] <= 1 and ok.metrics["epoch"] == 1  # skipped (or dropped with the last batch)
+    history = mlflow.MlflowClient(ok.tracking_uri).get_metric_history(ok.mlflow_run_id, "bad_images")
+    assert [m.value for m in history] == [ok.metrics["bad_images"]]
+    with pytest.raises(WorkerGroupError, match=r"data.max_bad_fraction: .*broken.jpg"):
+        run_experiment(_folder_spec(tiny_spec, str(tmp_path / "train"), str(tmp_path / "val"),
+                                    ["optim.epochs=1", "data.max_bad_fraction=0.0", "data.batch_size=25"]),
+                       run_name=f"bad-{uuid.uuid4().hex[:6]}")
+
+
+def test_missing_s3_prefix_is_refused_before_ray(tiny_spec, tmp_path, s3_server):
+    from ssl_platform.run import run_experiment
+
+    spec = _folder_spec(tiny_spec, f"s3://{s3_server['bucket']}/nothing-here", None)
+    with pytest.raises(DataError, match=r"data.root: .*s3://ssl-test/nothing-here.*does not exist"):
+        run_experiment(spec, run_name="never-starts")
+    assert not Path(spec.checkpoint.uri).exists()
