@@ -190,7 +190,7 @@ def prepare(method: str, cfg: BenchConfig, workdir: Path, seed: int = 0, optimiz
 
     from ssl_platform.data import ViewDataset, build_view_transform
     from ssl_platform.optim import build_optimizer, build_scheduler, param_groups
-    from ssl_platform.train import build_method_from_spec, seed_everything, to_device
+    from ssl_platform.train import build_method_from_spec, seed_everything
 
     teacher = fresh_teacher(cfg, workdir / f"teacher-{cfg.name}") if method == "salt" else None
     spec = method_spec(method, cfg, teacher)
@@ -228,6 +228,17 @@ def train_step(p: Prepared) -> torch.Tensor:
     p.method.after_optimizer_step()
     p.step_index += 1
     return out.loss.detach()
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a (nested) view batch on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

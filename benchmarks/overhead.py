@@ -1,7 +1,7 @@
 """Platform overhead: the same epochs through ``TorchTrainer`` (1 worker) and through a bare PyTorch loop.
 
 Both sides run the default experiment's spec (``experiments/mae_vit_tiny_digits.yaml``, no kNN evaluation, one
-checkpoint at the end, no MLflow run) on the same data with the same ``DataLoader``, method, AdamW + schedule,
+checkpoint at the end, no MLflow run) on the same data with the same uint8 batches, device-side views, method, AdamW + schedule,
 hooks and clipping. Compared:
 
 * per epoch: the worker's own ``epoch_time_s`` against the bare loop's epoch time (first epoch of each side
@@ -49,54 +49,49 @@ def overhead_spec(epochs: int, batch_size: int, test_fraction: float, storage: P
 
 
 def bare_loop(spec, device: torch.device, threads: int | None) -> dict[str, Any]:
-    """What ``train_loop_per_worker`` does for 1 worker, without Ray: same seeds, loader, steps and hooks."""
-    from torch.utils.data import DataLoader
-
-    from ssl_platform.data import ViewDataset, build_view_transform, load_split
+    """What ``train_loop_per_worker`` does for 1 worker, without Ray: the same seeds, uint8 batches, device-side
+    views and the platform's own :func:`ssl_platform.train.train_step`, with the loss read once per epoch."""
+    from ssl_platform.augment import BatchViews
+    from ssl_platform.data import load_split
     from ssl_platform.optim import build_optimizer, build_scheduler
-    from ssl_platform.train import build_method_from_spec, seed_everything, to_device
+    from ssl_platform.streaming import InMemoryImages
+    from ssl_platform.train import (
+        LoopConfig,
+        Training,
+        Worker,
+        WorkerData,
+        build_method_from_spec,
+        seed_everything,
+        train_step,
+    )
 
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)  # the worker's OMP_NUM_THREADS (set for both sides by run_overhead)
     autocast_dtype = torch.bfloat16 if (device.type == "cuda" and spec.scaling.precision == "bf16") else None
+    worker = Worker(spec, LoopConfig(spec={}, run_name="bare"), 0, 1, device, autocast_dtype)
     seed_everything(spec.seed)
-    method = build_method_from_spec(spec)
+    method = build_method_from_spec(spec).to(device)
     split = load_split(spec.data)
-    ds = ViewDataset(split.train, build_view_transform(method.view_kind, spec.data))
-    seed_everything(spec.seed)
-    is_cuda = device.type == "cuda"
-    loader = DataLoader(
-        ds, batch_size=spec.data.batch_size, shuffle=True, drop_last=True, num_workers=spec.data.num_workers,
-        pin_memory=is_cuda, persistent_workers=spec.data.num_workers > 0,
-        generator=torch.Generator().manual_seed(spec.seed),
-    )  # fmt: skip
-    steps_per_epoch = len(loader)
-    total = spec.optim.epochs * steps_per_epoch
-    method.to(device)
+    images = InMemoryImages.from_float(split.train.images, split.train.labels)
+    views = BatchViews.from_spec(method.view_kind, spec.data)
+    batch_size = spec.data.batch_size
+    steps_per_epoch = len(images) // batch_size
+    data = WorkerData(batch_size, steps_per_epoch, split.num_classes, train=None, evaluation=None,
+                      views=lambda batch, gen: views(batch.images, batch.sizes, gen), eval_input=None)
     optimizer = build_optimizer(method, spec.optim, device)
-    scheduler = build_scheduler(optimizer, spec.optim, steps_per_epoch)
+    training = Training(method, method, optimizer, build_scheduler(optimizer, spec.optim, steps_per_epoch))
     epoch_times = []
-    step = 0
     for epoch in range(spec.optim.epochs):
         method.train()
+        generator = torch.Generator(device=device).manual_seed(spec.seed + epoch)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        for i, batch in enumerate(loader):
-            batch = to_device(batch, device)
-            method.on_train_step(step, total, epoch + i / steps_per_epoch)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = method(**batch)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            method.before_optimizer_step(epoch + i / steps_per_epoch)
-            if spec.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(method.parameters(), spec.optim.clip_grad)
-            optimizer.step()
-            scheduler.step()
-            method.after_optimizer_step()
-            loss_sum += out.loss.detach().float()
-            step += 1
+        for i, batch in enumerate(images.batches(batch_size, 0, 1, epoch, spec.seed)):
+            info = None  # no step hooks
+            loss, _, _ = train_step(worker, data, training, batch.to(device), generator, info, epoch + i / steps_per_epoch)
+            loss_sum += loss.float()
+            training.global_step += 1
         float(loss_sum)  # the platform reads the epoch's mean loss: one host sync per epoch
         epoch_times.append(time.perf_counter() - t0)
     return {"epoch_time_s": epoch_times, "wall_s": time.perf_counter() - t_start, "steps_per_epoch": steps_per_epoch}

@@ -4,7 +4,9 @@ the generated tables of ``benchmarks/README.md``.
 Sections (``--only a,b``): ``steps`` (train-step throughput of every method, FLOPs, MFU on CUDA, and SALT stage
 2 against DINO and MAE), ``pipeline`` (views/s and masks/s; loader- or model-bound), ``overhead``
 (``TorchTrainer`` against a bare loop, Ray start-up), ``opt`` (AdamW / attention / autocast A/B), ``compile``
-(``torch.compile`` A/B; default on CUDA only: minutes of compilation on a small CPU). ``salt`` is an alias of
+(``torch.compile`` A/B; default on CUDA only: minutes of compilation on a small CPU), ``data`` (the streamed data
+path on generated JPEG trees: CPU decode throughput against a ``DataLoader``, time to the first step and worker
+peak RSS at two dataset sizes). ``salt`` is an alias of
 ``steps`` restricted to SALT, DINO and MAE. A run of some sections updates those sections of an existing
 results file of the same machine and keeps the others.
 """
@@ -24,7 +26,7 @@ import torch
 from benchmarks import common
 from benchmarks.common import METHODS, RESULTS_DIR
 
-SECTIONS = ("steps", "pipeline", "opt", "compile", "overhead")
+SECTIONS = ("steps", "pipeline", "opt", "compile", "overhead", "data")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -157,6 +159,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 ov = (2, 32, 0.9) if quick else (4, 32, 0.8)
             record("overhead", lambda: run_overhead(*ov, device=device, threads=args.threads, log=log))
+
+        if "data" in sections:
+            from benchmarks.data import run_data
+
+            sizes, images = ((100, 400), 200) if args.tiny else ((1000, 8000), 2000)
+            record("data", lambda: run_data(work, 2 if quick else 3, sizes, images, log))
 
     if not args.no_plot:
         from benchmarks.report import plot_throughput

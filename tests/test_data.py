@@ -1,11 +1,9 @@
-"""Datasets: embedded digits, generated images, image folders (real PNG files), clear data errors."""
+"""In-memory datasets: embedded digits, generated images, clear data errors (image folders: test_streaming.py)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ssl_platform.data import (
     DataError,
@@ -13,7 +11,6 @@ from ssl_platform.data import (
     ViewDataset,
     _check_images,
     load_digits_split,
-    load_image_folder_split,
     make_synthetic_split,
 )
 
@@ -32,27 +29,6 @@ def test_synthetic_images_are_class_conditional():
     s = make_synthetic_split(num_samples=60, num_classes=3, image_size=16)
     assert s.train.images.shape[1:] == (3, 16, 16) and s.num_classes == 3
     assert set(s.train.labels.tolist()) == {0, 1, 2}
-
-
-def test_image_folder_reads_real_files(tmp_path):
-    rng = np.random.default_rng(0)
-    for cls in ("cat", "dog"):
-        (tmp_path / cls).mkdir()
-        for i in range(5):
-            arr = (rng.random((20, 24, 3)) * 255).astype(np.uint8)
-            Image.fromarray(arr).save(tmp_path / cls / f"{i}.png")
-    Image.fromarray((rng.random((20, 24)) * 255).astype(np.uint8), mode="L").save(tmp_path / "dog" / "grey.png")
-    split = load_image_folder_split(str(tmp_path), image_size=16, test_fraction=0.3)
-    assert split.num_classes == 2
-    assert split.train.images.shape[1:] == (3, 16, 16)
-    assert len(split.train.labels) + len(split.test.labels) == 11
-
-
-def test_empty_or_missing_folder_gives_clear_error(tmp_path):
-    with pytest.raises(DataError, match="empty"):
-        load_image_folder_split(str(tmp_path))
-    with pytest.raises(DataError, match="not a directory"):
-        load_image_folder_split(str(tmp_path / "missing"))
 
 
 def test_wrong_shapes_and_channels_are_rejected():

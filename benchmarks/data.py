@@ -1,0 +1,197 @@
+"""The data path at dataset scale (``--only data``), on generated ImageFolder trees of ~500x375 JPEGs.
+
+* **CPU throughput**, side by side, round-robin over ``repeats`` rounds, on the same files and cores:
+  the platform's CPU side (Ray Data ``read_binary_files`` -> :func:`ssl_platform.streaming.decode_batch` into
+  304 px canvases, all cores) against a torch ``DataLoader`` (``num_workers`` = cores) over torchvision's
+  ``ImageFolder`` with (a) the per-sample DINO multi-crop the platform used to run on the CPU and (b) only a
+  decode + resize (the same CPU work as the platform's). Reported as images/s per core.
+* **Scale**: time to the first training step and peak RSS of the Train worker process, through
+  ``run_experiment`` (1 worker, ``data.name=image_folder``, evaluation off) at two dataset sizes. A step hook
+  (:class:`FirstSteps`) records the wall-clock time of step 1 and the worker's ``ru_maxrss`` after a few steps,
+  then stops the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import summarize, usable_cores
+from benchmarks.image_tree import write_image_tree
+from ssl_platform.hooks import StepHook, StepInfo
+from ssl_platform.streaming import ImageBatch
+
+CACHE = Path(os.environ.get("SSL_PLATFORM_BENCH_CACHE", Path.home() / ".cache" / "ssl_platform_bench"))
+CANVAS = 304  # the platform's default canvas for image_size 224
+
+
+def image_tree(n: int, log: Callable[[str], None]) -> Path:
+    """A cached tree of ``n`` JPEGs (10 classes) around 500x375."""
+    root = CACHE / f"tree-{n}"
+    done = root / ".complete"
+    if not done.exists():
+        log(f"data: generating {n} JPEGs under {root}")
+        write_image_tree(root, num_classes=10, per_class=n // 10, mean_size=(375, 500), seed=n)
+        done.write_text("ok")
+    return root
+
+
+# ---- CPU throughput -------------------------------------------------------------------------------------
+def _platform_pass(root: Path) -> tuple[int, float]:
+    from functools import partial
+
+    import ray.data
+
+    from ssl_platform.sources import list_image_folder
+    from ssl_platform.streaming import decode_batch
+
+    listing = list_image_folder(str(root))
+    ds = ray.data.read_binary_files(str(root), include_paths=True, file_extensions=["jpg"])
+    ds = ds.map_batches(partial(decode_batch, canvas=CANVAS, root=listing.path,
+                                class_index={c: i for i, c in enumerate(listing.classes)}), batch_format="numpy", batch_size=32)
+    t0 = time.perf_counter()
+    n = sum(int(b["ok"].sum()) for b in ds.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=4))
+    return n, time.perf_counter() - t0
+
+
+def _dataloader_pass(root: Path, transform, workers: int) -> tuple[int, float]:
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+
+    from ssl_platform.views_multicrop import multicrop_collate
+
+    ds = datasets.ImageFolder(str(root), transform=transform)
+    collate = multicrop_collate if not hasattr(transform, "size_only") else None
+    loader = DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=collate, prefetch_factor=4)
+    t0 = time.perf_counter()
+    n = sum(len(labels) for _, labels in loader)
+    return n, time.perf_counter() - t0
+
+
+class _DecodeResize:
+    """The platform's CPU work per image as a torchvision transform: fit into the canvas, to a tensor."""
+
+    size_only = True
+
+    def __call__(self, img):
+        import torch
+        from PIL import Image
+
+        w, h = img.size
+        scale = min(1.0, CANVAS / max(w, h))
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+        out = torch.zeros(3, CANVAS, CANVAS, dtype=torch.uint8)
+        t = torch.from_numpy(__import__("numpy").asarray(img.convert("RGB"))).permute(2, 0, 1)
+        out[:, : t.shape[1], : t.shape[2]] = t
+        return out
+
+
+def cpu_throughput(root: Path, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
+    from ssl_platform.views_multicrop import MultiCropTransform
+
+    cores = usable_cores()
+    multicrop = MultiCropTransform(224, 96, n_global=2, n_local=6)
+    variants = {
+        "platform_ray_data_decode": lambda: _platform_pass(root),
+        "dataloader_multicrop_per_sample": lambda: _dataloader_pass(root, multicrop, cores),
+        "dataloader_decode_resize": lambda: _dataloader_pass(root, _DecodeResize(), cores),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(repeats):
+        for name, fn in variants.items():
+            n, seconds = fn()
+            rates[name].append(n / seconds / cores)
+            log(f"data: round {r + 1}/{repeats} {name}: {n / seconds:.1f} images/s ({n} images, {cores} cores)")
+    out: dict[str, Any] = {"cores": cores, "images": len(list(root.rglob("*.jpg"))), "canvas": CANVAS,
+                           "images_per_s_per_core": {k: summarize(v) for k, v in rates.items()}}
+    base = rates["dataloader_multicrop_per_sample"]
+    out["platform_vs_multicrop_dataloader"] = summarize([p / b for p, b in zip(rates["platform_ray_data_decode"], base)])
+    out["platform_vs_decode_dataloader"] = summarize(
+        [p / b for p, b in zip(rates["platform_ray_data_decode"], rates["dataloader_decode_resize"])])
+    return out
+
+
+# ---- time to first step and worker memory at two sizes --------------------------------------------------
+class StopBenchmark(RuntimeError):
+    """Raised by :class:`FirstSteps` once it has measured: ends the benchmark run early."""
+
+
+@dataclass
+class FirstSteps(StepHook):
+    """Records the wall-clock time of the first step and the worker's peak RSS after ``steps`` steps."""
+
+    path: str
+    steps: int = 8
+
+    def before_step(self, info: StepInfo, batch: ImageBatch) -> None:
+        record = Path(self.path)
+        if info.global_step == 0:
+            record.write_text(json.dumps({"first_step_at": time.time()}))
+        if info.global_step == self.steps:
+            data = json.loads(record.read_text())
+            data["worker_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            record.write_text(json.dumps(data))
+            raise StopBenchmark(f"measured {self.steps} steps")
+
+
+def first_step(root: Path, work: Path, batch_size: int = 32) -> dict[str, float]:
+    from ssl_platform.run import run_experiment
+    from ssl_platform.spec import read_yaml, spec_from_dict
+
+    raw = read_yaml(Path(__file__).resolve().parents[1] / "experiments" / "mae_vit_tiny_digits.yaml")
+    raw["data"] = {"name": "image_folder", "root": str(root), "image_size": 64, "batch_size": batch_size,
+                   "test_fraction": 0.1}
+    raw["method"]["encoder_kwargs"]["img_size"] = 64
+    raw["method"]["encoder_kwargs"]["patch_size"] = 8
+    raw["optim"].update(epochs=1, warmup_epochs=0)
+    raw["checkpoint"] = {"uri": str(work / "ckpt"), "every_epochs": 1, "keep": 1}
+    raw["tracking"] = {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "bench-data"}
+    raw["eval"] = {"knn": {"enabled": False}, "linear": {"enabled": False}, "random_init_baseline": False}
+    spec = spec_from_dict(raw, source="benchmarks/data.py")
+    record = work / f"first-{root.name}.json"
+    t0 = time.time()
+    try:
+        run_experiment(spec, run_name=f"bench-data-{root.name}-{os.getpid()}", step_hooks=[FirstSteps(str(record))])
+    except Exception as err:  # noqa: BLE001 -- the hook stops the run once it has measured
+        if "StopBenchmark" not in repr(err) and "measured" not in str(err):
+            raise
+    data = json.loads(record.read_text())
+    return {"time_to_first_step_s": data["first_step_at"] - t0, "worker_max_rss_mb": data["worker_max_rss_mb"]}
+
+
+def scale(sizes: tuple[int, ...], repeats: int, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    roots = {n: image_tree(n, log) for n in sizes}
+    runs: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
+    for r in range(repeats):
+        for n, root in roots.items():
+            res = first_step(root, work / f"scale-{n}-{r}")
+            runs[n].append(res)
+            log(f"data: {n} images, round {r + 1}: first step after {res['time_to_first_step_s']:.1f} s, "
+                f"worker peak RSS {res['worker_max_rss_mb']:.0f} MB")
+    out: dict[str, Any] = {str(n): {k: summarize([x[k] for x in v]) for k in v[0]} for n, v in runs.items()}
+    small, large = min(sizes), max(sizes)
+    for key in ("time_to_first_step_s", "worker_max_rss_mb"):
+        out[f"{key}_ratio_{large}_vs_{small}"] = round(
+            statistics.median(x[key] for x in runs[large]) / statistics.median(x[key] for x in runs[small]), 3)
+    return out
+
+
+def run_data(work: Path, repeats: int, sizes: tuple[int, ...], throughput_images: int,
+             log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+    import ray
+
+    from ssl_platform.run import init_ray
+
+    init_ray()
+    try:
+        return {"throughput": cpu_throughput(image_tree(throughput_images, log), repeats, log),
+                "scale": scale(sizes, max(1, repeats - 1), work, log)}
+    finally:
+        ray.shutdown()
