@@ -425,11 +425,14 @@ def prepare_shards(
     ident = _identity(source, listing, shard_size, seed)
     complete, done = _start_state(target, ident, overwrite)
     if complete is not None:
-        manifest = read_manifest(dest, key="DEST")  # validated, every shard present with its size
-        _info(f"{target.where(MANIFEST_NAME)} already holds this dataset ({manifest.num_images} images, "
-              f"{len(manifest.shards)} shards): nothing to do")  # fmt: skip
-        if verify:
-            verify_shards(manifest, workers=workers, progress=progress)
+        try:
+            manifest = read_manifest(dest, key="DEST")  # validated, every shard present with its size
+            _info(f"{target.where(MANIFEST_NAME)} already holds this dataset ({manifest.num_images} images, "
+                  f"{len(manifest.shards)} shards): nothing to do")  # fmt: skip
+            if verify:
+                verify_shards(manifest, workers=workers, progress=progress)
+        except DataError as err:
+            raise DataError(f"{err}. Pass --overwrite to write the dataset again") from None
         return PrepareResult(manifest, [], [s.name for s in manifest.shards], True, time.monotonic() - start)
 
     plan = plan_shards(len(listing), shard_size, seed)
@@ -519,7 +522,13 @@ def prepare_shards(
     }  # fmt: skip
     manifest = _manifest_from_json(dest, target.path, manifest_json)
     if verify:
-        verify_shards(manifest, workers=workers, progress=progress)
+        problems = shard_problems(manifest, workers=workers, progress=progress)
+        if problems:  # forget them: a rerun writes them again
+            for info, _ in problems:
+                done.pop(info.name, None)
+            target.write_json(PROGRESS_NAME, record)
+            raise DataError(f"{_describe_problems(manifest, problems)}; no manifest was written: run the same command "
+                            "again to write these shards again")  # fmt: skip
     target.write_json(MANIFEST_NAME, manifest_json)  # last: DEST is complete from here on
     target.delete(PROGRESS_NAME)
     seconds = time.monotonic() - start
@@ -609,20 +618,29 @@ def _check_shard(fs, path: str, info: ShardInfo) -> str | None:
     return None
 
 
-def verify_shards(manifest: ShardManifest, *, workers: int = DEFAULT_WORKERS, progress: bool = False) -> None:
-    """Re-read every shard: size, SHA-256, row count and columns against the manifest; :class:`DataError` lists
-    every shard that differs."""
+def shard_problems(manifest: ShardManifest, *, workers: int = DEFAULT_WORKERS, progress: bool = False) -> list[tuple[ShardInfo, str]]:
+    """Re-read every shard (in parallel): ``(shard, problem)`` for each whose size, SHA-256, row count or columns
+    differ from the manifest."""
     from tqdm import tqdm
 
     fs, _ = data_filesystem(manifest.uri)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda a: _check_shard(fs, *a), zip(manifest.shard_paths, manifest.shards))
-        problems = [(uri, p) for uri, p in zip(manifest.shard_uris, tqdm(results, total=len(manifest.shards), unit="shard",
-                                                                          desc="verify", disable=not progress)) if p]  # fmt: skip
+        checked = tqdm(results, total=len(manifest.shards), unit="shard", desc="verify", disable=not progress)
+        return [(info, p) for info, p in zip(manifest.shards, checked) if p]
+
+
+def _describe_problems(manifest: ShardManifest, problems: list[tuple[ShardInfo, str]]) -> str:
+    base = manifest.uri.rstrip("/")
+    listed = "; ".join(f"{base}/{info.name}: {p}" for info, p in problems[:5])
+    return f"{len(problems)} of {len(manifest.shards)} shards of {manifest.uri!r} do not match {MANIFEST_NAME}: {listed}"
+
+
+def verify_shards(manifest: ShardManifest, *, workers: int = DEFAULT_WORKERS, progress: bool = False) -> None:
+    """:func:`shard_problems`, raised as one :class:`DataError` naming every shard that differs (up to 5)."""
+    problems = shard_problems(manifest, workers=workers, progress=progress)
     if problems:
-        listed = "; ".join(f"{u}: {p}" for u, p in problems[:5])
-        raise DataError(f"{len(problems)} of {len(manifest.shards)} shards of {manifest.uri!r} do not match "
-                        f"{MANIFEST_NAME}: {listed}")  # fmt: skip
+        raise DataError(_describe_problems(manifest, problems))
 
 
 def iter_shard_rows(manifest: ShardManifest, columns: tuple[str, ...] = ("image", "label", "path")) -> Iterator[dict[str, Any]]:
@@ -639,9 +657,12 @@ def iter_shard_rows(manifest: ShardManifest, columns: tuple[str, ...] = ("image"
 
 # ---- CLI --------------------------------------------------------------------------------------------------
 def _cmd_prepare_data(args: argparse.Namespace) -> int:
-    res = prepare_shards(args.src, args.dest, shard_size=args.shard_size, workers=args.workers, seed=args.seed,
-                         overwrite=args.overwrite, verify=args.verify, max_bad_fraction=args.max_bad_fraction,
-                         progress=not args.no_progress)  # fmt: skip
+    try:
+        res = prepare_shards(args.src, args.dest, shard_size=args.shard_size, workers=args.workers, seed=args.seed,
+                             overwrite=args.overwrite, verify=args.verify, max_bad_fraction=args.max_bad_fraction,
+                             progress=not args.no_progress)  # fmt: skip
+    except KeyboardInterrupt:
+        return 130  # the message to rerun was printed; the shards written so far are kept
     m = res.manifest
     rate = sum(s.num_images for s in m.shards if s.name in res.written) / max(res.seconds, 1e-9)
     print(f"[ssl_platform] {m.num_images} images of {m.num_classes} classes in {len(m.shards)} shards at "
@@ -673,4 +694,4 @@ def register_cli(sub) -> None:
 
 
 __all__ = ["PrepareResult", "ShardInfo", "ShardManifest", "SkippedFile", "iter_shard_rows", "plan_shards",
-           "prepare_shards", "read_manifest", "register_cli", "verify_shards"]
+           "prepare_shards", "read_manifest", "register_cli", "shard_problems", "verify_shards"]

@@ -162,7 +162,7 @@ def test_interrupted_run_resumes_without_rewriting_finished_shards(tmp_path):
     for s in fresh.manifest.shards:
         assert (dest / s.name).read_bytes() == (tmp_path / "fresh" / s.name).read_bytes()
 
-    # a shard recorded as done but gone (or altered) since is written again
+    # a shard recorded as done but gone (or of another size) since is written again
     (dest / MANIFEST_NAME).unlink()
     progress["shards"]["shard-00001.parquet"]["bytes"] += 1
     (dest / PROGRESS_NAME).write_text(json.dumps(progress))
@@ -170,6 +170,19 @@ def test_interrupted_run_resumes_without_rewriting_finished_shards(tmp_path):
     assert res.written == ["shard-00001.parquet", "shard-00002.parquet", "shard-00003.parquet", "shard-00004.parquet",
                            "shard-00005.parquet"]  # fmt: skip
     verify_shards(read_manifest(str(dest)))
+
+    # --verify finds a recorded shard whose content changed (same size): no manifest; the rerun rewrites only it
+    (dest / MANIFEST_NAME).unlink()
+    (dest / PROGRESS_NAME).write_text(json.dumps(progress))
+    data = bytearray((dest / "shard-00000.parquet").read_bytes())
+    data[100] ^= 0xFF
+    (dest / "shard-00000.parquet").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"1 of 6 shards .*shard-00000.parquet: SHA-256.*run the same command again"):
+        prepare_shards(src, str(dest), shard_size=4, workers=2, progress=False, verify=True)
+    assert not (dest / MANIFEST_NAME).exists()
+    res = prepare_shards(src, str(dest), shard_size=4, workers=2, progress=False, verify=True)
+    assert res.written == ["shard-00000.parquet"]
+    assert (dest / "shard-00000.parquet").read_bytes() == (tmp_path / "fresh" / "shard-00000.parquet").read_bytes()
 
 
 def test_refusals_before_work_and_nothing_stored_is_lost(tmp_path):
@@ -243,6 +256,8 @@ def test_read_manifest_and_verify_name_the_key_and_the_problem(tmp_path):
     shard.unlink()
     with pytest.raises(DataError, match=r"data.root: shard .*shard-00001.parquet.* is missing"):
         read_manifest(str(dest))
+    with pytest.raises(DataError, match=r"DEST: shard .*shard-00001.parquet.* is missing. Pass --overwrite"):
+        prepare_shards(str(tmp_path / "src"), str(dest), shard_size=4, progress=False)
     m = local_json(dest / MANIFEST_NAME)
     del m["shards"][0]["sha256"]
     (dest / MANIFEST_NAME).write_text(json.dumps(m))
