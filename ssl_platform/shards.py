@@ -190,10 +190,11 @@ def _load(fs, path: str) -> tuple[bytes, str | None]:
 class _Destination:
     """DEST on local disk or S3: atomic shard writes, small JSON files, one listing of sizes."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, endpoint: str | None = None):
         self.uri = uri.rstrip("/") if uri.startswith("s3://") else uri
         self.s3 = uri.startswith("s3://")
-        self.fs, self.path = data_filesystem(uri)
+        self.endpoint = endpoint
+        self.fs, self.path = data_filesystem(uri, endpoint)
         self.path = self.path.rstrip("/")
 
     def where(self, name: str) -> str:
@@ -282,7 +283,7 @@ class _Destination:
         from ssl_platform.s3 import boto3_client, retry_with_backoff
 
         bucket, _, key = self.path.partition("/")
-        client = boto3_client()
+        client = boto3_client(self.endpoint)
         retry_with_backoff(lambda: client.upload_file(local_file, bucket, f"{key}/{name}" if key else name),
                            f"upload of {self.where(name)}", attempts=5, backoff_s=1.0,
                            retry_on=(OSError, BotoCoreError, ClientError))
@@ -536,11 +537,11 @@ def prepare_shards(
 
 
 # ---- reading -------------------------------------------------------------------------------------------------
-def read_manifest(uri: str, key: str = "data.root", *, check_files: bool = True) -> ShardManifest:
-    """The manifest of a sharded dataset at ``uri`` (local or ``s3://``), validated; with ``check_files``, every
-    shard is checked to exist with its recorded size (one listing). Errors are :class:`DataError` naming ``key``
-    and ``uri``."""
-    dest = _Destination(uri)
+def read_manifest(uri: str, key: str = "data.root", *, check_files: bool = True, endpoint: str | None = None) -> ShardManifest:
+    """The manifest of a sharded dataset at ``uri`` (local or ``s3://``; ``endpoint``: the spec's S3 endpoint, else
+    the AWS settings), validated; with ``check_files``, every shard is checked to exist with its recorded size (one
+    listing). Errors are :class:`DataError` naming ``key`` and ``uri``."""
+    dest = _Destination(uri, endpoint)
     where = dest.where(MANIFEST_NAME)
     try:
         m = dest.read_json(MANIFEST_NAME)
@@ -618,12 +619,13 @@ def _check_shard(fs, path: str, info: ShardInfo) -> str | None:
     return None
 
 
-def shard_problems(manifest: ShardManifest, *, workers: int = DEFAULT_WORKERS, progress: bool = False) -> list[tuple[ShardInfo, str]]:
+def shard_problems(manifest: ShardManifest, *, workers: int = DEFAULT_WORKERS, progress: bool = False,
+                   endpoint: str | None = None) -> list[tuple[ShardInfo, str]]:  # fmt: skip
     """Re-read every shard (in parallel): ``(shard, problem)`` for each whose size, SHA-256, row count or columns
     differ from the manifest."""
     from tqdm import tqdm
 
-    fs, _ = data_filesystem(manifest.uri)
+    fs, _ = data_filesystem(manifest.uri, endpoint)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda a: _check_shard(fs, *a), zip(manifest.shard_paths, manifest.shards))
         checked = tqdm(results, total=len(manifest.shards), unit="shard", desc="verify", disable=not progress)
@@ -636,19 +638,21 @@ def _describe_problems(manifest: ShardManifest, problems: list[tuple[ShardInfo, 
     return f"{len(problems)} of {len(manifest.shards)} shards of {manifest.uri!r} do not match {MANIFEST_NAME}: {listed}"
 
 
-def verify_shards(manifest: ShardManifest, *, workers: int = DEFAULT_WORKERS, progress: bool = False) -> None:
+def verify_shards(manifest: ShardManifest, *, workers: int = DEFAULT_WORKERS, progress: bool = False,
+                  endpoint: str | None = None) -> None:  # fmt: skip
     """:func:`shard_problems`, raised as one :class:`DataError` naming every shard that differs (up to 5)."""
-    problems = shard_problems(manifest, workers=workers, progress=progress)
+    problems = shard_problems(manifest, workers=workers, progress=progress, endpoint=endpoint)
     if problems:
         raise DataError(_describe_problems(manifest, problems))
 
 
-def iter_shard_rows(manifest: ShardManifest, columns: tuple[str, ...] = ("image", "label", "path")) -> Iterator[dict[str, Any]]:
+def iter_shard_rows(manifest: ShardManifest, columns: tuple[str, ...] = ("image", "label", "path"),
+                    endpoint: str | None = None) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Every row of every shard, in manifest order (one row group at a time): for checks and small tools; training
     reads shards through Ray Data."""
     import pyarrow.parquet as pq
 
-    fs, _ = data_filesystem(manifest.uri)
+    fs, _ = data_filesystem(manifest.uri, endpoint)
     for path in manifest.shard_paths:
         with fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP_SIZE, columns=list(columns)):
