@@ -289,12 +289,22 @@ class _Destination:
                            retry_on=(OSError, BotoCoreError, ClientError))
 
     def remove_stale_temporaries(self) -> None:
-        """Temporary shard files an interrupted local run left behind (never complete, never listed)."""
-        if self.s3:
+        """What an interrupted run left behind, never visible as a shard: temporary files next to the shards (local),
+        incomplete multipart uploads of shard keys (S3: invisible, but stored and billed until aborted)."""
+        if not self.s3:
+            for entry in os.scandir(self.path):
+                if entry.name.startswith(".shard-") and _TMP_MARK in entry.name and entry.is_file():
+                    os.unlink(entry.path)
             return
-        for entry in os.scandir(self.path):
-            if entry.name.startswith(".shard-") and _TMP_MARK in entry.name and entry.is_file():
-                os.unlink(entry.path)
+        from ssl_platform.s3 import boto3_client
+
+        bucket, _, key = self.path.partition("/")
+        prefix = f"{key}/" if key else ""
+        client = boto3_client(self.endpoint)
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                if SHARD_RE.match(upload["Key"][len(prefix):]):
+                    client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
 
 
 # ---- writing one shard ------------------------------------------------------------------------------------

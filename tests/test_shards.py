@@ -322,8 +322,13 @@ prepare_shards({src!r}, {dest!r}, shard_size=5, workers=2, progress=False, after
     assert MANIFEST_NAME not in versions
     with pytest.raises(DataError, match="did not finish: run it again to resume"):
         read_manifest(dest)
+    # what a kill in the middle of a large shard's multipart upload leaves: invisible, aborted by the rerun
+    cut = s3.create_multipart_upload(Bucket=bucket, Key="shards/tiny/shard-00002.parquet")
+    s3.upload_part(Bucket=bucket, Key="shards/tiny/shard-00002.parquet", UploadId=cut["UploadId"], PartNumber=1, Body=b"x" * 1024)
+    other = s3.create_multipart_upload(Bucket=bucket, Key="shards/tiny/notes.bin")  # not ours: left alone
 
     res = prepare_shards(src, dest, shard_size=5, workers=2, progress=False, verify=True)
+    assert [u["UploadId"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])] == [other["UploadId"]]
     assert res.reused == ["shard-00000.parquet", "shard-00001.parquet"] and len(res.written) == 3
     after = _versions(bucket, "shards/tiny/")
     assert all(len(after[f"shard-0000{i}.parquet"]) == 1 for i in range(5))  # each shard uploaded once
