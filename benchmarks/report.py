@@ -142,6 +142,24 @@ def render_machine(data: dict[str, Any], plot_name: str | None = None) -> str:
                                  f"{100 * e['loader_share_of_serial_step']:.0f}%", e["bound_by"]]))  # fmt: skip
         out.append("")
 
+    sh = sec.get("shards")
+    if sh:
+        t = sh["tree"]
+        out += ["#### Sharded datasets (`prepare-data`): write, read, and the format choice", "",
+                f"{t['num_images']} generated JPEGs around {t['size_around'][0]}x{t['size_around'][1]} (mixed sizes, "
+                f"{t['mean_kb']} KB each, {t['total_mb']} MB), {t['num_classes']} classes, {sh['num_shards']} shards of "
+                f"{sh['shard_size']}; one process, warm page cache; the two readers alternate per round, ratio paired.", ""]  # fmt: skip
+        out += _header(["measurement", "images/s median (IQR)", "MB/s median", "bytes on disk"])
+        out.append(_row([f"write: `prepare-data` end to end ({sh['workers']} threads: read + PIL check + Parquet + SHA-256)",
+                         _stat(sh["write_images_per_s"]), "", ""]))  # fmt: skip
+        for name, label in (("parquet", "read: Parquet, pyarrow `iter_batches(columns=[image, label])`"),
+                            ("tar", "read: WebDataset-style tar, stdlib `tarfile` stream")):  # fmt: skip
+            e = sh["read"][name]
+            out.append(_row([label, _stat(e["images_per_s"]), _num(e["mb_per_s"]["median"]), e["bytes_on_disk"]]))
+        out.append(_row(["read: Parquet / tar (paired)", _ratio(sh["parquet_vs_tar_read"]), "", ""]))
+        out.append(_row(["for scale: PIL decode to RGB, 1 thread", _stat(sh["decode_pil_1_thread_images_per_s"]), "", ""]))
+        out += ["", f"Chosen format: {sh['chosen_format']}.", ""]
+
     opt = sec.get("optimizations")
     comp = sec.get("compile")
     if opt or comp:

@@ -4,7 +4,8 @@ the generated tables of ``benchmarks/README.md``.
 Sections (``--only a,b``): ``steps`` (train-step throughput of every method, FLOPs, MFU on CUDA, and SALT stage
 2 against DINO and MAE), ``pipeline`` (views/s and masks/s; loader- or model-bound), ``overhead``
 (``TorchTrainer`` against a bare loop, Ray start-up), ``opt`` (AdamW / attention / autocast A/B), ``compile``
-(``torch.compile`` A/B; default on CUDA only: minutes of compilation on a small CPU), ``data`` (the streamed data
+(``torch.compile`` A/B; default on CUDA only: minutes of compilation on a small CPU), ``shards`` (``prepare-data``
+write images/s and Parquet vs WebDataset-tar read images/s on ~2,000 generated JPEGs), ``data`` (the streamed data
 path on generated JPEG trees: CPU decode throughput against a ``DataLoader``, time to the first step and worker
 peak RSS at two dataset sizes). ``salt`` is an alias of
 ``steps`` restricted to SALT, DINO and MAE. A run of some sections updates those sections of an existing
@@ -26,7 +27,7 @@ import torch
 from benchmarks import common
 from benchmarks.common import METHODS, RESULTS_DIR
 
-SECTIONS = ("steps", "pipeline", "opt", "compile", "overhead", "data")
+SECTIONS = ("steps", "pipeline", "opt", "compile", "overhead", "shards", "data")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -159,6 +160,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 ov = (2, 32, 0.9) if quick else (4, 32, 0.8)
             record("overhead", lambda: run_overhead(*ov, device=device, threads=args.threads, log=log))
+        if "shards" in sections:
+            from benchmarks.shards import run_shards
+
+            if args.tiny:
+                sh = {"num_images": 24, "image_size": (64, 48), "shard_size": 8, "write_repeats": 1}
+            else:
+                sh = {"num_images": 500 if quick else 2000, "shard_size": 250, "write_repeats": 1 if quick else 2}
+            record("shards", lambda: run_shards(work, repeats=repeats, log=log, **sh))
 
         if "data" in sections:
             from benchmarks.data import run_data

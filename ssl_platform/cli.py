@@ -60,7 +60,8 @@ _EXTENSIONS: list = []
 def _load_extensions() -> None:
     import importlib
 
-    for name in ("ssl_platform.tune", "ssl_platform.chain", "ssl_platform.jobs", "ssl_platform.registry"):
+    for name in ("ssl_platform.tune", "ssl_platform.chain", "ssl_platform.jobs", "ssl_platform.registry",
+                 "ssl_platform.shards"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:

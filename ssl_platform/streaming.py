@@ -208,11 +208,11 @@ def _plan_shards(spec: DictConfig, endpoint: str | None) -> StreamedSource:
     from ssl_platform.shards import read_manifest
 
     data = spec.data
-    train = read_manifest(data.root, "data.root")
+    train = read_manifest(data.root, "data.root", endpoint=endpoint)
     if not data.val_root:  # a hash hold-out would need every image's path: shards name only their counts
         raise DataError("data.val_root: expected the shards of a validation split for data.name=shards (run prepare-data "
                         "on the val/ folder too), got None")
-    val = read_manifest(data.val_root, "data.val_root")
+    val = read_manifest(data.val_root, "data.val_root", endpoint=endpoint)
     if list(val.classes) != list(train.classes):
         raise DataError(f"data.val_root: expected shards with the classes of data.root ({len(train.classes)} classes, "
                         f"labels by the same index), got {data.val_root!r} with {len(val.classes)} classes")

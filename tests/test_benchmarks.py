@@ -90,8 +90,21 @@ def test_markdown_and_plot(tiny_results, tmp_path):
     assert "test-machine" in new
 
 
+def test_shards_section(tmp_path):
+    """``prepare-data`` write rate, Parquet and tar read rates on a tiny generated tree, and its table."""
+    data = main(["--tiny", "--repeats", "2", "--only", "shards", "--out", str(tmp_path), "--machine", "test-machine",
+                 "--no-readme", "--no-plot"])  # fmt: skip
+    sh = data["sections"]["shards"]
+    assert sh["tree"]["num_images"] == 24 and sh["num_shards"] == 3 and sh["chosen_format"] == "parquet"
+    assert _is_stat(sh["write_images_per_s"]) and _is_stat(sh["decode_pil_1_thread_images_per_s"])
+    for name in ("parquet", "tar"):
+        assert _is_stat(sh["read"][name]["images_per_s"]) and sh["read"][name]["bytes_on_disk"] > 0
+    assert _is_stat(sh["parquet_vs_tar_read"])
+    assert "Sharded datasets" in report.render_machine(data) and "Parquet / tar" in report.render_machine(data)
+
+
 def test_sections_and_stats():
-    assert select_sections("", "cpu") == (["steps", "pipeline", "opt", "overhead"], False)
+    assert select_sections("", "cpu") == (["steps", "pipeline", "opt", "overhead", "shards", "data"], False)
     assert "compile" in select_sections("", "cuda")[0]
     assert select_sections("salt", "cpu") == (["steps"], True)
     with pytest.raises(SystemExit):
