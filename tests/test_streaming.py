@@ -169,3 +169,24 @@ def test_missing_s3_prefix_is_refused_before_ray(tiny_spec, tmp_path, s3_server)
     with pytest.raises(DataError, match=r"data.root: .*s3://ssl-test/nothing-here.*does not exist"):
         run_experiment(spec, run_name="never-starts")
     assert not Path(spec.checkpoint.uri).exists()
+
+
+@pytest.mark.slow
+def test_shards_prepared_by_the_cli_train_with_their_validation_split(ray_session, tiny_spec, tmp_path):
+    import subprocess
+    import sys
+
+    from ssl_platform.run import run_experiment
+    from tests.conftest import ROOT
+
+    write_image_tree(tmp_path / "train", num_classes=2, per_class=12, mean_size=(30, 40))
+    write_image_tree(tmp_path / "val", num_classes=2, per_class=3, mean_size=(30, 40), seed=1)
+    for split in ("train", "val"):
+        proc = subprocess.run([sys.executable, "-m", "ssl_platform", "prepare-data", str(tmp_path / split),
+                               str(tmp_path / f"{split}-shards"), "--shard-size", "8", "--no-progress"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    spec = tiny_spec(["data.name=shards", f"data.root={tmp_path / 'train-shards'}", f"data.val_root={tmp_path / 'val-shards'}",
+                      "data.batch_size=8", "data.image_size=16", "data.decode_size=24", "optim.epochs=1"])
+    res = run_experiment(spec, run_name=f"shards-{uuid.uuid4().hex[:6]}")
+    assert res.metrics["epoch"] == 1 and res.metrics["global_step"] == 24 // 8 and 0.0 <= res.metrics["knn_top1"] <= 1.0
