@@ -87,7 +87,7 @@ def knn_top1(
         sim = te[start:start + chunk] @ tr.T  # [chunk, Ntr]
         top_sim, top_idx = sim.topk(k, dim=1)
         weights = (top_sim / temperature).exp()
-        votes = torch.zeros(len(sim), num_classes)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
         votes.scatter_add_(1, train_labels[top_idx], weights)
         correct += int((votes.argmax(dim=1) == test_labels[start:start + chunk]).sum())
     return correct / len(te)
@@ -102,9 +102,9 @@ def linear_probe_top1(
     mean, std = train_emb.mean(0, keepdim=True), train_emb.std(0, keepdim=True) + 1e-6
     xtr, xte = (train_emb - mean) / std, (test_emb - mean) / std
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    head = torch.nn.Linear(xtr.shape[1], num_classes)
+    head = torch.nn.Linear(xtr.shape[1], num_classes).to(xtr.device)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g).to(xtr.device) * 0.01)
         head.bias.zero_()
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     for _ in range(epochs):

@@ -161,29 +161,28 @@ class StreamedSource:
         context.print_on_execution_start = False
         data = spec.data
         endpoint = spec.checkpoint.get("endpoint_url")
+        cap = int(spec.eval.knn.max_train_samples)
+        # a capped kNN bank is the first `cap` files of one fixed random order (listing order would be a few classes)
+        bank_order = _file_shuffle(spec.seed, every_epoch=False) if cap and cap < self.num_train else None
         if self.kind == "shards":
             train_files, val_files = self.shard_paths
 
-            def read(uri: str, files: list[str], seed: int | None):
-                return _read_shards(uri, files, seed, endpoint)
-
-            train = _decoded(read(data.root, train_files, spec.seed), data)
-            eval_train = _decoded(read(data.root, train_files, None), data)
-            eval_val = _decoded(read(data.val_root, val_files, None), data)
+            train = _decoded(_read_shards(data.root, train_files, _file_shuffle(spec.seed), endpoint), data)
+            eval_train = _decoded(_read_shards(data.root, train_files, bank_order, endpoint), data)
+            eval_val = _decoded(_read_shards(data.val_root, val_files, None, endpoint), data)
         else:
             index = {c: i for i, c in enumerate(self.classes)}
             hold_train = None if self.holdout is None else (self.holdout, False)
             hold_val = None if self.holdout is None else (self.holdout, True)
             val_uri, val_root = (data.val_root, self.val_path) if self.val_path else (data.root, self.root_path)
 
-            def folder(uri: str, root: str, hold, seed: int | None):
-                return _decoded(_read_files(uri, seed, endpoint), data, root=root, class_index=index, holdout=hold)
+            def folder(uri: str, root: str, hold, shuffle):
+                return _decoded(_read_files(uri, shuffle, endpoint), data, root=root, class_index=index, holdout=hold)
 
-            train = folder(data.root, self.root_path, hold_train, spec.seed)
-            eval_train = folder(data.root, self.root_path, hold_train, None)
+            train = folder(data.root, self.root_path, hold_train, _file_shuffle(spec.seed))
+            eval_train = folder(data.root, self.root_path, hold_train, bank_order)
             eval_val = folder(val_uri, val_root, hold_val, None)
-        cap = int(spec.eval.knn.max_train_samples)
-        return {"train": train, "eval_train": eval_train.limit(cap) if cap else eval_train, "eval_val": eval_val}
+        return {"train": train, "eval_train": eval_train.limit(cap) if bank_order else eval_train, "eval_val": eval_val}
 
 
 def plan_streamed_source(spec: DictConfig) -> StreamedSource:
@@ -220,32 +219,33 @@ def _plan_shards(spec: DictConfig, endpoint: str | None) -> StreamedSource:
                           shard_paths=(list(train.shard_paths), list(val.shard_paths)))
 
 
-def _file_shuffle(seed: int | None):
-    """Files in a new order every epoch (each execution of the dataset is reseeded from ``seed``)."""
+def _file_shuffle(seed: int | None, every_epoch: bool = True):
+    """Files in a new order every epoch (each execution of the dataset is reseeded from ``seed``), or in one fixed
+    random order (``every_epoch=False``: the same capped kNN bank at every evaluation, a sample of every class)."""
     from ray.data import FileShuffleConfig
 
-    return None if seed is None else FileShuffleConfig(seed=seed, reseed_after_execution=True)
+    return None if seed is None else FileShuffleConfig(seed=seed, reseed_after_execution=every_epoch)
 
 
-def _read_files(uri: str, seed: int | None, endpoint: str | None):
+def _read_files(uri: str, shuffle, endpoint: str | None):
     import ray.data
 
     from ssl_platform.data import IMAGE_SUFFIXES
     from ssl_platform.sources import data_filesystem
 
     fs, path = data_filesystem(uri, endpoint)
-    return ray.data.read_binary_files(path, filesystem=fs, include_paths=True, shuffle=_file_shuffle(seed),
+    return ray.data.read_binary_files(path, filesystem=fs, include_paths=True, shuffle=shuffle,
                                       file_extensions=sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
 
 
-def _read_shards(uri: str, files: list[str], seed: int | None, endpoint: str | None):
+def _read_shards(uri: str, files: list[str], shuffle, endpoint: str | None):
     import ray.data
 
     from ssl_platform.sources import data_filesystem
 
     fs, _ = data_filesystem(uri, endpoint)
     return ray.data.read_parquet(files, filesystem=fs, columns=[IMAGE_COLUMN, LABEL_COLUMN, PATH_COLUMN],
-                                 shuffle=_file_shuffle(seed))
+                                 shuffle=shuffle)
 
 
 def _decoded(ds, data: DictConfig, **decode_kwargs):

@@ -439,7 +439,7 @@ def evaluate(worker: Worker, data: WorkerData, method: Any, *, final: bool, epoc
     val = gather_to_rank0(*embed_batches(method, data.evaluation("val"), data.eval_input, worker.device))
     if worker.rank != 0:
         return {}
-    (tr, tr_y), (te, te_y) = bank, val
+    (tr, tr_y), (te, te_y) = ((x.to(worker.device), y.to(worker.device)) for x, y in (bank, val))  # scored on the GPU
     out = {"knn_top1": knn_top1(tr, tr_y, te, te_y, knn.k, knn.temperature, data.num_classes)}
     if final and spec.eval.linear.enabled:
         lin = spec.eval.linear
