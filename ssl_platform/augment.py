@@ -5,8 +5,9 @@ the same distributions drawn per sample but applied to the whole batch at once, 
 
 * **Input** ``images`` uint8 ``[B, 3, C, C]``: a *canvas* per image (resized on the CPU so that it fits ``C x C``
   with its aspect ratio kept, top-left, zero padded) and ``sizes`` int ``[B, 2]``, the valid ``(height, width)``
-  of each image (``None``: the whole canvas). The padding is first replaced by the image's last row / column
-  (edge replication), so bilinear taps at the valid region's border never read zeros.
+  of each image (``None``: the whole canvas). The row below and the column right of each valid region are
+  first set to the image's last row / column (edge replication), so bilinear taps at the valid region's border
+  never read the padding.
 * **Random resized crop** (Szegedy et al. 2015; torchvision's ``RandomResizedCrop.get_params``): per sample,
   10 tries of area ``s * h * w`` with ``s ~ U(scale)`` and aspect ratio ``r = exp(U(log ratio))``,
   ``w' = round(sqrt(s h w r))``, ``h' = round(sqrt(s h w / r))``; the first try with ``0 < w' <= w`` and
@@ -277,8 +278,8 @@ def blend_(x: torch.Tensor, alpha: torch.Tensor, to_gray_mean: torch.Tensor, to_
     gray = grayscale_of(x)
     mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
     target = gray.mul_(_col(to_gray, x)).add_(mean.mul_(_col(to_gray_mean, x)))
-    a = _col(alpha, x)
-    return x.mul_(a).addcmul_(target, 1.0 - a).clamp_(0.0, 1.0)
+    # x + (1 - alpha) (t - x) = alpha x + (1 - alpha) t, in place; exactly x where alpha = 1
+    return x.lerp_(target, 1.0 - _col(alpha, x)).clamp_(0.0, 1.0)
 
 
 def hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -414,13 +415,18 @@ def _check_batch(images: torch.Tensor, sizes: torch.Tensor | None) -> tuple[torc
     return images, sizes.to(device=images.device, dtype=torch.long)
 
 
-def replicate_padding(images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Fill each canvas outside its valid ``(h, w)`` with its last valid row / column (no device sync)."""
-    b, c, hc, wc = images.shape
-    rows = torch.minimum(torch.arange(hc, device=images.device)[None, :], sizes[:, :1].clamp(min=1) - 1)  # [B, Hc]
-    cols = torch.minimum(torch.arange(wc, device=images.device)[None, :], sizes[:, 1:].clamp(min=1) - 1)  # [B, Wc]
-    x = images.gather(2, rows[:, None, :, None].expand(b, c, hc, wc))
-    return x.gather(3, cols[:, None, None, :].expand(b, c, hc, wc))
+def replicate_border(images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """A copy of the canvases whose first row below and first column right of each valid ``(h, w)`` repeat the
+    last valid row / column: crops lie inside the valid region, so bilinear taps reach at most that far, and the
+    views never depend on the padding. Vectorised (no device sync)."""
+    x = images.clone()
+    b, _, hc, wc = x.shape
+    bi = torch.arange(b, device=x.device)
+    row = sizes[:, 0].clamp(max=hc - 1)
+    x[bi, :, row, :] = x[bi, :, row - (sizes[:, 0] < hc).long(), :]  # a full canvas copies its last row onto itself
+    col = sizes[:, 1].clamp(max=wc - 1)
+    x[bi, :, :, col] = x[bi, :, :, col - (sizes[:, 1] < wc).long()]
+    return x
 
 
 def crop_resize(
@@ -507,7 +513,7 @@ class BatchViews:
         images, sizes = _check_batch(images, sizes)
         b = images.shape[0]
         pdev = generator.device if generator is not None else images.device
-        canvas = replicate_padding(images, sizes)
+        canvas = replicate_border(images, sizes)
         canvas = torch.cat([canvas, canvas.flip(-1)]).float().mul_(1.0 / 255.0)  # flipped crops: of the mirrored half
         heights, widths = sizes[:, 0].to(pdev), sizes[:, 1].to(pdev)
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
@@ -568,7 +574,7 @@ def eval_views(
     resized to ``image_size`` (area prefilter when downsampling), normalised -> float ``[B, 3, S, S]``."""
     images, sizes = _check_batch(images, sizes)
     b = images.shape[0]
-    canvas = replicate_padding(images, sizes).float().mul_(1.0 / 255.0)
+    canvas = replicate_border(images, sizes).float().mul_(1.0 / 255.0)
     side = torch.minimum(sizes[:, 0], sizes[:, 1])
     boxes = torch.stack([(sizes[:, 0] - side) // 2, (sizes[:, 1] - side) // 2, side, side], dim=1)
     x = crop_resize(canvas, boxes, torch.arange(b, device=images.device), int(image_size))
