@@ -5,7 +5,8 @@ Both get the same decoded uint8 images: the per-sample path one ``[3, h, w]`` te
 hand it over), the batched path the same images as a padded ``[B, 3, C, C]`` canvas with their valid sizes, on the
 benchmark's device (the GPU when there is one; the per-sample path always runs on the CPU, where loaders run it).
 One call of each per round, round-robin, ratios paired per round. Settings: ImageNet-sized (natural photographs,
-scikit-learn's two bundled 427x640 samples, fitted into a 256 canvas, 224 px global / 96 px local views) and
+scikit-learn's two bundled 427x640 samples, 375x500 windows fitted into the 304 px canvas that
+``streaming.canvas_size`` gives at 224 px, 224 px global / 96 px local views) and
 digits-sized (scikit-learn's digits at 32 px, 32 / 16 px views), both 2 global + 6 local crops.
 
 Also measured, without timing: how far the batched path's resampling (roi_align: bilinear, area prefilter when
@@ -36,7 +37,7 @@ class AugmentSetting:
 
 
 SETTINGS = {
-    "imagenet": AugmentSetting("imagenet", 224, 96, 6, 256, 32, 8),
+    "imagenet": AugmentSetting("imagenet", 224, 96, 6, 304, 32, 8),  # canvas: streaming.canvas_size at 224
     "digits": AugmentSetting("digits", 32, 16, 6, 32, 128, 32),
 }
 TINY = {"tiny": AugmentSetting("tiny", 16, 8, 2, 20, 4, 2)}
