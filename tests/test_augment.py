@@ -319,7 +319,8 @@ def test_bad_inputs_are_refused_with_the_reason():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_on_cuda_matches_cpu_for_the_same_parameters():
-    """On the GPU (dense path, parameters drawn on the CPU generator's device and moved): the CPU's views."""
+    """On the GPU (dense path, parameters drawn on the CPU generator's device and moved): the CPU's views; with a
+    CUDA generator, no host synchronisation."""
     images = _canvases(16, 48)
     sizes = torch.tensor([[48, 48], [30, 48], [48, 33], [20, 20]] * 4)
     views = BatchViews(dino_recipes(32, 16, n_local=4))
@@ -329,5 +330,12 @@ def test_on_cuda_matches_cpu_for_the_same_parameters():
         for c, g in zip(cpu[key], gpu[key]):
             assert g.device.type == "cuda" and g.dtype == torch.float32
             torch.testing.assert_close(g.cpu(), c, atol=1e-4, rtol=0)
-    on_device = views(images.cuda(), sizes.cuda(), torch.Generator(device="cuda").manual_seed(0))
-    assert on_device["global_views"][0].device.type == "cuda"
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    views(images.cuda(), sizes.cuda(), generator)  # constants made once per device
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        on_device = views(images.cuda(), sizes.cuda(), generator)
+        evaluated = eval_views(images.cuda(), sizes.cuda(), 32)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert on_device["global_views"][0].device.type == "cuda" and evaluated.shape == (16, 3, 32, 32)
