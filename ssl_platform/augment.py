@@ -522,8 +522,9 @@ class BatchViews:
     def __call__(
         self, images: torch.Tensor, sizes: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """``images`` uint8 ``[B, 3, C, C]`` canvases, ``sizes`` ``[B, 2]`` valid (height, width) -> the keyword
-        arguments of the method's training ``forward``, float32, normalised, on ``images.device``."""
+        """``images`` uint8 ``[B, 3, C, C]`` canvases, ``sizes`` ``[B, 2]`` valid (height, width), each in
+        ``[1, C]`` (not checked: that would synchronise a GPU) -> the keyword arguments of the method's training
+        ``forward``, float32, normalised, on ``images.device``."""
         images, sizes = _check_batch(images, sizes)
         b = images.shape[0]
         pdev = generator.device if generator is not None else images.device
