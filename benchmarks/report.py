@@ -159,6 +159,30 @@ def render_machine(data: dict[str, Any], plot_name: str | None = None) -> str:
         out.append(_row(["read: Parquet / tar (paired)", _ratio(sh["parquet_vs_tar_read"]), "", ""]))
         out.append(_row(["for scale: PIL decode to RGB, 1 thread", _stat(sh["decode_pil_1_thread_images_per_s"]), "", ""]))
         out += ["", f"Chosen format: {sh['chosen_format']}.", ""]
+    aug = sec.get("augment")
+    if aug:
+        out += ["#### Batched augmentation on the device vs per-sample transforms (DINO multi-crop)", ""]
+        out += [f"`ssl_platform.augment.BatchViews` on a uint8 canvas batch against `MultiCropTransform` per image + "
+                f"`multicrop_collate` on the CPU, same decoded images; {aug['order']}; {aug['torch_threads']} torch "
+                "thread(s).", ""]  # fmt: skip
+        out += _header(["setting", "views (global + local, px)", "batched device", "batched views/s",
+                        "per-sample views/s (CPU)", "speed-up (paired)"])  # fmt: skip
+        for name, e in aug["settings"].items():
+            out.append(_row([f"{name} ({e['source']}, canvas {e['canvas']}, batch {e['batch']})",
+                             f"{e['n_global']} x {e['global_size']} + {e['n_local']} x {e['local_size']}",
+                             e["batched_device"], _stat(e["batched"]["views_per_s"]), _stat(e["per_sample"]["views_per_s"]),
+                             _ratio(e["speedup"])]))  # fmt: skip
+        diffs = [(name, e["resample_difference"]) for name, e in aug["settings"].items() if e.get("resample_difference")]
+        if diffs:
+            out += ["", "Resampling of the batched path (roi_align: bilinear + area prefilter) against the per-sample "
+                        "path's on the same crop boxes, PSNR in dB (median, IQR; higher = closer):", ""]  # fmt: skip
+            out += _header(["setting", "crop", "crop side / output side", "vs bicubic + antialias (DINO)",
+                            "vs bilinear + antialias (single view)"])  # fmt: skip
+            for name, d in diffs:
+                for kind in ("global", "local"):
+                    out.append(_row([name, kind, _stat(d[f"{kind}_crop_to_output_side"]),
+                                     _stat(d[f"{kind}_vs_bicubic_aa_psnr_db"]), _stat(d[f"{kind}_vs_bilinear_aa_psnr_db"])]))  # fmt: skip
+        out.append("")
 
     opt = sec.get("optimizations")
     comp = sec.get("compile")

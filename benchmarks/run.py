@@ -2,7 +2,8 @@
 the generated tables of ``benchmarks/README.md``.
 
 Sections (``--only a,b``): ``steps`` (train-step throughput of every method, FLOPs, MFU on CUDA, and SALT stage
-2 against DINO and MAE), ``pipeline`` (views/s and masks/s; loader- or model-bound), ``overhead``
+2 against DINO and MAE), ``pipeline`` (views/s and masks/s; loader- or model-bound), ``augment`` (DINO multi-crop
+views/s of the batched device-side augmentation against the per-sample path, and its resampling error), ``overhead``
 (``TorchTrainer`` against a bare loop, Ray start-up), ``opt`` (AdamW / attention / autocast A/B), ``compile``
 (``torch.compile`` A/B; default on CUDA only: minutes of compilation on a small CPU), ``shards`` (``prepare-data``
 write images/s and Parquet vs WebDataset-tar read images/s on ~2,000 generated JPEGs), ``data`` (the streamed data
@@ -27,7 +28,7 @@ import torch
 from benchmarks import common
 from benchmarks.common import METHODS, RESULTS_DIR
 
-SECTIONS = ("steps", "pipeline", "opt", "compile", "overhead", "shards", "data")
+SECTIONS = ("steps", "pipeline", "augment", "opt", "compile", "overhead", "shards", "data")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,6 +138,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model_rates = {m: e["images_per_s"]["median"] for m, e in steps.items()}
             # loader batches are cheap and noisy: twice the repeats
             record("pipeline", lambda: run_pipeline(cfg, work, 2 * repeats, 16 if quick else 32, model_rates, log))
+        if "augment" in sections:
+            from benchmarks.augment import run_augment
+
+            record("augment", lambda: run_augment(device, repeats, tiny=args.tiny, log=log))
         if "opt" in sections:
             from benchmarks import optimizations as O
 

@@ -104,7 +104,7 @@ def test_shards_section(tmp_path):
 
 
 def test_sections_and_stats():
-    assert select_sections("", "cpu") == (["steps", "pipeline", "opt", "overhead", "shards", "data"], False)
+    assert select_sections("", "cpu") == (["steps", "pipeline", "augment", "opt", "overhead", "shards", "data"], False)
     assert "compile" in select_sections("", "cuda")[0]
     assert select_sections("salt", "cpu") == (["steps"], True)
     with pytest.raises(SystemExit):
@@ -131,3 +131,23 @@ def test_view_dataset_batched_fetch_matches_per_sample():
     for key in ("global_views", "local_views"):
         for a, b in zip(batched[key], single[key]):
             torch.testing.assert_close(a, b)
+
+
+def test_augment_section(tmp_path):
+    """The ``augment`` section: batched vs per-sample DINO multi-crop views/s, paired, and the resampling PSNR."""
+    threads = torch.get_num_threads()
+    try:
+        data = main(["--tiny", "--repeats", "1", "--threads", "1", "--only", "augment", "--out", str(tmp_path),
+                     "--machine", "test-machine", "--no-readme", "--no-plot"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    aug = data["sections"]["augment"]
+    (e,) = aug["settings"].values()
+    assert e["views_per_image"] == e["n_global"] + e["n_local"] == 4 and e["batched_device"] == "cpu"
+    for path in ("batched", "per_sample"):
+        assert _is_stat(e[path]["images_per_s"]) and _is_stat(e[path]["views_per_s"]), path
+    assert _is_stat(e["speedup"])
+    psnr = e["resample_difference"]
+    assert all(_is_stat(psnr[f"{k}_vs_{m}_psnr_db"]) for k in ("global", "local") for m in ("bicubic_aa", "bilinear_aa"))
+    text = report.render_machine(data)
+    assert "Batched augmentation on the device" in text and "| tiny (natural photographs" in text

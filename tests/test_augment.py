@@ -1,0 +1,341 @@
+"""Batched device-side views (``ssl_platform.augment``) against the per-sample torchvision transforms they replace.
+
+Distributions are compared with a fixed seed over many draws (two-sample KS tests against torchvision's own
+``RandomResizedCrop.make_params``, binomial bounds on application rates); each image operation is compared with
+torchvision's functional op on the same parameters; outputs are checked per view kind, on padded canvases, for
+reproducibility and, where CUDA exists, on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from omegaconf import OmegaConf
+from scipy import stats
+
+from ssl_platform import augment as A
+from ssl_platform.augment import BatchViews, ViewRecipe, dino_recipes, eval_views
+from ssl_platform.data import MEAN, STD
+from ssl_platform.spec import DataSpec
+
+
+def _data(**overrides):
+    data = OmegaConf.structured(DataSpec)
+    for key, value in overrides.items():
+        OmegaConf.update(data, key, value)
+    return data
+
+
+def _canvases(b: int, c: int, seed: int = 0, sizes: torch.Tensor | None = None, pad_value: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (b, 3, c, c), generator=g, dtype=torch.uint8)
+    if sizes is not None and pad_value is not None:
+        for i, (h, w) in enumerate(sizes.tolist()):
+            images[i, :, h:, :] = pad_value
+            images[i, :, :, w:] = pad_value
+    return images
+
+
+def _torchvision_crops(height: int, width: int, scale, n: int, seed: int) -> torch.Tensor:
+    rrc = T.RandomResizedCrop(8, scale=scale)
+    torch.manual_seed(seed)
+    dummy = torch.zeros(1, height, width)
+    return torch.tensor([[p["top"], p["left"], p["height"], p["width"]] for p in (rrc.make_params([dummy]) for _ in range(n))])
+
+
+def _batched_crops(height: int, width: int, scale, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    log_ratio = torch.tensor([[math.log(3 / 4), math.log(4 / 3)]], dtype=torch.float64).expand(n, 2)
+    return A.sample_resized_crops(torch.full((n,), height), torch.full((n,), width),
+                                  torch.tensor([scale], dtype=torch.float64).expand(n, 2), log_ratio, g)  # fmt: skip
+
+
+@pytest.mark.parametrize("height,width,scale", [(192, 256, (0.08, 1.0)), (96, 96, (0.4, 1.0)), (30, 200, (0.3, 1.0))])
+def test_crop_parameters_follow_torchvision_random_resized_crop(height, width, scale):
+    """Area fraction, log aspect ratio and relative position: KS tests against torchvision's sampler, including
+    a very wide image (30x200) where many draws fall back to the centred crop; the fallback rate matches too."""
+    n = 4000
+    ours = _batched_crops(height, width, scale, n, seed=1).double()
+    ref = _torchvision_crops(height, width, scale, n, seed=2).double()
+    for name, f in {
+        "area": lambda c: c[:, 2] * c[:, 3] / (height * width),
+        "log_aspect": lambda c: torch.log(c[:, 3] / c[:, 2]),
+        "top": lambda c: (c[:, 0] + c[:, 2] / 2) / height,
+        "left": lambda c: (c[:, 1] + c[:, 3] / 2) / width,
+    }.items():
+        p = stats.ks_2samp(f(ours).numpy(), f(ref).numpy()).pvalue
+        assert p > 1e-3, f"{name}: KS p-value {p:.2e}"
+    assert (ours[:, 0] >= 0).all() and (ours[:, 0] + ours[:, 2] <= height).all()
+    assert (ours[:, 1] >= 0).all() and (ours[:, 1] + ours[:, 3] <= width).all()
+    full = lambda c: ((c[:, 2] == height) & (c[:, 3] == width)).double().mean()  # noqa: E731
+    assert abs(full(ours) - full(ref)) < 5 * math.sqrt(0.25 / n) + 1e-9
+
+
+def test_crop_fallback_is_torchvisions_centred_crop():
+    """No try can fit a 4x400 image at scale >= 0.9: the centred crop with the ratio clamped to 4/3 (h 4, w 5)."""
+    crops = _batched_crops(4, 400, (0.9, 1.0), 50, seed=0)
+    assert crops.tolist() == [[0, 197, 4, 5]] * 50
+    assert _torchvision_crops(4, 400, (0.9, 1.0), 5, seed=0).tolist() == [[0, 197, 4, 5]] * 5
+
+
+def test_dino_application_rates_match_multicrop_transform():
+    """Flip / jitter / grey / blur / solarise rates per view are MultiCropTransform's probabilities; jitter factors
+    are uniform on torchvision's ranges and the orders uniform over the 24 permutations."""
+    b = 3000
+    recipes = dino_recipes(32, 16, n_global=2, n_local=3, hflip_p=0.5, color_jitter_p=0.8, solarize_p=0.2)
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.full((b,), 40)
+    expected = {  # per view: flip, jitter, grey, blur, solarise
+        "global_views": [(0.5, 0.8, 0.2, 1.0, 0.0), (0.5, 0.8, 0.2, 0.1, 0.2)],
+        "local_views": [(0.5, 0.8, 0.2, 0.5, 0.0)] * 3,
+    }
+    for key, views in recipes.items():
+        p = A.sample_view_params(views, sizes, sizes, g)
+        for v, probs in enumerate(expected[key]):
+            rows = slice(v * b, (v + 1) * b)
+            for name, prob in zip(("flip", "jitter", "grayscale", "blur", "solarize"), probs):
+                rate = getattr(p, name)[rows].double().mean().item()
+                assert abs(rate - prob) <= 5 * math.sqrt(prob * (1 - prob) / b) + 1e-9, (key, v, name, rate, prob)
+        jit = p.jitter
+        for j, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
+            f = p.factors[jit, j]
+            assert stats.kstest(f.numpy(), stats.uniform(loc=lo, scale=hi - lo).cdf).pvalue > 1e-3
+        assert (p.factors[~jit] == torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)).all()
+        perms = torch.unique(p.order, dim=0, return_counts=True)[1]
+        assert len(perms) == 24 and stats.chisquare(perms.numpy()).pvalue > 1e-3
+        sigma = p.sigma[p.blur]
+        assert stats.kstest(sigma.numpy(), stats.uniform(loc=0.1, scale=1.9).cdf).pvalue > 1e-3
+
+
+def test_grayscale_rate_in_the_output():
+    """The views themselves: about 20% have three equal channels (a grey conversion), as RandomGrayscale(0.2)."""
+    b = 800
+    views = BatchViews(dino_recipes(16, 8, n_local=0, color_jitter_p=0.0, hflip_p=0.0, solarize_p=0.0))
+    out = views(_canvases(b, 20), generator=torch.Generator().manual_seed(0))
+    grey = torch.cat([(v[:, 0] == v[:, 1]).flatten(1).all(1) & (v[:, 1] == v[:, 2]).flatten(1).all(1)
+                      for v in out["global_views"]]).double().mean().item()  # fmt: skip
+    assert abs(grey - 0.2) < 5 * math.sqrt(0.16 / (2 * b))
+
+
+# ---- each operation against torchvision on the same parameters ---------------------------------------------
+def test_hue_shift_matches_torchvision_adjust_hue():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 17, 19, generator=g)
+    x[0] = x[0, :1]  # grey pixels: no hue
+    x[1, :, :4] = torch.tensor([1.0, 0.2, 0.2]).view(3, 1, 1)  # ties of max / min channels
+    x[1, :, 4:8] = torch.tensor([0.3, 0.3, 0.9]).view(3, 1, 1)
+    shifts = torch.tensor([0.1, -0.1, 0.5, -0.5, 0.03, 0.0])
+    ref = torch.stack([TF.adjust_hue(x[i], float(shifts[i])) for i in range(6)])
+    torch.testing.assert_close(A.hue_shift(x, shifts), ref, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_color_jitter_applies_each_rows_order_like_torchvision(sparse):
+    """Every row has its own factors and its own order of the four ops (all 24 orders appear)."""
+    g = torch.Generator().manual_seed(0)
+    n = 48
+    x = torch.rand(n, 3, 9, 11, generator=g)
+    factors = torch.stack([torch.empty(n).uniform_(0.6, 1.4, generator=g), torch.empty(n).uniform_(0.6, 1.4, generator=g),
+                           torch.empty(n).uniform_(0.8, 1.2, generator=g), torch.empty(n).uniform_(-0.1, 0.1, generator=g)], 1)  # fmt: skip
+    import itertools
+
+    perms = torch.tensor(list(itertools.permutations(range(4))))
+    order = torch.cat([perms, perms])
+    jitter = torch.ones(n, dtype=torch.bool)
+    jitter[::5] = False
+    factors[~jitter] = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    ref = x.clone()
+    for i in range(n):
+        if jitter[i]:
+            for op in order[i].tolist():
+                ref[i] = ops[op](ref[i], float(factors[i, op]))
+    schedule = A.JitterSchedule.build(factors.double(), order, jitter)
+    rows = torch.argsort(schedule.key, stable=True) if sparse else torch.arange(n)
+    out = A.color_jitter_(x[rows].clone(), schedule.rows(rows), sparse)
+    torch.testing.assert_close(out, ref[rows], atol=1e-5, rtol=0)
+
+
+def test_gaussian_blur_matches_torchvision_per_row():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 24, 20, generator=g)
+    sigma = torch.tensor([0.1, 0.7, 2.0, 1.3])
+    apply = torch.tensor([True, True, True, False])
+    out = A.gaussian_blur(x, sigma, apply, 9)
+    for i in range(3):
+        torch.testing.assert_close(out[i], TF.gaussian_blur(x[i], [9, 9], [float(sigma[i])] * 2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[3], x[3], atol=0, rtol=0)
+
+
+def test_grayscale_and_solarize_match_torchvision():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 8, 8, generator=g)
+    apply = torch.tensor([True, False, True])
+    gray, sol = A.grayscale(x, apply), A.solarize(x, apply)
+    for i in range(3):
+        expect_gray = TF.rgb_to_grayscale(x[i], num_output_channels=3) if apply[i] else x[i]
+        expect_sol = TF.solarize(x[i], 0.5) if apply[i] else x[i]
+        torch.testing.assert_close(gray[i], expect_gray, atol=0, rtol=0)
+        torch.testing.assert_close(sol[i], expect_sol, atol=0, rtol=0)
+
+
+def test_crop_resize_is_bilinear_upsampling_and_area_downsampling():
+    """roi_align with an adaptive sampling ratio: F.interpolate's bilinear when upsampling, the 2x2 mean (area
+    filter, i.e. antialiased) when halving, and mirrored crops from the mirrored canvas."""
+    g = torch.Generator().manual_seed(0)
+    canvas = torch.rand(2, 3, 12, 12, generator=g)
+    full = torch.tensor([[0, 0, 12, 12], [0, 0, 12, 12]])
+    idx = torch.arange(2)
+    up = A.crop_resize(canvas, full, idx, 30)
+    torch.testing.assert_close(up, F.interpolate(canvas, size=(30, 30), mode="bilinear", align_corners=False), atol=1e-5, rtol=0)
+    down = A.crop_resize(canvas, full, idx, 6)
+    torch.testing.assert_close(down, F.avg_pool2d(canvas, 2), atol=1e-6, rtol=0)
+    box = torch.tensor([[2, 3, 6, 8], [1, 0, 10, 5]])
+    crop = A.crop_resize(canvas, box, idx, 6)
+    flipped = A.crop_resize(torch.cat([canvas, canvas.flip(-1)]), box, idx, 6, flip=torch.tensor([True, False]))
+    torch.testing.assert_close(flipped[0], crop[0].flip(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(flipped[1], crop[1], atol=0, rtol=0)
+    # the same crop with torchvision's per-sample antialiased bilinear resize (the path it replaces)
+    tv = TF.resized_crop(canvas[0], 2, 3, 6, 8, [12, 12], antialias=True)
+    assert (A.crop_resize(canvas, box[:1], idx[:1], 12)[0] - tv).abs().mean() < 0.02
+
+
+# ---- whole batches -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("view_kind", ["images", "multicrop", "global_views"])
+def test_outputs_per_view_kind_are_the_forward_kwargs(view_kind):
+    data = _data(image_size=24, **{"multicrop.local_size": 12, "multicrop.n_local": 3})
+    views = BatchViews.from_spec(view_kind, data)
+    out = views(_canvases(5, 30), generator=torch.Generator().manual_seed(0))
+    if view_kind == "images":
+        assert set(out) == {"images"} and out["images"].shape == (5, 3, 24, 24)
+        tensors = [out["images"]]
+    else:
+        expected = {"global_views", "local_views"} if view_kind == "multicrop" else {"global_views"}
+        assert set(out) == expected
+        assert [v.shape for v in out["global_views"]] == [(5, 3, 24, 24)] * 2
+        if view_kind == "multicrop":
+            assert [v.shape for v in out["local_views"]] == [(5, 3, 12, 12)] * 3
+        tensors = out["global_views"] + out.get("local_views", [])
+    for t in tensors:
+        assert t.dtype == torch.float32 and torch.isfinite(t).all()
+        assert t.min() >= -1.0 - 1e-6 and t.max() <= 1.0 + 1e-6  # (x - 0.5) / 0.5 of x in [0, 1]
+
+
+def test_normalisation_and_identity_crop():
+    """A full-image crop at the canvas size is the normalised image; a black image stays black in every view."""
+    images = _canvases(3, 16)
+    out = BatchViews({"images": [ViewRecipe(16, (1.0, 1.0))]})(images, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(out["images"], (images.float() / 255 - mean) / std, atol=1e-6, rtol=0)
+    black = BatchViews(dino_recipes(16, 8, n_local=2))(torch.zeros(4, 3, 20, 20, dtype=torch.uint8))
+    for v in black["global_views"] + black["local_views"]:
+        torch.testing.assert_close(v, torch.full_like(v, -1.0), atol=1e-6, rtol=0)
+
+
+def test_each_sample_and_each_view_differs():
+    """The same image in every slot of the batch: per-sample parameters give different views."""
+    image = _canvases(1, 32)
+    out = BatchViews(dino_recipes(16, 8, n_local=2))(image.expand(8, -1, -1, -1).contiguous(),
+                                                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+    for v in out["global_views"] + out["local_views"]:
+        flat = v.flatten(1)
+        assert (torch.cdist(flat, flat) + torch.eye(8) > 1e-3).all()
+    assert not torch.allclose(out["global_views"][0], out["global_views"][1])
+
+
+def test_padded_canvas_crops_only_the_valid_region():
+    """What lies outside each image's valid (h, w) never reaches a view: two padding values give the same views,
+    and every crop box lies inside the valid region."""
+    sizes = torch.tensor([[32, 32], [10, 32], [32, 9], [5, 6], [17, 23]])
+    views = BatchViews(dino_recipes(16, 8, n_local=2))
+    a = views(_canvases(5, 32, sizes=sizes, pad_value=0), sizes, torch.Generator().manual_seed(3))
+    b = views(_canvases(5, 32, sizes=sizes, pad_value=255), sizes, torch.Generator().manual_seed(3))
+    for key in a:
+        for va, vb in zip(a[key], b[key]):
+            torch.testing.assert_close(va, vb, atol=0, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    for recipes in dino_recipes(16, 8, n_local=2).values():
+        heights, widths = sizes[:, 0].repeat(200), sizes[:, 1].repeat(200)
+        boxes = A.sample_view_params(recipes, heights, widths, g).boxes
+        h_valid, w_valid = heights.repeat(len(recipes)), widths.repeat(len(recipes))
+        top, left, h, w = boxes.unbind(1)
+        assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
+        assert (top + h <= h_valid).all() and (left + w <= w_valid).all()
+
+
+def test_generator_makes_views_reproducible():
+    views = BatchViews(dino_recipes(16, 8, n_local=2))
+    images = _canvases(4, 24)
+    a = views(images, generator=torch.Generator().manual_seed(7))
+    b = views(images, generator=torch.Generator().manual_seed(7))
+    c = views(images, generator=torch.Generator().manual_seed(8))
+    assert all(torch.equal(x, y) for x, y in zip(a["local_views"], b["local_views"]))
+    assert all(torch.equal(x, y) for x, y in zip(a["global_views"], b["global_views"]))
+    assert not torch.equal(a["global_views"][0], c["global_views"][0])
+
+
+def test_sparse_cpu_path_equals_dense_device_path():
+    """The CPU's path (random steps only on the rows that draw them, rows sorted by jitter order) and the GPU's
+    path (every step on every row, identity parameters elsewhere) give the same views."""
+    images = _canvases(12, 40)
+    sizes = torch.tensor([[40, 40], [30, 40], [40, 25]] * 4)
+    recipes = dino_recipes(24, 12, n_local=3)
+    dense = BatchViews(recipes, sparse=False)(images, sizes, torch.Generator().manual_seed(0))
+    sparse = BatchViews(recipes, sparse=True)(images, sizes, torch.Generator().manual_seed(0))
+    for key in dense:
+        for d, s in zip(dense[key], sparse[key]):
+            torch.testing.assert_close(d, s, atol=2e-5, rtol=0)
+
+
+def test_eval_views_are_the_centred_square_of_the_valid_region():
+    images = _canvases(2, 40)
+    sizes = torch.tensor([[20, 40], [40, 40]])
+    out = eval_views(images, sizes, 20)
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    torch.testing.assert_close(out[0], (images[0, :, :20, 10:30].float() / 255 - mean) / std, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[1], (F.avg_pool2d(images[1:].float(), 2)[0] / 255 - mean) / std, atol=1e-5, rtol=0)
+
+
+def test_bad_inputs_are_refused_with_the_reason():
+    views = BatchViews.from_spec("images", _data(image_size=16))
+    with pytest.raises(ValueError, match="uint8"):
+        views(torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        views(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="sizes"):
+        views(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.tensor([16, 16]))
+    with pytest.raises(ValueError, match="unknown view kind 'pairs'"):
+        BatchViews.from_spec("pairs", _data())
+    with pytest.raises(ValueError, match="scale"):
+        ViewRecipe(16, (0.0, 1.0))
+    with pytest.raises(ValueError, match="solarize_p"):
+        ViewRecipe(16, (0.5, 1.0), solarize_p=1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_cuda_matches_cpu_for_the_same_parameters():
+    """On the GPU (dense path, parameters drawn on the CPU generator's device and moved): the CPU's views; with a
+    CUDA generator, no host synchronisation."""
+    images = _canvases(16, 48)
+    sizes = torch.tensor([[48, 48], [30, 48], [48, 33], [20, 20]] * 4)
+    views = BatchViews(dino_recipes(32, 16, n_local=4))
+    cpu = views(images, sizes, torch.Generator().manual_seed(0))
+    gpu = views(images.cuda(), sizes.cuda(), torch.Generator().manual_seed(0))
+    for key in cpu:
+        for c, g in zip(cpu[key], gpu[key]):
+            assert g.device.type == "cuda" and g.dtype == torch.float32
+            torch.testing.assert_close(g.cpu(), c, atol=1e-4, rtol=0)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    views(images.cuda(), sizes.cuda(), generator)  # constants made once per device
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        on_device = views(images.cuda(), sizes.cuda(), generator)
+        evaluated = eval_views(images.cuda(), sizes.cuda(), 32)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert on_device["global_views"][0].device.type == "cuda" and evaluated.shape == (16, 3, 32, 32)
