@@ -32,13 +32,13 @@ CACHE = Path(os.environ.get("SSL_PLATFORM_BENCH_CACHE", Path.home() / ".cache" /
 CANVAS = 304  # the platform's default canvas for image_size 224
 
 
-def image_tree(n: int, log: Callable[[str], None]) -> Path:
-    """A cached tree of ``n`` JPEGs (10 classes) around 500x375."""
-    root = CACHE / f"tree-{n}"
+def image_tree(n: int, log: Callable[[str], None], mean_size: tuple[int, int] = (375, 500)) -> Path:
+    """A cached tree of ``n`` JPEGs (10 classes) around ``mean_size`` (h, w; default 500x375)."""
+    root = CACHE / f"tree-{n}-{mean_size[0]}x{mean_size[1]}"
     done = root / ".complete"
     if not done.exists():
         log(f"data: generating {n} JPEGs under {root}")
-        write_image_tree(root, num_classes=10, per_class=n // 10, mean_size=(375, 500), seed=n)
+        write_image_tree(root, num_classes=10, per_class=n // 10, mean_size=mean_size, seed=n)
         done.write_text("ok")
     return root
 
@@ -109,7 +109,7 @@ def cpu_throughput(root: Path, repeats: int, log: Callable[[str], None]) -> dict
             n, seconds = fn()
             rates[name].append(n / seconds / cores)
             log(f"data: round {r + 1}/{repeats} {name}: {n / seconds:.1f} images/s ({n} images, {cores} cores)")
-    out: dict[str, Any] = {"cores": cores, "images": len(list(root.rglob("*.jpg"))), "canvas": CANVAS,
+    out: dict[str, Any] = {"cores": cores, "images": len(list(root.rglob("*.jpg"))), "canvas": CANVAS, "tree": root.name,
                            "images_per_s_per_core": {k: summarize(v) for k, v in rates.items()}}
     base = rates["dataloader_multicrop_per_sample"]
     out["platform_vs_multicrop_dataloader"] = summarize([p / b for p, b in zip(rates["platform_ray_data_decode"], base)])
@@ -167,7 +167,7 @@ def first_step(root: Path, work: Path, batch_size: int = 32) -> dict[str, float]
 
 
 def scale(sizes: tuple[int, ...], repeats: int, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    roots = {n: image_tree(n, log) for n in sizes}
+    roots = {n: image_tree(n, log) for n in sizes}  # ImageNet-like 500x375 JPEGs
     runs: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
     for r in range(repeats):
         for n, root in roots.items():
@@ -184,14 +184,19 @@ def scale(sizes: tuple[int, ...], repeats: int, work: Path, log: Callable[[str],
 
 
 def run_data(work: Path, repeats: int, sizes: tuple[int, ...], throughput_images: int,
-             log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+             log: Callable[[str], None] = print, mean_size: tuple[int, int] = (375, 500),
+             with_scale: bool = True) -> dict[str, Any]:  # fmt: skip
     import ray
 
     from ssl_platform.run import init_ray
 
+    started = not ray.is_initialized()
     init_ray()
     try:
-        return {"throughput": cpu_throughput(image_tree(throughput_images, log), repeats, log),
-                "scale": scale(sizes, max(1, repeats - 1), work, log)}
+        out = {"throughput": cpu_throughput(image_tree(throughput_images, log, mean_size), repeats, log)}
+        if with_scale:
+            out["scale"] = scale(sizes, max(1, repeats - 1), work, log)
+        return out
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()

@@ -184,6 +184,30 @@ def render_machine(data: dict[str, Any], plot_name: str | None = None) -> str:
                                      _stat(d[f"{kind}_vs_bicubic_aa_psnr_db"]), _stat(d[f"{kind}_vs_bilinear_aa_psnr_db"])]))  # fmt: skip
         out.append("")
 
+    dat = sec.get("data")
+    if dat:
+        th = dat["throughput"]
+        out += ["#### Streamed data path: CPU decoding, time to first step and worker memory", "",
+                f"{th['images']} generated JPEGs ({th.get('tree', '')}); {th['cores']} cores; variants alternate per round. The "
+                f"platform's CPU side decodes into {th['canvas']} px canvases (augmentation runs on the device); the "
+                "DataLoader baselines use torchvision's ImageFolder with num_workers = cores.", ""]  # fmt: skip
+        out += _header(["CPU pipeline", "images/s per core, median (IQR)"])
+        for name, e in th["images_per_s_per_core"].items():
+            out.append(_row([name, _stat(e)]))
+        out.append(_row(["platform / DataLoader + per-sample multi-crop (paired)", _ratio(th["platform_vs_multicrop_dataloader"])]))
+        out.append(_row(["platform / DataLoader + decode-resize only (paired)", _ratio(th["platform_vs_decode_dataloader"])]))
+    sc = dat.get("scale") if dat else None
+    if sc:
+        sizes = sorted(int(k) for k in sc if k.isdigit())
+        out += ["", "Through `run_experiment` (1 Train worker, `image_folder`, evaluation off): wall time from the call to the "
+                "first step, and the worker process's peak RSS after 8 steps.", ""]  # fmt: skip
+        out += _header(["images", "time to first step, s", "worker peak RSS, MB"])
+        for n in sizes:
+            out.append(_row([n, _stat(sc[str(n)]["time_to_first_step_s"]), _stat(sc[str(n)]["worker_max_rss_mb"])]))
+        out.append(_row([f"ratio {sizes[-1]} / {sizes[0]}", sc[f"time_to_first_step_s_ratio_{sizes[-1]}_vs_{sizes[0]}"],
+                         sc[f"worker_max_rss_mb_ratio_{sizes[-1]}_vs_{sizes[0]}"]]))  # fmt: skip
+        out.append("")
+
     opt = sec.get("optimizations")
     comp = sec.get("compile")
     if opt or comp:

@@ -151,3 +151,20 @@ def test_augment_section(tmp_path):
     assert all(_is_stat(psnr[f"{k}_vs_{m}_psnr_db"]) for k in ("global", "local") for m in ("bicubic_aa", "bilinear_aa"))
     text = report.render_machine(data)
     assert "Batched augmentation on the device" in text and "| tiny (natural photographs" in text
+
+
+def test_data_section(tmp_path, monkeypatch, ray_session):
+    """The streamed CPU side (Ray Data decode) against the DataLoader baselines on a tiny JPEG tree, and its table."""
+    monkeypatch.setenv("SSL_PLATFORM_BENCH_CACHE", str(tmp_path / "cache"))
+    import importlib
+
+    import benchmarks.data
+
+    importlib.reload(benchmarks.data)
+    data = main(["--tiny", "--only", "data", "--out", str(tmp_path), "--machine", "test-machine", "--no-readme", "--no-plot"])
+    th = data["sections"]["data"]["throughput"]
+    assert th["images"] == 40 and th["cores"] >= 1
+    for name in ("platform_ray_data_decode", "dataloader_multicrop_per_sample", "dataloader_decode_resize"):
+        assert _is_stat(th["images_per_s_per_core"][name])
+    assert _is_stat(th["platform_vs_multicrop_dataloader"]) and _is_stat(th["platform_vs_decode_dataloader"])
+    assert "Streamed data path" in report.render_machine(data)
