@@ -50,6 +50,21 @@ class MultiBlockMasks:
         """``[B, T * Kt]``: every target block's indices, concatenated (duplicates where targets overlap)."""
         return self.target_idx.reshape(self.target_idx.shape[0], -1)
 
+    def union_target_idx(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The union of each sample's target blocks (overlaps counted once), padded to the batch maximum.
+
+        Returns ``idx`` ``[B, U]`` (each sample's target patches in raster order, then non-target patches as
+        padding) and ``valid`` ``[B, U]`` (bool, False on the padding), ``U = max_b |union_b|``. One host
+        synchronisation (the maximum size).
+        """
+        b, n = self.target_mask.shape
+        sizes = self.target_mask.sum(dim=1)
+        u = int(sizes.max())
+        ar = torch.arange(n, device=self.target_mask.device)
+        idx = torch.where(self.target_mask, ar, ar + n).argsort(dim=1)[:, :u]  # targets first, raster order
+        valid = torch.arange(u, device=idx.device) < sizes[:, None]
+        return idx, valid
+
 
 def _as_grid(grid: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if isinstance(grid, int):

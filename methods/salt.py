@@ -12,11 +12,20 @@ Stage 1 ("V-Pixel") is pixel reconstruction with multi-block masks: :class:`meth
   ``B_1..B_T`` disjoint from it (:mod:`methods.masks`);
 * student ``f_S`` (a freshly initialised ViT of the same architecture, not a copy of the teacher) encodes only
   the context patches ``x_C``;
-* predictor ``g`` (narrow timm transformer of width ``predictor_embed_dim``): for each target block ``t`` the
-  sequence ``[W f_S(x_C) + pos(C); m + pos(B_t)]`` (prefix tokens projected without a position, ``m`` a
-  learned mask token, ``pos`` fixed 2-D sin-cos) is run through the blocks, and the outputs at the mask
-  tokens are projected back to ``D`` (one sequence per target block, as I-JEPA's predictor);
-* loss ``L = 1 / (T |B|) * sum_t sum_{i in B_t} mean_d |g(.)_{t,i,d} - z_{i,d}|`` (L1 at target positions only).
+* predictor ``g`` (narrow timm transformer of width ``predictor_embed_dim``) runs the sequence
+  ``[W f_S(x_C) + pos(C); m + pos(U)]`` (prefix tokens projected without a position, ``m`` a learned mask
+  token, ``pos`` fixed 2-D sin-cos) through its blocks and projects the outputs at the mask tokens back to
+  ``D``. ``target_layout="union"`` (default) is SALT's layout: SALT is built on V-JEPA, whose multi-block
+  collator merges a sample's target blocks into one mask and whose predictor runs ONE sequence per sample
+  holding the context and that union ``U = B_1 u ... u B_T`` (a patch covered by several blocks is predicted
+  once). Union sizes differ between samples: the query tokens are padded to the batch maximum and the padding
+  is masked out of every attention (as keys) and of the loss, so each sample's prediction is exactly that of its
+  own unpadded sequence (V-JEPA instead truncates every union to the batch minimum). ``target_layout="blocks"``
+  is I-JEPA's layout: one sequence ``[context; B_t]`` per target block (the context repeated ``T`` times, a
+  patch in two blocks predicted twice): ~2x the predictor tokens of the union at the seed defaults;
+* loss: L1 at target positions only, averaged over the predicted tokens and channels. Union:
+  ``L = 1 / sum_b |U_b| * sum_b sum_{i in U_b} mean_d |g(.)_{b,i,d} - z_{b,i,d}|``; blocks:
+  ``L = 1 / (B T |B_t|) * sum_b sum_t sum_{i in B_t} mean_d |g(.)_{b,t,i,d} - z_{b,i,d}|``.
 
 Evaluation: the student encodes the full image; the embedding is timm's pooled output (CLS token, or mean
 of patches for ``global_pool='avg'``), with zero loss. The exported encoder is the student.
@@ -38,17 +47,22 @@ from methods.checkpoint_io import check_encoder_config, load_encoder_file, load_
 from methods.masks import MultiBlockMaskGenerator, MultiBlockMasks
 from methods.registry import register
 
+TARGET_LAYOUTS = ("union", "blocks")
+
 
 @dataclass
 class SALTOutput(MethodOutput):
-    """``loss``; ``embedding`` ``[B, D]``; in training also ``predictions`` and ``target`` ``[B, T, Kt, D]``,
-    ``context_idx`` ``[B, Kc]``, ``target_idx`` ``[B, T, Kt]``, ``target_mask`` ``[B, N]`` (True = target)."""
+    """``loss``; ``embedding`` ``[B, D]``; in training also ``context_idx`` ``[B, Kc]``, ``target_mask`` ``[B, N]``
+    (True = in a target block) and, for ``target_layout="union"``, ``predictions`` and ``target`` ``[B, U, D]``,
+    ``target_idx`` ``[B, U]`` and ``target_valid`` ``[B, U]`` (False on the padding of a smaller union); for
+    ``"blocks"``, ``predictions`` and ``target`` ``[B, T, Kt, D]``, ``target_idx`` ``[B, T, Kt]``."""
 
     predictions: torch.Tensor | None = None
     target: torch.Tensor | None = None
     context_idx: torch.Tensor | None = None
     target_idx: torch.Tensor | None = None
     target_mask: torch.Tensor | None = None
+    target_valid: torch.Tensor | None = None
 
 
 class SALTPredictor(nn.Module):
@@ -75,9 +89,13 @@ class SALTPredictor(nn.Module):
         target_idx: torch.Tensor,
         grid: tuple[int, int],
         n_prefix: int,
+        target_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``context_tokens`` ``[B, P + Kc, D]``, ``context_idx`` ``[B, Kc]``, ``target_idx`` ``[B, T, Kt]``
-        -> predictions ``[B, T, Kt, out_dim]``."""
+        """``context_tokens`` ``[B, P + Kc, D]``, ``context_idx`` ``[B, Kc]``, ``target_idx`` ``[B, T, Kt]`` (one
+        sequence ``[context; queries at target_idx[:, t]]`` per ``t``) -> predictions ``[B, T, Kt, out_dim]``.
+
+        ``target_valid`` ``[B, T, Kt]`` (optional, False = padding): padded queries are hidden from every token
+        as attention keys, so the other outputs equal those of the unpadded sequence."""
         b, t, kt = target_idx.shape
         x = self.embed(context_tokens)
         pos = V.sincos_pos_embed_2d(self.predictor_embed_dim, grid, device=x.device).to(x.dtype)  # [N, Dp]
@@ -87,8 +105,12 @@ class SALTPredictor(nn.Module):
             [prefix.repeat_interleave(t, dim=0), ctx.repeat_interleave(t, dim=0), queries.reshape(b * t, kt, -1)],
             dim=1,
         )
+        attn_mask = None
+        if target_valid is not None:  # [B*T, 1, 1, L] boolean, True = may be attended to
+            keys = torch.cat([target_valid.new_ones(b * t, seq.shape[1] - kt), target_valid.reshape(b * t, kt)], dim=1)
+            attn_mask = keys[:, None, None, :]
         for block in self.blocks:
-            seq = block(seq)
+            seq = block(seq, attn_mask=attn_mask)
         out = self.proj(self.norm(seq[:, -kt:]))
         return out.reshape(b, t, kt, -1)
 
@@ -112,6 +134,9 @@ class SALT(SSLMethod):
         ``None`` with ``teacher`` set means "as in the checkpoint".
     :param teacher: extension: path of a stage-1 checkpoint (directory or ``encoder.pt``, see
         :mod:`methods.checkpoint_io`) loaded into the teacher, as :meth:`from_checkpoint` does.
+    :param target_layout: extension: ``"union"`` (default; SALT / V-JEPA: one predictor sequence per sample with
+        the context and the union of its target blocks) or ``"blocks"`` (I-JEPA: one sequence per target block,
+        kept to reproduce runs made with it and to compare the two); see the module docstring.
     """
 
     view_kind = "images"
@@ -131,8 +156,12 @@ class SALT(SSLMethod):
         pretrained: bool = False,
         encoder_kwargs: dict[str, Any] | None = None,
         teacher: str | os.PathLike | None = None,
+        target_layout: str = "union",
     ):
         super().__init__()
+        if target_layout not in TARGET_LAYOUTS:
+            raise ValueError(f"SALT: target_layout must be one of {TARGET_LAYOUTS}, got {target_layout!r}")
+        self.target_layout = target_layout
         if teacher is not None and teacher_state_dict is not None:
             raise ValueError("SALT: give either teacher (a checkpoint path) or teacher_state_dict, not both")
         if teacher is not None:
@@ -210,17 +239,28 @@ class SALT(SSLMethod):
         grid = V.grid_shape(self.student, images)
         if masks is None:
             masks = self.mask_generator(grid)(images.shape[0], device=images.device)
+        if self.target_layout == "union":
+            target_idx, valid = masks.union_target_idx()  # [B, U] each
+            query_idx, query_valid = target_idx[:, None], valid[:, None]
+        else:
+            target_idx, valid = masks.target_idx, None  # [B, T, Kt]
+            query_idx, query_valid = target_idx, None
         # context and target sizes change every step: keep cuDNN attention from planning each new length
         with V.variable_length_attention():
             latent = V.encode_visible(self.student, images, masks.context_idx)  # [B, P + Kc, D]
             pred = self.predictor(
-                V.per_token_norm(self.student, latent), masks.context_idx, masks.target_idx, grid, V.num_prefix_tokens(self.student)
-            )
+                V.per_token_norm(self.student, latent), masks.context_idx, query_idx, grid,
+                V.num_prefix_tokens(self.student), query_valid,
+            )  # fmt: skip
+        pred = pred.reshape(*target_idx.shape, -1)
         z = self.teacher_latents(images)  # [B, N, D]
-        b, t, kt = masks.target_idx.shape
-        target = torch.gather(z, 1, masks.flat_target_idx.unsqueeze(-1).expand(-1, -1, z.shape[-1]))
-        target = target.reshape(b, t, kt, -1)
-        loss = (pred.float() - target.float()).abs().mean()
+        b = z.shape[0]
+        target = torch.gather(z, 1, target_idx.reshape(b, -1, 1).expand(-1, -1, z.shape[-1])).reshape(pred.shape)
+        err = (pred.float() - target.float()).abs()
+        if valid is None:
+            loss = err.mean()
+        else:  # mean over the valid (sample, patch) pairs and channels
+            loss = (err.mean(dim=-1) * valid).sum() / valid.sum()
         emb = V.pooled_embedding(self.student, latent).detach()
         return SALTOutput(
             loss=loss,
@@ -228,8 +268,9 @@ class SALT(SSLMethod):
             predictions=pred,
             target=target,
             context_idx=masks.context_idx,
-            target_idx=masks.target_idx,
+            target_idx=target_idx,
             target_mask=masks.target_mask,
+            target_valid=valid,
         )
 
     # ---- export ---------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from methods.mae import MAE
 from methods.masks import MultiBlockMaskGenerator
 from methods.registry import build_method
 from methods.salt import SALT
+from methods.vit import encode_visible, sincos_pos_embed_2d
 from tests.conftest import layer_norm_reference, randomize_layer_norm_
 
 ENC = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
@@ -53,7 +54,8 @@ def test_registered_and_seed_defaults():
     names = list(sig.parameters)[1:]
     assert names[: len(expected)] == list(expected)
     assert {k: sig.parameters[k].default for k in expected} == expected
-    assert names[len(expected) :] == ["encoder_kwargs", "teacher"]
+    assert names[len(expected) :] == ["encoder_kwargs", "teacher", "target_layout"]
+    assert sig.parameters["target_layout"].default == "union"
     model = build_method("salt", encoder_kwargs=ENC, **PRED)
     assert isinstance(model, SALT) and SALT.view_kind == "images"
 
@@ -101,9 +103,10 @@ def test_student_sees_only_context_tokens():
     assert masks.context_idx.shape[1] < 64
 
 
-def test_loss_is_l1_at_target_positions_only():
+@pytest.mark.parametrize("layout", ["union", "blocks"])
+def test_loss_is_l1_at_target_positions_only(layout):
     torch.manual_seed(0)
-    model = _salt().train()
+    model = _salt(target_layout=layout).train()
     images = torch.randn(2, 3, 32, 32)
     masks = MultiBlockMaskGenerator((8, 8))(2, generator=torch.Generator().manual_seed(1))
     z = model.teacher_latents(images)
@@ -114,9 +117,14 @@ def test_loss_is_l1_at_target_positions_only():
         return model(images, masks=masks)
 
     base = run(z)
-    # the formula: mean over targets, positions and channels of |prediction - teacher latent at that position|
-    gathered = torch.stack([z[i, masks.target_idx[i]] for i in range(2)])  # [B, T, Kt, D]
-    expected = (base.predictions - gathered).abs().mean()
+    # the formula: mean over predicted tokens and channels of |prediction - teacher latent at that position|
+    if layout == "blocks":
+        gathered = torch.stack([z[i, masks.target_idx[i]] for i in range(2)])  # [B, T, Kt, D]
+        expected = (base.predictions - gathered).abs().mean()
+    else:
+        per_token = [(base.predictions[i][base.target_valid[i]] - z[i, masks.target_mask[i]]).abs().mean(-1) for i in range(2)]
+        expected = torch.cat(per_token).mean()
+        assert [int(v.sum()) for v in base.target_valid] == [int(m.sum()) for m in masks.target_mask]
     assert torch.allclose(base.loss, expected, atol=1e-6)
     outside = z.clone()
     outside[~masks.target_mask] += 100.0 * torch.randn_like(outside[~masks.target_mask])
@@ -231,7 +239,8 @@ def test_vits_without_cls_or_with_register_tokens(extra):
     masks = MultiBlockMaskGenerator((8, 8))(2, generator=torch.Generator().manual_seed(3))
     out = model(torch.randn(2, 3, 32, 32), masks=masks)
     out.loss.backward()
-    assert torch.isfinite(out.loss) and out.target.shape == out.predictions.shape == (2, 4, masks.target_idx.shape[-1], 64)
+    u = int(masks.target_mask.sum(dim=1).max())
+    assert torch.isfinite(out.loss) and out.target.shape == out.predictions.shape == (2, u, 64)
     assert model.eval()(torch.randn(2, 3, 32, 32)).embedding.shape == (2, 64)
 
 
@@ -255,3 +264,58 @@ def test_variable_length_encoders_run_without_cudnn_attention(which):
         h.remove()
     assert seen and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def _unpadded_union_predictions(model: SALT, images: torch.Tensor, masks) -> list[torch.Tensor]:
+    """Per sample, directly: the sequence [W cls; W ctx + pos(C); m + pos(U_b)] of that sample alone (its own
+    union in raster order, no padding, no attention mask) through the predictor -> outputs at U_b, [|U_b|, D]."""
+    pred = model.predictor
+    latent = encode_visible(model.student, images, masks.context_idx)  # [B, 1 + Kc, D] (CLS + context)
+    pos = sincos_pos_embed_2d(pred.predictor_embed_dim, (8, 8))
+    out = []
+    for i in range(images.shape[0]):
+        x = pred.embed(latent[i])
+        union = masks.target_mask[i].nonzero()[:, 0]  # this sample's target patches, each once
+        seq = torch.cat([x[:1], x[1:] + pos[masks.context_idx[i]], pred.mask_token[0] + pos[union]])[None]
+        for block in pred.blocks:
+            seq = block(seq)
+        out.append(pred.proj(pred.norm(seq[0, -len(union) :])))
+    return out
+
+
+def test_union_layout_equals_one_unpadded_sequence_per_sample():
+    """The default layout: one predictor sequence per sample with the context and the UNION of its target blocks
+    (overlapping blocks counted once). The padded batch gives every sample's predictions and the loss of a
+    direct per-sample computation without padding."""
+    torch.manual_seed(0)
+    model = SALT(encoder_kwargs=ENC, predictor_embed_dim=32, predictor_depth=2, predictor_num_heads=2).train()
+    images = torch.randn(3, 3, 32, 32)
+    masks = MultiBlockMaskGenerator((8, 8))(3, generator=torch.Generator().manual_seed(4))
+    sizes = masks.target_mask.sum(dim=1)
+    assert len(set(sizes.tolist())) > 1, "the test needs unions of different sizes (padding)"
+    assert (sizes < 4 * masks.target_idx.shape[-1]).any(), "the test needs overlapping target blocks"
+    out = model(images, masks=masks)
+    z = model.teacher_latents(images)
+    direct = _unpadded_union_predictions(model, images, masks)
+    for i, p in enumerate(direct):
+        assert torch.allclose(out.predictions[i][out.target_valid[i]], p, atol=1e-5)
+    errs = torch.cat([(p - z[i, masks.target_mask[i]]).abs().mean(-1) for i, p in enumerate(direct)])
+    assert torch.allclose(out.loss, errs.mean(), atol=1e-6)
+    out.loss.backward()
+    assert model.predictor.mask_token.grad is not None and torch.isfinite(model.predictor.mask_token.grad).all()
+
+
+def test_union_layout_has_fewer_predictor_tokens_than_blocks():
+    torch.manual_seed(0)
+    seen: dict[str, int] = {}
+    masks = MultiBlockMaskGenerator((8, 8))(2, generator=torch.Generator().manual_seed(0))
+    for layout in ("union", "blocks"):
+        model = _salt(target_layout=layout).train()
+        h = model.predictor.blocks[0].register_forward_pre_hook(lambda m, a, k=layout: seen.update({k: a[0].shape[:2].numel()}))
+        model(torch.randn(2, 3, 32, 32), masks=masks)
+        h.remove()
+    kc, kt = masks.context_idx.shape[1], masks.target_idx.shape[-1]
+    assert seen["blocks"] == 2 * 4 * (1 + kc + kt)
+    assert seen["union"] == 2 * (1 + kc + int(masks.target_mask.sum(dim=1).max()))
+    with pytest.raises(ValueError, match="target_layout"):
+        _salt(target_layout="tubes")
