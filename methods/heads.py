@@ -80,7 +80,7 @@ class DINOHead(nn.Module):
         lead = x.shape[:-1]
         x = self.mlp(x.reshape(-1, x.shape[-1]))
         x = F.normalize(x, dim=-1, p=2, eps=1e-6)
-        return self.last_layer(x).reshape(*lead, -1)
+        return self.last_layer(x).reshape(*lead, self.last_layer.out_features)  # also for 0 rows
 
 
 def cancel_gradients_last_layer(head: DINOHead) -> None:

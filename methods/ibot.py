@@ -57,13 +57,19 @@ class iBOTNet(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def forward(
-        self, images: torch.Tensor, mask: torch.Tensor | None = None
+        self, images: torch.Tensor, mask: torch.Tensor | None = None, patch_rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(cls embedding [B, D], cls logits [B, K], patch logits [B, N, K'])``; ``mask`` ``[B, N]`` (1 = masked)."""
+        """``(cls embedding [B, D], cls logits [B, K], patch logits [B, N, K'])``; ``mask`` ``[B, N]`` (1 = masked).
+
+        ``patch_rows`` ``[B, N]`` (bool, optional): the patch head runs only on these tokens and the patch logits
+        are ``[M, K']``, the rows in ``patch_rows.nonzero()`` order (the student: only masked patches enter the loss).
+        """
         x = V.embed_patches(self.backbone, images, mask, self.mask_token if mask is not None else None)
         tokens = V.run_blocks(self.backbone, x)
         emb = V.pooled_embedding(self.backbone, tokens)
         patches = tokens[:, V.num_prefix_tokens(self.backbone) :]
+        if patch_rows is not None:
+            patches = patches[patch_rows.bool()]
         return emb, self.cls_head(emb), self.patch_head(patches)
 
 
@@ -151,6 +157,9 @@ class iBOT(SelfDistillationMethod):
             DINOHead(dim, n_patch_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer, use_bn=use_bn_in_head),
         )
         self.ts = TeacherStudent(net, ema_decay_start, ema_decay_end)
+        # The student's patch logits enter the loss only at masked patches: its patch head runs on those rows only
+        # (exact: other rows get no gradient). Not with BatchNorm in the head, whose statistics span all patches.
+        self.student_head_on_masked_only = not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in net.patch_head.modules())
         self.cls_loss_fn = DINOLoss(n_cls_prototypes, self.center_momentum)
         self.patch_loss_fn = iBOTPatchLoss(n_patch_prototypes, self.center_momentum)
 
@@ -212,14 +221,17 @@ class iBOT(SelfDistillationMethod):
 
         x = torch.cat(views, dim=0)
         m = torch.cat([mk.reshape(mk.shape[0], -1) for mk in masks], dim=0)
-        _, s_cls, s_patch = self.ts.forward_student(x, m)
+        rows = m if self.student_head_on_masked_only else None
+        _, s_cls, s_patch = self.ts.forward_student(x, m, rows)
         t_emb, t_cls, t_patch = self.ts.forward_teacher(x)
 
         s_cls_v, t_cls_v = list(s_cls.chunk(n)), list(t_cls.chunk(n))
-        s_patch_v, t_patch_v = list(s_patch.chunk(n)), list(t_patch.chunk(n))
+        m_v, t_patch_v = list(m.chunk(n)), list(t_patch.chunk(n))
+        # student rows of view v: its masked patches (the rows of m are ordered view by view)
+        s_patch_v = list(s_patch.split([int(c) for c in m.reshape(n, -1).sum(dim=1).tolist()])) if rows is not None else list(s_patch.chunk(n))
         temp_s, temp_t = self.temperature_student, self.current_teacher_temperature
         loss_cls = self.cls_loss_fn(s_cls_v, t_cls_v, temp_s, temp_t)
-        loss_patch = self.patch_loss_fn(s_patch_v, t_patch_v, list(m.chunk(n)), temp_s, temp_t)
+        loss_patch = self.patch_loss_fn(s_patch_v, t_patch_v, m_v, temp_s, temp_t, student_masked_only=rows is not None)
         loss = loss_cls + self.patch_loss_weight * loss_patch
         device = loss.device
         return iBOTOutput(

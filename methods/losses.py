@@ -121,10 +121,14 @@ class iBOTPatchLoss(_CentredLoss):
         temperature_student: float,
         temperature_teacher: float,
         update_center: bool = True,
+        student_masked_only: bool = False,
     ) -> torch.Tensor:
         """Per view ``v``: student ``[B, N, K]`` (masked input), teacher ``[B, N, K]``, mask ``[B, N]`` (1 = masked).
 
         ``L = mean_v mean_b [ sum_n m_bn * CE(P_t[b, n], P_s[b, n]) / max(sum_n m_bn, 1) ]``.
+
+        ``student_masked_only``: each student view is ``[M_v, K]``, its logits at the masked patches only (rows in
+        ``mask.nonzero()`` order); the same loss, computed on those rows alone.
         """
         if not (len(student_patches) == len(teacher_patches) == len(masks)) or len(masks) == 0:
             raise ValueError(
@@ -132,11 +136,19 @@ class iBOTPatchLoss(_CentredLoss):
             )
         total = student_patches[0].new_zeros((), dtype=torch.float32)
         for s, t, m in zip(student_patches, teacher_patches, masks):
-            q = F.softmax((t.detach().float() - self.center) / temperature_teacher, dim=-1)
-            logp = F.log_softmax(s.float() / temperature_student, dim=-1)
-            per_patch = torch.sum(-q * logp, dim=-1)  # [B, N]
-            m = m.reshape(per_patch.shape).float()
-            per_image = (per_patch * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)
+            m = m.reshape(t.shape[:-1]).bool()
+            counts = m.sum(dim=-1).clamp(min=1).float()  # [B]
+            if student_masked_only:
+                q = F.softmax((t.detach()[m].float() - self.center.reshape(1, -1)) / temperature_teacher, dim=-1)
+                logp = F.log_softmax(s.float() / temperature_student, dim=-1)
+                ce = torch.sum(-q * logp, dim=-1)  # [M]
+                image_of_row = m.nonzero()[:, 0]
+                per_image = torch.zeros_like(counts).index_add_(0, image_of_row, ce) / counts
+            else:
+                q = F.softmax((t.detach().float() - self.center) / temperature_teacher, dim=-1)
+                logp = F.log_softmax(s.float() / temperature_student, dim=-1)
+                per_patch = torch.sum(-q * logp, dim=-1)  # [B, N]
+                per_image = (per_patch * m.float()).sum(dim=-1) / counts
             total = total + per_image.mean()
         if update_center:
             self.update_center(teacher_patches)

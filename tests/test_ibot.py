@@ -189,3 +189,58 @@ def test_eval_embedding_zero_loss_and_export():
     torch.testing.assert_close(rebuilt(x), out.embedding)
     with pytest.raises(ValueError, match="img_size"):
         iBOT(image_size=32, encoder_kwargs={"img_size": 16})
+
+
+@pytest.mark.parametrize("uneven", [False, True])
+def test_student_patch_head_on_masked_patches_only_gives_the_same_loss_and_gradients(uneven):
+    """The student's patch logits enter the loss only at masked patches, so its patch head runs on those rows
+    only: loss, centres and every gradient equal those of the head over all patches (the previous computation)."""
+    import copy
+
+    model = tiny_ibot().train()
+    assert model.student_head_on_masked_only
+    full = copy.deepcopy(model)
+    full.student_head_on_masked_only = False
+    g = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)]
+    n = (32 // 8) ** 2
+    gen = torch.Generator().manual_seed(1)
+    masks = [torch.rand(3, n, generator=gen) < (torch.rand(3, 1, generator=gen) if uneven else 0.3) for _ in range(2)]
+    masks[1][0] = False  # an image without a masked patch (its per-image term is 0)
+    rows = []
+    model.student.patch_head.register_forward_pre_hook(lambda mod, a: rows.append(a[0].shape[0]))
+    out, ref = model(global_views=g, masks=masks), full(global_views=g, masks=masks)
+    assert rows == [int(sum(mk.sum() for mk in masks))]
+    assert float(out.loss_patch) == pytest.approx(float(ref.loss_patch), rel=1e-5)
+    assert float(out.loss) == pytest.approx(float(ref.loss), rel=1e-5)
+    assert torch.allclose(model.patch_loss_fn.center, full.patch_loss_fn.center)
+    out.loss.backward()
+    ref.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), full.parameters()):
+        if p.grad is None:
+            assert q.grad is None or not q.grad.any(), name
+        else:
+            assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_student_patch_head_with_batchnorm_sees_every_patch():
+    model = tiny_ibot(use_bn_in_head=True).train()
+    assert not model.student_head_on_masked_only
+    rows = []
+    model.student.patch_head.register_forward_pre_hook(lambda mod, a: rows.append(tuple(a[0].shape[:2])))
+    model(global_views=[torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]).loss.backward()
+    assert rows == [(4, 16)]
+
+
+def test_patch_loss_on_masked_student_rows_equals_full_formula():
+    torch.manual_seed(3)
+    b, n, k = 3, 6, 5
+    s = [torch.randn(b, n, k), torch.randn(b, n, k)]
+    t = [torch.randn(b, n, k), torch.randn(b, n, k)]
+    masks = [torch.rand(b, n) < 0.5, torch.rand(b, n) < 0.5]
+    for mk in masks:
+        mk[:, 0] = True  # the direct formula averages over a non-empty set per image
+    loss_fn = iBOTPatchLoss(k)
+    loss_fn.center.normal_()
+    rows = [sv[mk] for sv, mk in zip(s, masks)]
+    got = loss_fn(rows, t, masks, 0.1, 0.04, update_center=False, student_masked_only=True)
+    assert float(got) == pytest.approx(_direct_patch_loss(s, t, masks, loss_fn.center.reshape(-1), 0.1, 0.04), rel=1e-5)
