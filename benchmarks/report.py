@@ -96,6 +96,10 @@ def render_machine(data: dict[str, Any], plot_name: str | None = None) -> str:
             out += ["", f"The frozen teacher's forward (no gradient, {salt['teacher_trainable_params']} trainable "
                         f"parameters) is {100 * salt['teacher_share_of_step_flops']:.0f}% of SALT's FLOPs per step.", ""]  # fmt: skip
 
+    peer = sec.get("peer")
+    if peer:
+        out += _render_peer(peer)
+
     ov = sec.get("overhead")
     if ov:
         out += [
@@ -248,6 +252,32 @@ def render_machine(data: dict[str, Any], plot_name: str | None = None) -> str:
                                  f"in the main thread: {_ratio(e['one_thread_speedup_main_thread'])}", "see the pipeline table"]))  # fmt: skip
         out.append("")
     return "\n".join(out)
+
+
+def _render_peer(peer: dict[str, Any]) -> list[str]:
+    p = peer["peer"]
+    who = "the project standing in for the peer (a test of the code, not a comparison)" if p.get("standin") else (
+        f"`{p.get('requirement')}` (its own venv: torch {p.get('torch')}, python {p.get('python')})")
+    target = peer.get("target_speedup")
+    out = [
+        "#### Against the peer library: stable-pretraining's train step at the same seed defaults",
+        "",
+        f"{peer['config']['description']}; {peer['threads']} torch threads both sides; peer: {who}; project torch "
+        f"{peer.get('project_torch')}. {peer['warmup_steps']} warm-up step(s), {peer['repeats']} paired rounds "
+        f"({peer['order']}). Step = forward + backward + fused AdamW + EMA teacher update. Losses: each library's "
+        "first step on the same fixed batch (own random weights and masks: same scale expected, not equal values).",
+        "",
+    ]
+    out += _header(["method", "project images/s (IQR)", "peer images/s (IQR)", "project / peer (paired, median [q1, q3])",
+                    f">= {target}x" if target else "target", "GFLOP/step project / peer", "first-step loss project / peer"])  # fmt: skip
+    for name, e in peer["methods"].items():
+        ours, theirs = e["project"], e["peer"]
+        ok = "n/a" if not target else ("yes" if e["speedup"]["median"] >= target else "**no**")
+        out.append(_row([name, _stat(ours["images_per_s"]), _stat(theirs["images_per_s"]), _ratio(e["speedup"]), ok,
+                         f"{_num(ours['flops_per_step'] / 1e9)} / {_num(theirs['flops_per_step'] / 1e9)}",
+                         f"{_num(ours['first_step_loss'], 4)} / {_num(theirs['first_step_loss'], 4)}"]))  # fmt: skip
+    out.append("")
+    return out
 
 
 def render_all(results_dir: Path) -> str:

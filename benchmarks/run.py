@@ -8,7 +8,8 @@ views/s of the batched device-side augmentation against the per-sample path, and
 (``torch.compile`` A/B; default on CUDA only: minutes of compilation on a small CPU), ``shards`` (``prepare-data``
 write images/s and Parquet vs WebDataset-tar read images/s on ~2,000 generated JPEGs), ``data`` (the streamed data
 path on generated JPEG trees: CPU decode throughput against a ``DataLoader``, time to the first step and worker
-peak RSS at two dataset sizes). ``salt`` is an alias of
+peak RSS at two dataset sizes), ``peer`` (every method's step against stable-pretraining's, paired;
+creates ``.peer-venv/`` on first use). ``salt`` is an alias of
 ``steps`` restricted to SALT, DINO and MAE. A run of some sections updates those sections of an existing
 results file of the same machine and keeps the others.
 """
@@ -28,7 +29,7 @@ import torch
 from benchmarks import common
 from benchmarks.common import METHODS, RESULTS_DIR
 
-SECTIONS = ("steps", "pipeline", "augment", "opt", "compile", "overhead", "shards", "data")
+SECTIONS = ("steps", "pipeline", "augment", "opt", "compile", "overhead", "shards", "data", "peer")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--machine", default=None, help="machine label (default: from the CPU / GPU model)")
     ap.add_argument("--readme", type=Path, default=Path(__file__).resolve().parent / "README.md",
                     help="README whose generated part is rewritten")  # fmt: skip
+    ap.add_argument("--peer-venv", type=Path, default=None, help="the peer's virtual environment (default .peer-venv, created if missing)")
+    ap.add_argument("--peer-python", type=Path, default=None, help="an interpreter that imports stable_pretraining (instead of --peer-venv)")
+    ap.add_argument("--peer-standin", action="store_true", help="peer section: the project in a subprocess plays the peer (tests; installs nothing)")
     ap.add_argument("--report-only", action="store_true", help="measure nothing: redraw the plot and README from the results")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README")
     ap.add_argument("--no-plot", action="store_true", help="do not draw the throughput plot")
@@ -181,6 +185,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 record("data", lambda: run_data(work, 2, (), 40, log, mean_size=(48, 64), with_scale=False))
             else:
                 record("data", lambda: run_data(work, 2 if quick else 3, (1000, 8000), 2000, log))
+        if "peer" in sections:
+            from benchmarks import peer as P
+
+            peer_cfg = P.peer_config(device, tiny=args.tiny)
+            if args.batch_size:
+                peer_cfg.batch_size = int(args.batch_size)
+            venv = args.peer_venv or P.DEFAULT_PEER_VENV
+            record("peer", lambda: P.run_peer(peer_cfg, methods, warmup, repeats, log, peer_python=args.peer_python,
+                                              venv=venv, standin=args.peer_standin))  # fmt: skip
 
     if not args.no_plot:
         from benchmarks.report import plot_throughput

@@ -104,7 +104,7 @@ def test_shards_section(tmp_path):
 
 
 def test_sections_and_stats():
-    assert select_sections("", "cpu") == (["steps", "pipeline", "augment", "opt", "overhead", "shards", "data"], False)
+    assert select_sections("", "cpu") == (["steps", "pipeline", "augment", "opt", "overhead", "shards", "data", "peer"], False)
     assert "compile" in select_sections("", "cuda")[0]
     assert select_sections("salt", "cpu") == (["steps"], True)
     with pytest.raises(SystemExit):
@@ -168,3 +168,43 @@ def test_data_section(tmp_path, monkeypatch, ray_session):
         assert _is_stat(th["images_per_s_per_core"][name])
     assert _is_stat(th["platform_vs_multicrop_dataloader"]) and _is_stat(th["platform_vs_decode_dataloader"])
     assert "Streamed data path" in report.render_machine(data)
+
+
+def test_peer_section_with_the_project_standing_in(tmp_path):
+    """The ``peer`` section's driver, worker protocol (a persistent subprocess over stdin/stdout), pairing and
+    report, with the project itself playing the peer in the subprocess (``--peer-standin``): nothing is installed.
+    Creating the peer's own venv is exercised by ``make bench`` only."""
+    from benchmarks.peer_worker import METHODS as PEER_METHODS
+
+    threads = torch.get_num_threads()
+    try:
+        data = main(["--tiny", "--only", "peer", "--peer-standin", "--repeats", "2", "--warmup", "1", "--threads", "1",
+                     "--out", str(tmp_path), "--machine", "peer-test", "--no-readme", "--no-plot"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    peer = json.loads((tmp_path / "peer-test.json").read_text())["sections"]["peer"]
+    assert peer == json.loads(json.dumps(data["sections"]["peer"]))
+    assert peer["peer"]["standin"] and peer["peer"]["library"] == "project" and peer["threads"] == 1
+    assert list(peer["methods"]) == [m for m in METHODS if m in PEER_METHODS] == ["mae", "dino", "ibot", "data2vec", "salt"]
+    for name, e in peer["methods"].items():
+        for side in ("project", "peer"):
+            assert _is_stat(e[side]["step_s"]) and _is_stat(e[side]["images_per_s"]), (name, side)
+            assert e[side]["step_s"]["n"] == 2 and e[side]["flops_per_step"] > 0, (name, side)
+        assert _is_stat(e["speedup"]) and e["speedup"]["n"] == 2, name
+        # the same code builds both sides: the same FLOPs, and the same first loss (same seed, weights, inputs)
+        assert e["project"]["flops_per_step"] == e["peer"]["flops_per_step"], name
+        assert e["project"]["params_trainable_m"] == e["peer"]["params_trainable_m"], name
+        assert e["project"]["first_step_loss"] == pytest.approx(e["peer"]["first_step_loss"], rel=1e-4), name
+    text = report.render_machine(json.loads((tmp_path / "peer-test.json").read_text()))
+    assert "Against the peer library" in text and "standing in for the peer" in text
+    for name in peer["methods"]:
+        assert f"| {name} |" in text
+
+
+def test_peer_tiny_configuration_needs_the_standin():
+    from benchmarks.peer import peer_config, run_peer
+
+    with pytest.raises(ValueError, match="stand-in"):
+        run_peer(peer_config("cpu", tiny=True), ["mae"], 1, 1, log=lambda _: None)
+    with pytest.raises(ValueError, match="no method"):
+        run_peer(peer_config("cpu", tiny=True), ["apl"], 1, 1, log=lambda _: None, standin=True)
