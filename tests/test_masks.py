@@ -112,3 +112,15 @@ def test_mae_multiblock_uses_context_as_visible_set():
     # masked fraction = non-context patches; a context block of >= 85 % minus 4 targets leaves a minority visible
     visible = (out.mask == 0).sum(1)
     assert bool((visible >= 4).all()) and bool((visible == visible[0]).all())
+
+
+def test_union_target_idx_is_each_samples_union_padded_to_the_largest():
+    masks = MultiBlockMaskGenerator((8, 8))(6, generator=torch.Generator().manual_seed(2))
+    idx, valid = masks.union_target_idx()
+    sizes = masks.target_mask.sum(dim=1)
+    assert idx.shape == valid.shape == (6, int(sizes.max()))
+    for b in range(6):
+        union = torch.unique(masks.target_idx[b])  # overlapping blocks: each patch once
+        assert int(valid[b].sum()) == len(union) == int(sizes[b])
+        assert torch.equal(idx[b][valid[b]], union)  # raster order
+        assert not masks.target_mask[b, idx[b][~valid[b]]].any()  # the padding points at non-target patches
