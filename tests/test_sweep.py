@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from ssl_platform.spec import SpecError, spec_from_dict
-from ssl_platform.tune import load_sweep, parse_sweep_section
+from ssl_platform.sweep_spec import load_sweep, parse_sweep_section
 from tests.conftest import ROOT, tiny_spec_dict
 
 
@@ -38,8 +39,8 @@ def test_example_sweeps_validate(path, tmp_path):
 
     from ssl_platform.data import ViewDataset, build_view_transform, load_split
     from ssl_platform.spec import read_yaml, to_container
+    from ssl_platform.sweep_spec import apply_values
     from ssl_platform.train import build_method_from_spec
-    from ssl_platform.tune import apply_values
 
     overrides = []
     raw_method = read_yaml(path)["method"]
@@ -64,7 +65,7 @@ def test_example_sweeps_validate(path, tmp_path):
 
 
 def test_optuna_searcher_samples_the_space(tmp_path):
-    from ssl_platform.tune import build_searcher, search_space
+    from ssl_platform.sweep_trial import build_searcher, search_space
 
     base = spec_from_dict(tiny_spec_dict(tmp_path))
     sweep = parse_sweep_section({"metric": "loss", "mode": "min", "searcher": "optuna", "seed": 0, "params": {
@@ -137,7 +138,8 @@ LRS = [1e-3, 5.0, 2e-3]  # the middle one diverges on purpose: ASHA must stop it
 
 @pytest.fixture(scope="module")
 def asha_sweep(tmp_path_factory, ray_session):
-    from ssl_platform.tune import results_table, run_sweep
+    from ssl_platform.sweep_report import results_table
+    from ssl_platform.tune import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
     raw = tiny_spec_dict(tmp, name="tiny-sweep", optim={"lr": 1e-3, "warmup_epochs": 0, "epochs": 2, "clip_grad": 0})
@@ -183,6 +185,18 @@ def test_sweep_runs_three_trials_with_outputs_and_mlflow(asha_sweep):
     spec_from_dict(best)  # ready to run: a valid run spec
 
 
+def test_sweep_state_is_in_checkpoint_storage_and_a_second_run_is_refused(asha_sweep):
+    from ssl_platform.tune import run_sweep
+
+    sweep, result, _ = asha_sweep
+    root = f"{sweep.base.checkpoint.uri}/sweeps/{sweep.name}"
+    assert result.state_uri == root and (Path(root) / "sweep.json").is_file()
+    assert list(Path(root).glob(f"tune/{sweep.name}/experiment_state-*.json"))
+    assert not (result.out_dir / "tune").exists() and not (result.out_dir / "sweep.json").exists()
+    with pytest.raises(ValueError, match=f"already exists at {root}: pass --resume"):
+        run_sweep(sweep)
+
+
 def test_asha_stops_the_diverging_trial_early(asha_sweep):
     _, result, _ = asha_sweep
     rows = {r.values["optim.lr"]: r for r in result.rows}
@@ -204,12 +218,13 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     env.pop("RAY_ADDRESS")
     cmd = [sys.executable, "-m", "ssl_platform", "sweep", str(path)]
     out_dir = tmp_path / "out" / "resume-sweep"
+    state_dir = tmp_path / "ckpt" / "sweeps" / "resume-sweep"  # sweep state lives in checkpoint.uri (shared storage)
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            states = list(out_dir.glob("tune/resume-sweep/experiment_state-*.json"))
+            states = list(state_dir.glob("tune/resume-sweep/experiment_state-*.json"))
             if states and "TERMINATED" in states[0].read_text():
                 break
             time.sleep(0.5)
@@ -223,7 +238,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
 
     import json
 
-    state = json.loads((out_dir / "sweep.json").read_text())
+    state = json.loads((state_dir / "sweep.json").read_text())
     uri = state["tracking_uri"]
     finished = [ch for ch in _children(uri, state["parent_run_id"]) if ch.info.status == "FINISHED"]
     assert len(finished) >= 1
