@@ -73,10 +73,24 @@ def _load_extensions() -> None:
             _EXTENSIONS.append(register)
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``key=value`` overrides may also come after flags (``submit SPEC --sweep a.b=1``).
+
+    argparse fills a ``nargs="*"`` positional only from the words before the first flag; the words it leaves over
+    are the command's overrides when every one of them is a dotlist item, else the usual error.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides or []) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     _load_extensions()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return int(args.func(args) or 0)
     except SpecError as err:

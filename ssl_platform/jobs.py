@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shlex
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_platform.spec import is_secret_key
+from ssl_platform.tracking import GIT_COMMIT_ENV, local_git_commit
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # On top of .gitignore/.rayignore (Ray honours both) and Ray's own defaults (.git, .venv, __pycache__).
@@ -72,10 +74,40 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+class ClusterError(OSError):
+    """The cluster cannot be reached, refuses the token, or does not know the job: one line, no traceback."""
+
+
+@contextlib.contextmanager
+def cluster_errors(address: str | None, job_id: str | None = None):
+    """Turn the Job SDK's connection errors and HTTP errors into a :class:`ClusterError` saying what to do."""
+    addr = resolve_address(address)
+    try:
+        yield
+    except ClusterError:
+        raise
+    except ConnectionError as err:
+        raise ClusterError(
+            f"cannot reach the Ray dashboard at {addr} ({err}): start a cluster (`make cluster`, or `ray start --head`) "
+            "or pass --address http://HEAD:8265 (or set RAY_ADDRESS)"
+        ) from None
+    except RuntimeError as err:
+        text = str(err)
+        if job_id is not None and ("404" in text or "does not exist" in text):
+            raise ClusterError(f"no job {job_id!r} on the cluster at {addr} (list them: `ray job list --address {addr}`)") from None
+        if "401" in text or "403" in text or "auth" in text.lower():
+            raise ClusterError(
+                f"the cluster at {addr} refused the request ({text.splitlines()[0][:200]}): set RAY_AUTH_TOKEN or "
+                "RAY_AUTH_TOKEN_PATH to the cluster's token (`ray start` keeps it in ~/.ray/auth_token)"
+            ) from None
+        raise
+
+
 def job_client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(resolve_address(address), headers=auth_headers())
+    with cluster_errors(address):
+        return JobSubmissionClient(resolve_address(address), headers=auth_headers())
 
 
 def parse_env(items: list[str] | None) -> dict[str, str]:
@@ -99,6 +131,8 @@ def build_runtime_env(extra_env: dict[str, str] | None = None, *, aws_credential
     env = {k: os.environ[k] for k in names if os.environ.get(k)}
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # the uploaded working_dir has no .git: the MLflow run's git_commit tag comes from here
+    env.setdefault(GIT_COMMIT_ENV, local_git_commit())
     env.update(extra_env or {})
     runtime_env: dict[str, Any] = {"working_dir": str(repo_root()), "excludes": list(EXCLUDES), "env_vars": env}
     if pip:
@@ -158,10 +192,45 @@ def validate_locally(kind: str, spec_path: str, overrides: list[str]) -> str:
         else:
             read_yaml(spec_path)
         return f"chain spec {spec_path}"
-    spec = load_spec(spec_path, overrides)
-    if kind == "sweep" and "sweep" not in read_yaml(spec_path):
-        raise ValueError(f"sweep: expected a `sweep:` section in {spec_path} (a run spec plus sweep: {{metric, params, ...}}), got none")
+    if kind == "sweep":
+        if "sweep" not in read_yaml(spec_path):
+            raise ValueError(f"sweep: expected a `sweep:` section in {spec_path} (a run spec plus sweep: {{metric, params, ...}}), got none")
+        from ssl_platform.sweep_spec import load_sweep
+
+        spec = load_sweep(spec_path, overrides).base  # `sweep.*` overrides belong to the sweep section
+    else:
+        spec = load_spec(spec_path, overrides)
     return f"{kind} spec {spec_path}: method={spec.method.name} data={spec.data.name} epochs={spec.optim.epochs}"
+
+
+def uses_s3(kind: str, spec_path: str, overrides: list[str]) -> bool:
+    """Whether the job reads or writes ``s3://`` (checkpoints, a teacher, chain stages)."""
+    if kind == "chain":
+        return "s3://" in Path(spec_path).read_text() or any("s3://" in o for o in overrides)
+    from ssl_platform.s3 import spec_needs_s3
+    from ssl_platform.spec import read_yaml, spec_from_dict
+
+    raw = read_yaml(spec_path)
+    raw.pop("sweep", None)
+    run_overrides = [o for o in overrides if not o.startswith("sweep.")]
+    return spec_needs_s3(spec_from_dict(raw, run_overrides))
+
+
+def check_aws_credentials(kind: str, spec_path: str, overrides: list[str], aws_credentials: bool | None) -> None:
+    """Refuse, before submitting, a job that uses S3 while the local AWS credentials would silently stay behind.
+
+    The job's processes see the cluster nodes' environment, not the submitting shell's: without
+    ``--pass-aws-credentials`` (or a node-side IAM role, ``--no-pass-aws-credentials``) its first S3 request fails.
+    """
+    if aws_credentials is not None or not os.environ.get("AWS_ACCESS_KEY_ID"):
+        return
+    if uses_s3(kind, spec_path, overrides):
+        raise ValueError(
+            "AWS credentials: the spec uses s3:// and AWS_ACCESS_KEY_ID is set here, but the job runs with the cluster "
+            "nodes' environment: pass --pass-aws-credentials to send AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/"
+            "AWS_SESSION_TOKEN with the job (never printed), or --no-pass-aws-credentials if the nodes have their own "
+            "(IAM role, instance profile)"
+        )
 
 
 def entrypoint(kind: str, spec_arg: str, overrides: list[str], extra_args: list[str] | None = None) -> str:
@@ -214,27 +283,33 @@ def submit(
     kind: str = "run",
     extra_args: list[str] | None = None,
     extra_env: dict[str, str] | None = None,
-    aws_credentials: bool = False,
+    aws_credentials: bool | None = False,
     pip: list[str] | None = None,
     submission_id: str | None = None,
     out=None,
 ) -> str:
-    """Validate ``spec_path`` locally, then submit it as a Ray job; return the job (submission) id."""
+    """Validate ``spec_path`` locally, then submit it as a Ray job; return the job (submission) id.
+
+    ``aws_credentials``: True sends the local AWS credentials with the job, False does not, None (the CLI's default)
+    refuses a job that uses S3 while credentials are set locally (:func:`check_aws_credentials`).
+    """
     out = out or sys.stdout
     overrides = list(overrides or [])
     summary = validate_locally(kind, spec_path, overrides)
+    check_aws_credentials(kind, spec_path, overrides, aws_credentials)
     print(f"[ssl_platform] {summary} is valid", file=out, flush=True)
     if kind != "chain":
         for warning in remote_warnings(spec_path, overrides, address):
             print(f"[ssl_platform] warning: {warning}", file=out, flush=True)
     submission_id = submission_id or new_submission_id(kind, spec_path)
     # The MLflow run records it as its ray_job_id tag (tracking.start_run reads RAY_JOB_SUBMISSION_ID).
-    runtime_env = build_runtime_env({"RAY_JOB_SUBMISSION_ID": submission_id, **(extra_env or {})}, aws_credentials=aws_credentials, pip=pip)
+    runtime_env = build_runtime_env({"RAY_JOB_SUBMISSION_ID": submission_id, **(extra_env or {})},
+                                    aws_credentials=bool(aws_credentials), pip=pip)
     ep = entrypoint(kind, spec_argument(spec_path), overrides, extra_args)
-    client = job_client(address)
-    job_id = client.submit_job(
-        entrypoint=ep, runtime_env=runtime_env, submission_id=submission_id, metadata={"ssl_platform.kind": kind}
-    )
+    with cluster_errors(address):
+        job_id = job_client(address).submit_job(
+            entrypoint=ep, runtime_env=runtime_env, submission_id=submission_id, metadata={"ssl_platform.kind": kind}
+        )
     print(f"[ssl_platform] entrypoint: {ep}", file=out)
     print(f"[ssl_platform] runtime_env: {redacted(runtime_env)}", file=out)
     print(f"[ssl_platform] submitted job {job_id}", file=out)
@@ -255,13 +330,15 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     )
     if not args.follow:
         return 0
-    status = follow_logs(job_client(args.address), job_id, timeout_s=args.timeout)
+    with cluster_errors(args.address, job_id):
+        status = follow_logs(job_client(args.address), job_id, timeout_s=args.timeout)
     print(f"[ssl_platform] job {job_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    info = job_client(args.address).get_job_info(args.job_id)
+    with cluster_errors(args.address, args.job_id):
+        info = job_client(args.address).get_job_info(args.job_id)
     rows = [("job", args.job_id), ("status", str(info.status.value)), ("entrypoint", info.entrypoint),
             ("message", info.message or ""), ("dashboard", dashboard_url(args.address, args.job_id))]
     width = max(len(k) for k, _ in rows)
@@ -270,18 +347,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    client = job_client(args.address)
-    if args.follow:
-        status = follow_logs(client, args.job_id, timeout_s=args.timeout)
-        print(f"[ssl_platform] job {args.job_id}: {status}")
-        return 0
-    sys.stdout.write(client.get_job_logs(args.job_id))
+    with cluster_errors(args.address, args.job_id):
+        client = job_client(args.address)
+        if args.follow:
+            client.get_job_status(args.job_id)  # an unknown job fails here, not inside the log stream
+            status = follow_logs(client, args.job_id, timeout_s=args.timeout)
+            print(f"[ssl_platform] job {args.job_id}: {status}")
+            return 0
+        sys.stdout.write(client.get_job_logs(args.job_id))
     return 0
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    client = job_client(args.address)
-    stopped = client.stop_job(args.job_id)
+    with cluster_errors(args.address, args.job_id):
+        stopped = job_client(args.address).stop_job(args.job_id)
     print(f"[ssl_platform] job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
     return 0
 
@@ -301,8 +380,10 @@ def register_cli(sub) -> None:
     p.add_argument("--name", help="run name passed to the command on the cluster")
     p.add_argument("--job-id", help="submission id (default: generated by Ray)")
     p.add_argument("--env", action="append", metavar="NAME[=VALUE]", help="extra env var for the job (repeatable)")
-    p.add_argument("--pass-aws-credentials", action="store_true",
-                   help="pass AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN (never printed)")
+    p.add_argument("--pass-aws-credentials", action=argparse.BooleanOptionalAction, default=None,
+                   help="send AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN with the job (never printed); "
+                        "--no-pass-aws-credentials when the nodes have their own. A job using s3:// with credentials "
+                        "set here and neither flag is refused")
     p.add_argument("--pip", action="append", help="extra pip requirement installed in the job's runtime_env (repeatable)")
     p.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit 1 unless it succeeded")
     p.add_argument("--timeout", type=float, default=None, help="stop following after this many seconds")

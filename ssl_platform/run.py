@@ -32,6 +32,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # Worker start-up on a small, busy machine can take longer than Train V2's default 60 s.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    # Train V2's PreemptionWatcher (cloud node-drain notices, unused by our loop) makes every run print a core
+    # worker error line ("constructor arguments in the object store and max_restarts > 0"); set it to 1 to keep it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
@@ -122,12 +125,15 @@ def run_experiment(
 
 
 def fit_tracked(trainer, spec: DictConfig, run_name: str, run_id: str):
-    """``trainer.fit()``; a failed fit marks the MLflow run FAILED, and one stopped by its storage ends with one clear
-    error (:func:`_raise_if_storage_failure`). Used by single runs and by every sweep trial."""
+    """``trainer.fit()`` (with a message while it waits for resources); a failed fit marks the MLflow run FAILED,
+    and one stopped by its storage ends with one clear error (:func:`_raise_if_storage_failure`). Used by single
+    runs and by every sweep trial."""
     from ssl_platform import tracking
+    from ssl_platform.resource_wait import ResourceWaitNotice
 
     try:
-        result = trainer.fit()
+        with ResourceWaitNotice.for_spec(spec):  # says so while the workers wait for resources
+            result = trainer.fit()
     except BaseException as err:
         tracking.end_run(spec.tracking.uri, run_id, "FAILED")
         _raise_if_storage_failure(spec, run_name, err)

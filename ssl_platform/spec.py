@@ -90,6 +90,9 @@ class ScalingSpec:
     precision: str = "bf16"  # bf16 (autocast on CUDA only) | fp32
     max_failures: int = 0
     compile: bool = False
+    # Ray placement of the workers: PACK (fill a node first), SPREAD (over nodes when possible),
+    # STRICT_SPREAD (one worker per node, or wait for enough nodes)
+    placement_strategy: str = "PACK"
 
 
 @dataclass
@@ -149,6 +152,7 @@ class RunSpec:
 DATASETS = ("digits", "synthetic", "image_folder", "shards", "cifar10")
 STREAMED_DATASETS = ("image_folder", "shards")
 PRECISIONS = ("bf16", "fp32")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 OPTIMIZERS = ("adamw",)
 SECRET_MARKERS = ("secret", "token", "password", "key_id", "access_key")
 
@@ -340,6 +344,8 @@ def validate(spec: DictConfig, source: str | None = None) -> None:
     _check(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "a number > 0", sc.cpus_per_worker, source)
     _check(sc.precision in PRECISIONS, "scaling.precision", f"one of {list(PRECISIONS)}", sc.precision, source)
     _check(sc.max_failures >= -1, "scaling.max_failures", "an integer >= -1 (-1: unlimited)", sc.max_failures, source)
+    _check(sc.placement_strategy in PLACEMENT_STRATEGIES, "scaling.placement_strategy",
+           f"one of {list(PLACEMENT_STRATEGIES)} (Ray placement group strategy)", sc.placement_strategy, source)
 
     c = s.checkpoint
     _check(isinstance(c.uri, str) and c.uri != "", "checkpoint.uri", "a local path or s3://bucket/prefix", c.uri, source)

@@ -58,9 +58,21 @@ def _create_sqlite_store_once(tracking_uri: str):
     return c
 
 
+GIT_COMMIT_ENV = "SSL_PLATFORM_GIT_COMMIT"
+
+
 def git_commit() -> str:
+    """The commit of the code that runs: ``SSL_PLATFORM_GIT_COMMIT`` (set by ``submit``: a job's uploaded
+    working_dir has no ``.git``), else ``git rev-parse HEAD`` of the repository holding this package."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
+    return local_git_commit()
+
+
+def local_git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
+                             cwd=Path(__file__).resolve().parents[1])
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

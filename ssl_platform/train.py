@@ -12,7 +12,8 @@ the device by the fused AdamW kernel (``found_inf``, as ``torch.amp.GradScaler``
 run stops if more than ``optim.max_nonfinite_skips`` steps were skipped, naming the first one.
 
 Every epoch all ranks call ``ray.train.report`` (a barrier); rank 0 attaches a checkpoint every
-``checkpoint.every_epochs`` and on the last epoch, and logs to MLflow. A restarted or resumed run continues
+``checkpoint.every_epochs`` and on the last epoch, and logs to MLflow; its console lines (a step line every
+``log_every`` steps, a summary per epoch) come from :mod:`ssl_platform.progress`. A restarted or resumed run continues
 from ``ray.train.get_checkpoint()`` at the next epoch, with its LR schedule, EMA state and MLflow run.
 """
 
@@ -33,6 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_platform.hooks import StepHook, StepInfo
+from ssl_platform.progress import Progress, default_log_every, quiet_ray_train_logs
 from ssl_platform.streaming import ImageBatch
 
 EVAL_BATCH_SIZE = 256
@@ -79,6 +81,7 @@ class Worker:
     world: int
     device: torch.device
     autocast_dtype: torch.dtype | None
+    progress: Progress | None = None  # rank 0's console lines (ssl_platform.progress)
 
 
 @dataclass
@@ -111,15 +114,21 @@ class Training:
 
 # ---- the loop -------------------------------------------------------------------------------------------
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    quiet_ray_train_logs()  # Ray Train's per-report INFO dumps; the progress lines say it
     worker = setup_worker(config["loop"])
     data = setup_data(worker)
     training = build_training(worker, data)
     restore(worker, training)
+    if worker.rank == 0:
+        worker.progress = Progress(worker.loop.run_name, worker.spec.optim.epochs, data.steps_per_epoch,
+                                   start_epoch=training.epoch)
     random_init_baseline(worker, data, training)
     training.model = _wrap_for_steps(worker, training.method)
     for epoch in range(training.epoch, worker.spec.optim.epochs):
         metrics = train_one_epoch(worker, data, training, epoch)
         metrics.update(evaluate(worker, data, training.method, final=epoch + 1 == worker.spec.optim.epochs, epoch=epoch + 1))
+        if worker.progress:
+            worker.progress.end_epoch(epoch + 1, metrics)
         report_epoch(worker, training, metrics)
     export_encoder(worker, training)
 
@@ -313,14 +322,16 @@ def train_one_epoch(worker: Worker, data: WorkerData, training: Training, epoch:
     from ssl_platform.streaming import warn_bad
 
     spec, rank = worker.spec, worker.rank
-    steps, epochs = data.steps_per_epoch, spec.optim.epochs
-    log_every = max(1, steps // 4)
+    steps = data.steps_per_epoch
+    log_every = default_log_every(steps)
     generator = torch.Generator(device=worker.device).manual_seed(spec.seed * 7919 + 1000 * rank + epoch)
     sums = _DeviceSums(worker.device)
     bad_paths: list[str] = []
     seen = bad = 0
     skipped_before = training.skipped_steps
     training.model.train()
+    if worker.progress:
+        worker.progress.start_epoch(epoch + 1)
     t0 = time.perf_counter()
     for i, batch in enumerate(data.train(epoch)):
         if i >= steps:  # streamed shards may hold a few rows more than the schedule's steps
@@ -339,9 +350,9 @@ def train_one_epoch(worker: Worker, data: WorkerData, training: Training, epoch:
         training.global_step += 1
         if (i + 1) % log_every == 0 or i + 1 == steps:
             read = _check_nonfinite(worker, training, sums.read(), skipped_before, steps)
-            if rank == 0:
-                print(f"[{spec.name}] epoch {epoch + 1}/{epochs} step {i + 1}/{steps} loss {read['loss']:.4f} "
-                      f"lr {training.scheduler.get_last_lr()[0]:.2e}", flush=True)
+            if worker.progress:
+                worker.progress.update(epoch + 1, i + 1, read["loss"], (i + 1) * data.batch_size * worker.world,
+                                       lr=training.scheduler.get_last_lr()[0])
     elapsed = time.perf_counter() - t0
     _check_bad_data(bad, seen, bad_paths, spec.data.max_bad_fraction, epoch_end=True)
     read = _check_nonfinite(worker, training, sums.read(), skipped_before, steps)
@@ -439,7 +450,7 @@ def evaluate(worker: Worker, data: WorkerData, method: Any, *, final: bool, epoc
     val = gather_to_rank0(*embed_batches(method, data.evaluation("val"), data.eval_input, worker.device))
     if worker.rank != 0:
         return {}
-    (tr, tr_y), (te, te_y) = ((x.to(worker.device), y.to(worker.device)) for x, y in (bank, val))  # scored on the GPU
+    (tr, tr_y), (te, te_y) = bank, val
     out = {"knn_top1": knn_top1(tr, tr_y, te, te_y, knn.k, knn.temperature, data.num_classes)}
     if final and spec.eval.linear.enabled:
         lin = spec.eval.linear
@@ -547,7 +558,7 @@ def build_trainer(
 ):
     """The ``TorchTrainer`` for a spec (Ray Train V2). Streamed data (``source``: a
     :class:`~ssl_platform.streaming.StreamedSource`, planned here when not given) goes in as Ray Data datasets."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ssl_platform.spec import STREAMED_DATASETS, to_container
@@ -556,9 +567,11 @@ def build_trainer(
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
-    scaling = ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources)
+    scaling = ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
+                            placement_strategy=sc.placement_strategy)
     run_config = RunConfig(
         name=run_name,
+        logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO lines off; its warnings stay
         storage_path=storage_path or spec.checkpoint.uri,
         storage_filesystem=storage_filesystem,
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),

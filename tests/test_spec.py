@@ -27,6 +27,7 @@ BAD = [
     (("data", "colour"), "red", "data.colour", "known key"),
     (("scaling", "num_workers"), 0, "scaling.num_workers", ">= 1"),
     (("scaling", "precision"), "fp8", "scaling.precision", "bf16"),
+    (("scaling", "placement_strategy"), "EVERYWHERE", "scaling.placement_strategy", "STRICT_SPREAD"),
     (("checkpoint", "uri"), "gs://bucket/x", "checkpoint.uri", "s3://"),
     (("checkpoint", "keep"), 0, "checkpoint.keep", ">= 1"),
     (("optim", "warmup_epochs"), 5, "optim.warmup_epochs", "optim.epochs=2"),
