@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_DEDUP_LOGS := 0
 
-.PHONY: install run test lint format bench sweep chain services services-stop clean
+.PHONY: install run test lint format bench sweep chain services services-stop cluster cluster-stop cluster-status clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,12 +49,22 @@ services: install
 services-stop:
 	bash infra/local/services.sh stop
 
+# A local multi-node Ray cluster: head 127.0.0.2 (dashboard :8265) + worker nodes 127.0.0.3/.4, token auth.
+cluster: install
+	bash infra/local/cluster.sh start
+
+cluster-stop:
+	bash infra/local/cluster.sh stop
+
+cluster-status:
+	bash infra/local/cluster.sh status
+
 clean:
 	rm -rf mlruns mlruns.db checkpoints ray_results outputs .pytest_cache .ruff_cache
 
 # Cluster submission and registry (ssl_platform/jobs.py, ssl_platform/registry.py).
 .PHONY: submit promote models
-ADDRESS ?= http://127.0.0.1:8265
+ADDRESS ?= $(or $(RAY_API_SERVER_ADDRESS),http://127.0.0.1:8265)
 MODEL ?= ssl-encoder
 submit: install
 	$(PY) -m ssl_platform submit $(SPEC) --address $(ADDRESS) --follow $(ARGS)

@@ -4,6 +4,10 @@
 uploads the repository as the job's ``working_dir`` (``.rayignore``/``.gitignore`` honoured, plus
 :data:`EXCLUDES`), passes tracking/S3 endpoint settings as ``env_vars`` and runs
 ``python -m ssl_platform run|sweep|chain SPEC ...`` on the cluster. Secret values are never printed.
+AWS credentials go with a job only on request (``--pass-aws-credentials``); a job that uses ``s3://`` while they
+are set locally is refused until the user chooses. The job records the submitting commit
+(``SSL_PLATFORM_GIT_COMMIT``: the uploaded working_dir has no ``.git``). An unreachable dashboard, a refused token or
+an unknown job id is a :class:`ClusterError` (one line from the CLI, no traceback).
 
 Token authentication (Ray >= 2.52 enables it for local clusters when ``~/.ray/auth_token`` exists): the
 client sends ``Authorization: Bearer <token>`` read from ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``
@@ -29,7 +33,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # On top of .gitignore/.rayignore (Ray honours both) and Ray's own defaults (.git, .venv, __pycache__).
 EXCLUDES = [
     ".venv/", ".git/", "**/__pycache__/", "mlruns/", "mlruns.db", "mlflow.db", "checkpoints/", "ray_results/",
-    "outputs/", ".services/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/", "benchmarks/results/",
+    "outputs/", ".services/", ".cluster/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/", "benchmarks/results/",
 ]
 # Environment passed to the job when set locally (endpoints and regions; not credentials).
 PASSTHROUGH_ENV = [
@@ -155,16 +159,36 @@ def spec_argument(spec_path: str) -> str:
         return str(p)
 
 
-def remote_warnings(spec_path: str, overrides: list[str], address: str | None) -> list[str]:
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8: a local multi-node cluster (make cluster)
+    except ValueError:
+        return False
+
+
+def run_spec(kind: str, spec_path: str, overrides: list[str]):
+    """The validated run spec of a run or sweep spec (a sweep's ``sweep.*`` overrides go to its sweep section)."""
+    if kind == "sweep":
+        from ssl_platform.sweep_spec import load_sweep
+
+        return load_sweep(spec_path, overrides).base
+    from ssl_platform.spec import load_spec
+
+    return load_spec(spec_path, overrides)
+
+
+def remote_warnings(spec_path: str, overrides: list[str], address: str | None, kind: str = "run") -> list[str]:
     """Local-only tracking/checkpoint URIs in a spec sent to a non-loopback cluster (results would stay there)."""
     from urllib.parse import urlparse
 
-    from ssl_platform.spec import load_spec
-
     host = urlparse(resolve_address(address)).hostname or ""
-    if host in ("127.0.0.1", "localhost", "::1"):
+    if _is_loopback(host):
         return []
-    spec = load_spec(spec_path, overrides)
+    spec = run_spec(kind, spec_path, overrides)
     out = []
     if not spec.tracking.uri.startswith(("http://", "https://", "databricks")):
         out.append(f"tracking.uri {spec.tracking.uri!r} is local to the node that runs the driver; "
@@ -177,7 +201,7 @@ def remote_warnings(spec_path: str, overrides: list[str], address: str | None) -
 
 def validate_locally(kind: str, spec_path: str, overrides: list[str]) -> str:
     """Validate the spec before anything is submitted; return a one-line summary."""
-    from ssl_platform.spec import load_spec, read_yaml
+    from ssl_platform.spec import read_yaml
 
     if kind == "chain":
         import importlib
@@ -192,14 +216,9 @@ def validate_locally(kind: str, spec_path: str, overrides: list[str]) -> str:
         else:
             read_yaml(spec_path)
         return f"chain spec {spec_path}"
-    if kind == "sweep":
-        if "sweep" not in read_yaml(spec_path):
-            raise ValueError(f"sweep: expected a `sweep:` section in {spec_path} (a run spec plus sweep: {{metric, params, ...}}), got none")
-        from ssl_platform.sweep_spec import load_sweep
-
-        spec = load_sweep(spec_path, overrides).base  # `sweep.*` overrides belong to the sweep section
-    else:
-        spec = load_spec(spec_path, overrides)
+    if kind == "sweep" and "sweep" not in read_yaml(spec_path):
+        raise ValueError(f"sweep: expected a `sweep:` section in {spec_path} (a run spec plus sweep: {{metric, params, ...}}), got none")
+    spec = run_spec(kind, spec_path, overrides)  # `sweep.*` overrides belong to the sweep section
     return f"{kind} spec {spec_path}: method={spec.method.name} data={spec.data.name} epochs={spec.optim.epochs}"
 
 
@@ -208,12 +227,8 @@ def uses_s3(kind: str, spec_path: str, overrides: list[str]) -> bool:
     if kind == "chain":
         return "s3://" in Path(spec_path).read_text() or any("s3://" in o for o in overrides)
     from ssl_platform.s3 import spec_needs_s3
-    from ssl_platform.spec import read_yaml, spec_from_dict
 
-    raw = read_yaml(spec_path)
-    raw.pop("sweep", None)
-    run_overrides = [o for o in overrides if not o.startswith("sweep.")]
-    return spec_needs_s3(spec_from_dict(raw, run_overrides))
+    return spec_needs_s3(run_spec(kind, spec_path, overrides))
 
 
 def check_aws_credentials(kind: str, spec_path: str, overrides: list[str], aws_credentials: bool | None) -> None:
@@ -299,7 +314,7 @@ def submit(
     check_aws_credentials(kind, spec_path, overrides, aws_credentials)
     print(f"[ssl_platform] {summary} is valid", file=out, flush=True)
     if kind != "chain":
-        for warning in remote_warnings(spec_path, overrides, address):
+        for warning in remote_warnings(spec_path, overrides, address, kind):
             print(f"[ssl_platform] warning: {warning}", file=out, flush=True)
     submission_id = submission_id or new_submission_id(kind, spec_path)
     # The MLflow run records it as its ray_job_id tag (tracking.start_run reads RAY_JOB_SUBMISSION_ID).

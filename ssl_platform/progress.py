@@ -21,16 +21,24 @@ from typing import IO, Any
 
 BAR_WIDTH = 24
 # Ray Train's worker logs every report as "Reporting training result N: TrainingReport(...)" at INFO through the
-# `ray` logger's console handler (RunConfig's LoggingConfig does not reach it): our step/epoch lines say it.
-QUIET_LOGGERS = ("ray.train.v2._internal.execution.context",)
+# `ray` logger's console handler (RunConfig's LoggingConfig does not reach it); that module's logger is named by its
+# file path, so it is found through the module. Our step/epoch lines say the same in one line.
+QUIET_MODULES = ("ray.train.v2._internal.execution.context",)
 
 
 def quiet_ray_train_logs() -> None:
     """In a Train worker: drop Ray Train's per-report INFO dumps; its warnings and errors still show."""
+    import importlib
     import logging
 
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in QUIET_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # another Ray version: nothing to quieten
+            continue
+        log = getattr(module, "logger", None)
+        if isinstance(log, logging.Logger):
+            log.setLevel(logging.WARNING)
 
 
 def format_duration(seconds: float) -> str:

@@ -62,6 +62,9 @@ def test_submit_sweep_accepts_sweep_overrides_and_rejects_bad_ones(tmp_path):
     assert "sweep spec" in jobs.validate_locally("sweep", str(path), ["sweep.num_samples=1", "optim.epochs=1"])
     with pytest.raises(ValueError, match="sweep.num_samples"):
         jobs.validate_locally("sweep", str(path), ["sweep.num_samples=0"])
+    remote = jobs.remote_warnings(str(path), ["sweep.num_samples=1"], "http://10.1.2.3:8265", "sweep")
+    assert len(remote) == 2 and "tracking.uri" in remote[0]
+    assert jobs.remote_warnings(str(path), ["sweep.num_samples=1"], "http://127.0.0.2:8265", "sweep") == []
 
 
 def test_unreachable_cluster_is_one_error_line_not_a_traceback(tmp_path, capsys, monkeypatch):
@@ -102,6 +105,11 @@ def test_submitted_jobs_carry_the_git_commit(monkeypatch):
     assert env["env_vars"][tracking.GIT_COMMIT_ENV] == head
     monkeypatch.setenv(tracking.GIT_COMMIT_ENV, "abc123")
     assert tracking.git_commit() == "abc123"  # in a job, whose working_dir has no .git
+
+
+def test_cluster_token_is_never_uploaded_with_a_job():
+    assert ".cluster/" in jobs.EXCLUDES
+    assert ".cluster/" in (ROOT / ".rayignore").read_text().split() and ".cluster/" in (ROOT / ".gitignore").read_text().split()
 
 
 def test_placement_strategy_reaches_ray_scaling_config(tiny_spec):
@@ -149,17 +157,20 @@ def services(tmp_path_factory):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{mport}"
-    try:
-        deadline = time.monotonic() + 120
+
+    def wait_ready() -> None:  # called by the cluster fixture: both start at once
+        deadline = time.monotonic() + 180
         while True:
             try:
                 if requests.get(f"{url}/health", timeout=2).ok:
-                    break
+                    return
             except requests.RequestException:
                 pass
             assert time.monotonic() < deadline and mlflow_proc.poll() is None, (tmp / "mlflow.log").read_text()[-3000:]
             time.sleep(0.5)
-        yield {"s3": endpoint, "aws": aws, "mlflow": url, "bucket": "ssl-cluster"}
+
+    try:
+        yield {"s3": endpoint, "aws": aws, "mlflow": url, "bucket": "ssl-cluster", "wait_ready": wait_ready}
     finally:
         _kill_group(mlflow_proc)
         log.close()
@@ -181,8 +192,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """`infra/local/cluster.sh start`: head 127.0.0.2 (0 CPUs) + worker nodes 127.0.0.3/.4 (2 CPUs each)."""
+def cluster(tmp_path_factory, services):
+    """`infra/local/cluster.sh start`: head 127.0.0.2 (0 CPUs) + worker nodes 127.0.0.3/.4 (2 CPUs each); the
+    services (MLflow server) start meanwhile and are ready when this is."""
     import tempfile
 
     cdir = tmp_path_factory.mktemp("cluster")
@@ -193,7 +205,11 @@ def cluster(tmp_path_factory):
                       SSL_RAY_PORT=str(free_port()), SSL_DASHBOARD_PORT=str(dash), RAY_raylet_start_wait_time_s="180")
     c = {"script_env": script_env, "address": f"http://127.0.0.2:{dash}", "dir": cdir}
     try:
-        _script(c, "start", timeout=400)
+        start = subprocess.Popen(["bash", str(SCRIPT), "start"], env=script_env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        services["wait_ready"]()
+        out, _ = start.communicate(timeout=400)
+        assert start.returncode == 0, out[-3000:]
         token = (cdir / "auth_token").read_text().strip()
         # what a user gets from `source .cluster/env`
         cli_env = {**{k: v for k, v in script_env.items() if not k.startswith("SSL_")},
@@ -249,10 +265,10 @@ def _mlflow_runs(uri: str, experiment: str):
 def test_ray_cli_job_on_two_nodes_survives_losing_a_node(cluster, services, tmp_path):
     """Plain `ray job submit`: 2 Train workers on 2 nodes (STRICT_SPREAD), S3 checkpoints, MLflow server; a worker
     node is killed mid-run, the job says what it waits for, a replacement node joins, every epoch is logged once."""
-    epochs = 6
+    epochs = 4
     raw = tiny_spec_dict(
         tmp_path, name="two-nodes",
-        data={"num_samples": 1000},  # 50 steps per epoch: time to kill a node mid-run
+        data={"num_samples": 800},  # 40 steps per epoch (a few seconds): time to kill a node mid-run
         optim={"epochs": epochs, "warmup_epochs": 1},
         scaling={"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD", "max_failures": 3},
         checkpoint={"uri": f"s3://{services['bucket']}/ckpt", "every_epochs": 1, "keep": 2},
@@ -269,7 +285,7 @@ def test_ray_cli_job_on_two_nodes_survives_losing_a_node(cluster, services, tmp_
     )
     assert out.returncode == 0, out.stdout + out.stderr
     client = _client(cluster)
-    _wait_logs(client, job_id, rf"epoch 2/{epochs} done")
+    _wait_logs(client, job_id, rf"epoch 1/{epochs} done")
     assert len(_train_worker_nodes(cluster, job_id)) == 2  # one Train worker on each worker node
 
     _script(cluster, "kill", "w2")  # the machine at 127.0.0.3/.4 is gone
@@ -286,7 +302,7 @@ def test_ray_cli_job_on_two_nodes_survives_losing_a_node(cluster, services, tmp_
     assert "resumed from checkpoint at epoch" in logs and "resources found after" in logs
 
     # console: rank 0's step lines and one summary per epoch; no Ray report dumps or preemption-watcher noise
-    assert re.search(rf"\[two-nodes-run\] epoch 1/{epochs} step \d+/50 loss \d\.\d{{4}} lr \S+ \| \d+ img/s \| ETA \S+", logs)
+    assert re.search(rf"\[two-nodes-run\] epoch 1/{epochs} step \d+/40 loss \d\.\d{{4}} lr \S+ \| \d+ img/s \| ETA \S+", logs)
     assert re.search(rf"\[two-nodes-run\] epoch {epochs}/{epochs} done in \S+s: loss \d\.\d{{4}}, \d+ img/s", logs)
     assert "Reporting training result" not in logs and "PreemptionWatcher" not in logs
 

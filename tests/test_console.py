@@ -87,3 +87,19 @@ def test_pending_placement_group_is_announced_with_request_and_cluster(ray_sessi
     assert "placement STRICT_SPREAD: one worker per node" in line, line
     assert "the cluster has 1 alive node (1 large enough for a worker), CPU" in line, line
     assert "STRICT_SPREAD needs 2 nodes that each fit a worker" in line, line
+
+
+def test_ray_train_report_dumps_are_dropped_but_warnings_kept():
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from ssl_platform.progress import quiet_ray_train_logs
+
+    before = context.logger.level
+    try:
+        assert context.logger.isEnabledFor(logging.INFO) or before >= logging.WARNING
+        quiet_ray_train_logs()
+        assert not context.logger.isEnabledFor(logging.INFO) and context.logger.isEnabledFor(logging.WARNING)
+    finally:
+        context.logger.setLevel(before)

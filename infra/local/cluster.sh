@@ -54,22 +54,31 @@ token() {  # the cluster's token: RAY_AUTH_TOKEN if set, else one generated once
 start_node() {  # start_node NAME IP RAY_START_ARGS...: one node in its own session (stop ends its process group)
   local name="$1" ip="$2"; shift 2
   if alive "$name"; then echo "node $name already running"; return 0; fi
+  local attempt
+  # `ray start` gives a raylet 30 s (fixed) to register with the GCS; a busy machine can miss that: try again
+  for attempt in 1 2 3; do
+    if start_node_once "$name" "$ip" "$@"; then echo "node $name up at $ip"; return 0; fi
+    signal_node "$name" KILL
+    echo "node $name ($ip): start attempt $attempt failed (see $DIR/$name.log)" >&2
+  done
+  tail -20 "$DIR/$name.log" >&2
+  return 1
+}
+
+start_node_once() {
+  local name="$1" ip="$2"; shift 2
   local p; read -r -a p <<<"$(free_ports 5)"
+  rm -rf "${TMP_ROOT:?}/$name"
   mkdir -p "$TMP_ROOT/$name"
   # fixed default ports (dashboard agent 52365, ...) would collide between nodes of one machine: pick free ones
   setsid "$BIN/ray" start --node-ip-address "$ip" --temp-dir "$TMP_ROOT/$name" \
     --dashboard-agent-listen-port "${p[0]}" --dashboard-agent-grpc-port "${p[1]}" --metrics-export-port "${p[2]}" \
     --runtime-env-agent-port "${p[3]}" --object-store-memory $((200 * 1024 * 1024)) --disable-usage-stats "$@" \
-    >"$DIR/$name.log" 2>&1 </dev/null &
+    >>"$DIR/$name.log" 2>&1 </dev/null &
   local pid=$!
   echo "$pid" >"$DIR/$name.pgid"
   echo "$ip" >"$DIR/$name.ip"
-  if ! wait "$pid"; then
-    echo "error: node $name ($ip) did not start; see $DIR/$name.log" >&2
-    tail -20 "$DIR/$name.log" >&2
-    return 1
-  fi
-  echo "node $name up at $ip"
+  wait "$pid"
 }
 
 wait_ready() {  # wait_ready N: N alive nodes and a job runs (the head's job agent starts after `ray start` returns)
