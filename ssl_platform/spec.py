@@ -230,7 +230,7 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None, *, ba
     (default: the current directory), so that Ray workers, whose working directory differs, see the same files.
     """
     raw = read_yaml(path)
-    raw.pop("sweep", None)  # a sweep spec is a run spec plus `sweep:` (see ssl_platform.tune)
+    raw.pop("sweep", None)  # a sweep spec is a run spec plus `sweep:` (see ssl_platform.sweep_spec)
     return spec_from_dict(raw, overrides, source=str(path), base_dir=base_dir)
 
 

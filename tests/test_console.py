@@ -98,7 +98,7 @@ def test_ray_train_report_dumps_are_dropped_but_warnings_kept():
 
     before = context.logger.level
     try:
-        assert context.logger.isEnabledFor(logging.INFO) or before >= logging.WARNING
+        context.logger.setLevel(logging.INFO)  # as a Train worker's logging config leaves it
         quiet_ray_train_logs()
         assert not context.logger.isEnabledFor(logging.INFO) and context.logger.isEnabledFor(logging.WARNING)
     finally:
