@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods import constraints as C
 from methods.base import MethodOutput, SSLMethod
 from methods.registry import register
 
@@ -185,6 +186,14 @@ class APL(SSLMethod):
     """
 
     view_kind = "images"
+    constraints = (
+        C.OneOf("method", APL_METHODS),
+        C.OneOf("encoder", APL_ENCODERS),
+        C.InRange("patch_dropout", 0.0, 1.0, high_open=True),  # a dropped fraction of 1 leaves no token
+        C.unit_interval("dropout"),
+        C.positive_int("n_blocks"),
+        C.positive_int("embed_dim", optional=True),  # None: the flattened patch dim
+    )
 
     def __init__(
         self,
@@ -206,10 +215,8 @@ class APL(SSLMethod):
         in_chans: int = 3,
     ):
         super().__init__()
-        if method not in APL_METHODS:
-            raise ValueError(f"method must be one of {APL_METHODS}, got {method!r}")
-        if not 0.0 <= patch_dropout < 1.0:
-            raise ValueError(f"patch_dropout must be in [0, 1), got {patch_dropout}")
+        self.check_kwargs({"method": method, "encoder": encoder, "patch_dropout": patch_dropout, "dropout": dropout,
+                           "n_blocks": n_blocks, "embed_dim": embed_dim})
         self.method = method
         self.patch_dropout = patch_dropout
         self.encoder = APLEncoder(
