@@ -210,7 +210,7 @@ def _batch_size_per_worker(spec: DictConfig, world_size: int, n_train: int) -> i
 def build_training(worker: Worker, data: WorkerData) -> Training:
     """The method (same initial weights on every rank), AdamW and the per-step LR schedule."""
     from ssl_platform.optim import build_optimizer, build_scheduler
-    from ssl_platform.s3 import localize_method_checkpoints
+    from ssl_platform.method_checkpoints import localize_method_checkpoints
 
     spec = worker.spec
     seed_everything(spec.seed)
@@ -497,7 +497,7 @@ def _checkpoint_uploader(spec: DictConfig):
     """
     import ray.train
 
-    from ssl_platform.s3 import upload_checkpoint_dir
+    from ssl_platform.checkpoint_upload import upload_checkpoint_dir
 
     def upload(checkpoint, checkpoint_dir_name: str):
         storage = ray.train.get_context().get_storage()
