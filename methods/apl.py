@@ -25,6 +25,7 @@ to the platform's optim/data spec.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from torch import nn
 
 from methods import constraints as C
 from methods.base import MethodOutput, SSLMethod
+from methods.checkpoint_io import load_state_dict_strict
 from methods.registry import register
 
 APL_METHODS = ("PLT", "PLT_MASKED")
@@ -163,6 +165,17 @@ def build_apl_encoder(encoder_kwargs: dict[str, Any]) -> APLEncoder:
     return APLEncoder(**encoder_kwargs)
 
 
+class APLEmbedding(nn.Module):
+    """An :class:`APLEncoder` whose ``forward`` is the embedding ``[B, D]`` (mean token), for a model registry."""
+
+    def __init__(self, encoder: APLEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.embed(images)
+
+
 @register("apl")
 class APL(SSLMethod):
     """Absolute position learning (seed setting names in the module docstring).
@@ -270,3 +283,12 @@ class APL(SSLMethod):
     def encoder_config(self) -> dict[str, Any]:
         """``{"encoder_name": "apl", "encoder_kwargs": {...}}``: rebuild with :func:`build_apl_encoder`."""
         return {"encoder_name": "apl", "encoder_kwargs": dict(self.encoder.config)}
+
+    @classmethod
+    def embedding_encoder(
+        cls, encoder_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+    ) -> tuple[nn.Module, tuple[int, int, int]]:
+        """:class:`APLEmbedding` of the rebuilt encoder, and the ``(C, H, W)`` it takes."""
+        enc = build_apl_encoder(dict(encoder_config["encoder_kwargs"]))
+        load_state_dict_strict(enc, state_dict, "APL encoder")
+        return APLEmbedding(enc), (enc.in_chans, enc.image_size, enc.image_size)

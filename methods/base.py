@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from methods.checkpoint_io import load_encoder_file
+from methods.checkpoint_io import load_encoder_file, load_state_dict_strict
 from methods.constraints import Constraint
 
 
@@ -133,6 +133,22 @@ class SSLMethod(nn.Module):
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.export_encoder().state_dict().items()}
+
+    @classmethod
+    def embedding_encoder(
+        cls, encoder_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+    ) -> tuple[nn.Module, tuple[int, int, int]]:
+        """The exported encoder rebuilt from ``encoder_config()`` and ``encoder_state_dict()`` as a module that maps
+        images ``[B, C, H, W]`` to embeddings ``[B, D]`` (what a model registry serves), and the ``(C, H, W)`` it
+        takes. Default: the timm ViT (``num_classes=0``: its forward is the pooled embedding)."""
+        from methods.vit import create_vit
+
+        name, kwargs = encoder_config["encoder_name"], dict(encoder_config.get("encoder_kwargs") or {})
+        model = create_vit(name, kwargs)
+        load_state_dict_strict(model, state_dict, f"encoder {name}")
+        img = model.patch_embed.img_size
+        size = int(img[0] if isinstance(img, (tuple, list)) else img)
+        return model, (int(kwargs.get("in_chans", 3)), size, size)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
