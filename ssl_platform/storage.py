@@ -9,7 +9,9 @@ Layout of a checkpoint directory::
     spec.yaml       the resolved spec (secrets redacted)
     manifest.json   files with sizes and SHA-256, step, spec hash -- written LAST
 
-A directory without a manifest, or whose files do not match it, is never loaded.
+A directory without a manifest, or whose files do not match it, is never loaded. The checkpoints of a local run
+are listed and searched with :mod:`ssl_platform.run_checkpoints` (the same loop as for ``s3://`` runs), checked
+here with the full :func:`methods.checkpoint_io.verify_manifest` (sizes and SHA-256).
 """
 
 from __future__ import annotations
