@@ -107,6 +107,25 @@ def test_teacher_preflight_refuses_missing_incomplete_and_other_architecture(tmp
         preflight_method_checkpoints(spec(str(good)))
 
 
+def test_s3_teacher_is_checked_before_ray_and_downloaded_verified_for_the_workers(s3_server, tmp_path, monkeypatch):
+    """The teacher given as s3://: pre-flight downloads and checks it; the workers get a verified local copy."""
+    from ssl_platform.method_checkpoints import localize_method_checkpoints
+
+    monkeypatch.setenv("SSL_PLATFORM_CACHE", str(tmp_path / "cache"))
+    bucket = s3_server["bucket"]
+    local, state = _encoder_checkpoint(tmp_path / "teacher")
+    _upload(local, bucket, "stage1/checkpoint_1")
+    _upload(local, bucket, "stage1/checkpoint_2", skip=("manifest.json",))
+    spec = spec_from_dict(salt_spec_dict(tmp_path, teacher=f"s3://{bucket}/stage1/checkpoint_1"))
+    preflight_method_checkpoints(spec)
+    localized = localize_method_checkpoints(spec)
+    assert spec.method.teacher == f"s3://{bucket}/stage1/checkpoint_1"  # the spec itself is left as it is
+    payload = torch.load(Path(localized.method.teacher) / "encoder.pt", weights_only=True)
+    assert all(torch.equal(payload["state_dict"][k], v) for k, v in state.items())
+    with pytest.raises(IncompleteCheckpointError, match="no manifest.json"):
+        preflight_method_checkpoints(spec_from_dict(salt_spec_dict(tmp_path, teacher=f"s3://{bucket}/stage1/checkpoint_2")))
+
+
 def test_salt_without_teacher_is_refused_by_validation(tmp_path):
     with pytest.raises(SpecError, match="method.teacher: expected a stage-1 checkpoint"):
         spec_from_dict(salt_spec_dict(tmp_path))
