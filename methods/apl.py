@@ -25,6 +25,7 @@ to the platform's optim/data spec.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods import constraints as C
 from methods.base import MethodOutput, SSLMethod
+from methods.checkpoint_io import load_state_dict_strict
 from methods.registry import register
 
 APL_METHODS = ("PLT", "PLT_MASKED")
@@ -162,6 +165,17 @@ def build_apl_encoder(encoder_kwargs: dict[str, Any]) -> APLEncoder:
     return APLEncoder(**encoder_kwargs)
 
 
+class APLEmbedding(nn.Module):
+    """An :class:`APLEncoder` whose ``forward`` is the embedding ``[B, D]`` (mean token), for a model registry."""
+
+    def __init__(self, encoder: APLEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.embed(images)
+
+
 @register("apl")
 class APL(SSLMethod):
     """Absolute position learning (seed setting names in the module docstring).
@@ -185,6 +199,14 @@ class APL(SSLMethod):
     """
 
     view_kind = "images"
+    constraints = (
+        C.OneOf("method", APL_METHODS),
+        C.OneOf("encoder", APL_ENCODERS),
+        C.InRange("patch_dropout", 0.0, 1.0, high_open=True),  # a dropped fraction of 1 leaves no token
+        C.unit_interval("dropout"),
+        C.positive_int("n_blocks"),
+        C.positive_int("embed_dim", optional=True),  # None: the flattened patch dim
+    )
 
     def __init__(
         self,
@@ -206,10 +228,8 @@ class APL(SSLMethod):
         in_chans: int = 3,
     ):
         super().__init__()
-        if method not in APL_METHODS:
-            raise ValueError(f"method must be one of {APL_METHODS}, got {method!r}")
-        if not 0.0 <= patch_dropout < 1.0:
-            raise ValueError(f"patch_dropout must be in [0, 1), got {patch_dropout}")
+        self.check_kwargs({"method": method, "encoder": encoder, "patch_dropout": patch_dropout, "dropout": dropout,
+                           "n_blocks": n_blocks, "embed_dim": embed_dim})
         self.method = method
         self.patch_dropout = patch_dropout
         self.encoder = APLEncoder(
@@ -263,3 +283,12 @@ class APL(SSLMethod):
     def encoder_config(self) -> dict[str, Any]:
         """``{"encoder_name": "apl", "encoder_kwargs": {...}}``: rebuild with :func:`build_apl_encoder`."""
         return {"encoder_name": "apl", "encoder_kwargs": dict(self.encoder.config)}
+
+    @classmethod
+    def embedding_encoder(
+        cls, encoder_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+    ) -> tuple[nn.Module, tuple[int, int, int]]:
+        """:class:`APLEmbedding` of the rebuilt encoder, and the ``(C, H, W)`` it takes."""
+        enc = build_apl_encoder(dict(encoder_config["encoder_kwargs"]))
+        load_state_dict_strict(enc, state_dict, "APL encoder")
+        return APLEmbedding(enc), (enc.in_chans, enc.image_size, enc.image_size)

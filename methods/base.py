@@ -15,17 +15,29 @@ A method is an ``nn.Module`` whose constructor takes keyword arguments named as 
   layer in the first epoch by dropping its gradients).
 * ``encoder_state_dict()`` / ``encoder_config()`` export the encoder that downstream stages (SALT's
   teacher) and evaluation use.
+* ``constraints`` declares the rules on the constructor's keyword arguments (:mod:`methods.constraints`:
+  ranges, choices, required combinations); :meth:`SSLMethod.check_kwargs` applies them without building
+  anything, so a caller can refuse a bad configuration first. Constraints of base classes are inherited.
+* ``checkpoint_params`` names the arguments that take the path of an encoder checkpoint (a directory with
+  ``manifest.json`` or its ``encoder.pt``, :mod:`methods.checkpoint_io`), e.g. SALT's ``teacher``: a caller
+  may resolve, download and verify them before building the method; :meth:`SSLMethod.check_checkpoint`
+  checks one against the other arguments (e.g. the architecture).
 
 Methods import torch and timm only: no Ray, no MLflow, no boto3.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from methods.checkpoint_io import load_encoder_file, load_state_dict_strict
+from methods.constraints import Constraint
 
 
 @dataclass
@@ -55,6 +67,46 @@ class SSLMethod(nn.Module):
 
     method_name: ClassVar[str] = ""
     view_kind: ClassVar[str] = "images"
+    #: rules on the constructor's keyword arguments (see :meth:`check_kwargs`); a subclass adds its own
+    constraints: ClassVar[tuple[Constraint, ...]] = ()
+    #: constructor arguments that take the path of an encoder checkpoint (see :meth:`check_checkpoint`)
+    checkpoint_params: ClassVar[tuple[str, ...]] = ()
+
+    # ---- configuration --------------------------------------------------------------------------------
+    @classmethod
+    def constructor_defaults(cls) -> dict[str, Any]:
+        """The constructor's keyword arguments that have a default, with it."""
+        params = inspect.signature(cls.__init__).parameters
+        return {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
+
+    @classmethod
+    def declared_constraints(cls) -> list[Constraint]:
+        """The constraints of this class and its bases (bases first) on arguments its constructor takes."""
+        params = set(inspect.signature(cls.__init__).parameters)
+        out: list[Constraint] = []
+        for klass in reversed(cls.__mro__):
+            for c in vars(klass).get("constraints", ()):
+                if c not in out and set(c.params) <= params:
+                    out.append(c)
+        return out
+
+    @classmethod
+    def check_kwargs(cls, kwargs: Mapping[str, Any], prefix: str = "") -> None:
+        """Apply :meth:`declared_constraints` to ``kwargs`` over the constructor's defaults.
+
+        Raises :class:`methods.constraints.ConstraintError` (a ``ValueError``) naming ``prefix + key``, the
+        expected form and the value seen. Names and types are the caller's to check (the constructor's signature).
+        """
+        full = {**cls.constructor_defaults(), **kwargs}
+        for constraint in cls.declared_constraints():
+            constraint.check(full, prefix)
+
+    @classmethod
+    def check_checkpoint(cls, param: str, path: str, kwargs: Mapping[str, Any], label: str) -> None:
+        """Check the verified local checkpoint ``path`` given as ``param`` (one of :attr:`checkpoint_params`)
+        against the other keyword arguments, without building the method; ``label`` names it in errors.
+        Raises :class:`methods.checkpoint_io.CheckpointError`. Default: it is a complete encoder checkpoint."""
+        load_encoder_file(path)
 
     # Set by the platform (or a user) before training so that epoch-based schedules know the length.
     def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
@@ -81,6 +133,22 @@ class SSLMethod(nn.Module):
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.export_encoder().state_dict().items()}
+
+    @classmethod
+    def embedding_encoder(
+        cls, encoder_config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+    ) -> tuple[nn.Module, tuple[int, int, int]]:
+        """The exported encoder rebuilt from ``encoder_config()`` and ``encoder_state_dict()`` as a module that maps
+        images ``[B, C, H, W]`` to embeddings ``[B, D]`` (what a model registry serves), and the ``(C, H, W)`` it
+        takes. Default: the timm ViT (``num_classes=0``: its forward is the pooled embedding)."""
+        from methods.vit import create_vit
+
+        name, kwargs = encoder_config["encoder_name"], dict(encoder_config.get("encoder_kwargs") or {})
+        model = create_vit(name, kwargs)
+        load_state_dict_strict(model, state_dict, f"encoder {name}")
+        img = model.patch_embed.img_size
+        size = int(img[0] if isinstance(img, (tuple, list)) else img)
+        return model, (int(kwargs.get("in_chans", 3)), size, size)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:

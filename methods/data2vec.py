@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods import constraints as C
 from methods import vit as V
 from methods.base import MethodOutput
 from methods.registry import register
@@ -59,6 +60,7 @@ class Data2Vec(EMATeacherMethod):
     """
 
     view_kind = "images"
+    constraints = (C.open_unit_interval("mask_ratio"), C.positive_int("top_k_blocks"))  # + EMA decays (base)
 
     def __init__(
         self,
@@ -72,10 +74,8 @@ class Data2Vec(EMATeacherMethod):
         encoder_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if not 0.0 <= ema_decay_start <= 1.0 or not 0.0 <= ema_decay_end <= 1.0:
-            raise ValueError(f"ema decays must be in [0, 1], got {ema_decay_start}, {ema_decay_end}")
+        self.check_kwargs({"mask_ratio": mask_ratio, "top_k_blocks": top_k_blocks,
+                           "ema_decay_start": ema_decay_start, "ema_decay_end": ema_decay_end})
         self.encoder_name = encoder_name
         self.encoder_kwargs = dict(encoder_kwargs or {})
         self.encoder_kwargs.setdefault("img_size", image_size)

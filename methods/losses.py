@@ -23,18 +23,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over workers when torch.distributed is initialised (identity otherwise)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x = x / dist.get_world_size()
-    return x
+from methods.distributed import all_reduce_mean
 
 
 class _CentredLoss(nn.Module):
@@ -54,7 +46,7 @@ class _CentredLoss(nn.Module):
         """``c <- m c + (1 - m) * mean(teacher outputs)``: the mean over views, every non-class dim and workers."""
         stacked = torch.cat([t.detach().float() for t in teacher_outputs], dim=0)
         batch_center = stacked.mean(dim=tuple(range(stacked.ndim - 1)), keepdim=True).reshape(self.center.shape)
-        batch_center = _all_reduce_mean(batch_center)
+        batch_center = all_reduce_mean(batch_center)
         self.center.mul_(self.center_momentum).add_(batch_center * (1.0 - self.center_momentum))
 
 

@@ -22,6 +22,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from methods import constraints as C
 from methods import vit as V
 from methods.base import MethodOutput, SSLMethod
 from methods.registry import register
@@ -52,6 +53,13 @@ class MAE(SSLMethod):
     """
 
     view_kind = "images"
+    constraints = (
+        C.open_unit_interval("mask_ratio"),
+        C.positive_int("decoder_embed_dim"),
+        C.positive_int("decoder_depth"),
+        C.positive_int("decoder_num_heads"),
+        C.OneOf("mask_type", ("random", "multiblock")),
+    )
 
     def __init__(
         self,
@@ -66,10 +74,8 @@ class MAE(SSLMethod):
         pretrained: bool = False,
     ):
         super().__init__()
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if mask_type not in ("random", "multiblock"):
-            raise ValueError(f"mask_type must be 'random' or 'multiblock', got {mask_type!r}")
+        self.check_kwargs({"mask_ratio": mask_ratio, "mask_type": mask_type, "decoder_embed_dim": decoder_embed_dim,
+                           "decoder_depth": decoder_depth, "decoder_num_heads": decoder_num_heads})
         V.head_dim_ok(decoder_embed_dim, decoder_num_heads, "MAE decoder")
         self.encoder_name = encoder_name
         self.encoder_kwargs = dict(encoder_kwargs or {})

@@ -34,6 +34,7 @@ of patches for ``global_pool='avg'``), with zero loss. The exported encoder is t
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from methods import constraints as C
 from methods import vit as V
 from methods.base import MethodOutput, SSLMethod
 from methods.checkpoint_io import check_encoder_config, load_encoder_file, load_state_dict_strict
@@ -140,6 +142,22 @@ class SALT(SSLMethod):
     """
 
     view_kind = "images"
+    constraints = (
+        C.positive_int("predictor_embed_dim"),
+        C.positive_int("predictor_depth"),
+        C.positive_int("predictor_num_heads"),
+        C.positive_int("num_targets"),
+        C.RangePair("context_scale", 0.0, 1.0),
+        C.RangePair("target_scale", 0.0, 1.0),
+        C.RangePair("context_aspect_ratio", 0.01, 100.0),
+        C.RangePair("target_aspect_ratio", 0.01, 100.0),
+        # a training run needs a trained teacher: against a random one the student learns nothing useful
+        # (the constructor still accepts none, for tests of the mechanics)
+        C.RequiresAny(("teacher", "teacher_state_dict", "pretrained"),
+                      "a stage-1 checkpoint (local path or s3:// URI) for method salt "
+                      "(or {prefix}teacher_state_dict / {prefix}pretrained=true)"),
+    )
+    checkpoint_params = ("teacher",)
 
     def __init__(
         self,
@@ -205,6 +223,12 @@ class SALT(SSLMethod):
         if "teacher" in kwargs or "teacher_state_dict" in kwargs:
             raise ValueError("SALT.from_checkpoint: the teacher comes from ckpt_path; do not pass teacher/teacher_state_dict")
         return cls(encoder_name=encoder_name, teacher=ckpt_path, **kwargs)
+
+    @classmethod
+    def check_checkpoint(cls, param: str, path: str, kwargs: Mapping[str, Any], label: str) -> None:
+        """The teacher checkpoint holds an encoder of the architecture ``encoder_name`` / ``encoder_kwargs`` ask for."""
+        full = {**cls.constructor_defaults(), **kwargs}
+        check_encoder_config(load_encoder_file(path), full["encoder_name"], full["encoder_kwargs"], label)
 
     def train(self, mode: bool = True) -> SALT:
         """Switch student and predictor; the teacher always stays in eval mode."""

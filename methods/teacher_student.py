@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from methods import constraints as C
 from methods.base import SSLMethod
 from methods.heads import cancel_gradients_last_layer
 from methods.schedules import cosine_ema_momentum, teacher_temperature
@@ -90,6 +91,11 @@ class EMATeacherMethod(SSLMethod):
     momentum follows :meth:`TeacherStudent.momentum_at`, and after every optimizer step the teacher is updated.
     """
 
+    constraints = (
+        C.unit_interval("ema_decay_start"),
+        C.unit_interval("ema_decay_end"),
+        C.NotBelow("ema_decay_end", "ema_decay_start"),
+    )
     ts: TeacherStudent
     ema_momentum: float
 
@@ -121,6 +127,21 @@ class SelfDistillationMethod(EMATeacherMethod):
     cosine from ``ema_decay_start`` to ``ema_decay_end`` over the training steps.
     """
 
+    # A constraint applies to a method whose constructor takes its arguments: the DINO-only (centre momentum,
+    # prototypes) and iBOT-only ones (CLS/patch prototypes, mask ratio, patch-loss weight) apply to that one.
+    constraints = (
+        C.positive("temperature_student"),
+        C.positive("temperature_teacher_warmup"),
+        C.positive("temperature_teacher"),
+        C.positive_int("projector_hidden_dim"),
+        C.positive_int("projector_bottleneck_dim"),
+        C.positive_int("n_prototypes"),
+        C.positive_int("n_cls_prototypes"),
+        C.positive_int("n_patch_prototypes"),
+        C.unit_interval("center_momentum"),
+        C.open_unit_interval("mask_ratio"),
+        C.InRange("patch_loss_weight", 0.0),
+    )
     freeze_last_layer_epochs: int = 1
 
     def _init_schedules(

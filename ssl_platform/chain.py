@@ -31,7 +31,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ssl_platform.spec import SpecError, read_yaml, spec_from_dict
+from ssl_platform.spec import SpecError, method_checkpoint_params, read_yaml, spec_from_dict
 
 REF = re.compile(r"\$\{stages\.([A-Za-z0-9_-]+)\.([A-Za-z_]+)\}")
 REF_FIELDS = ("encoder",)
@@ -177,21 +177,21 @@ def stage_spec_for(stage: Stage, values: dict[tuple[str, str], str]) -> DictConf
 
 # ---- state ---------------------------------------------------------------------------------------------
 def load_state(chain: Chain, fs=None) -> dict[str, Any]:
-    from ssl_platform.s3 import read_text
+    from ssl_platform.uri_files import read_text
 
     text = read_text(chain.state_uri, fs)
     return json.loads(text) if text else {"chain": chain.name, "parent_run_id": None, "stages": {}}
 
 
 def save_state(chain: Chain, state: dict[str, Any], fs=None) -> None:
-    from ssl_platform.s3 import write_text
+    from ssl_platform.uri_files import write_text
 
     state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_text(chain.state_uri, json.dumps(state, indent=2, sort_keys=True), fs)
 
 
 def _complete(uri: str | None, fs) -> bool:
-    from ssl_platform.s3 import remote_manifest
+    from ssl_platform.run_checkpoints import remote_manifest
     from ssl_platform.storage import CheckpointError
 
     if not uri:
@@ -264,12 +264,14 @@ def run_chain(chain: Chain, *, require_state: bool = False, step_hooks: dict[str
             else:
                 spec = stage_spec_for(stage, values)
                 tags = {CHAIN_TAG: chain.name, "ssl.chain_stage": stage.name}
+                checkpoint_params = method_checkpoint_params(spec)
                 for key, ref_stage, field in stage.refs:
                     tags[f"lineage.{key}"] = values[(ref_stage, field)]
                     tags[f"lineage.{ref_stage}_run_id"] = stage_runs[ref_stage]
-                    if key == "method.teacher":
-                        tags["teacher_uri"] = values[(ref_stage, field)]
-                        tags["teacher_run_id"] = stage_runs[ref_stage]
+                    param = key.removeprefix("method.")
+                    if key.startswith("method.") and param in checkpoint_params:  # e.g. teacher_uri, teacher_run_id
+                        tags[f"{param}_uri"] = values[(ref_stage, field)]
+                        tags[f"{param}_run_id"] = stage_runs[ref_stage]
                 run_name = chain.run_name(stage.name)
                 entry = {"run_name": run_name, "status": "RUNNING", "run_id": entry.get("run_id"), "final_checkpoint": None}
                 state["stages"][stage.name] = entry

@@ -29,17 +29,6 @@ class PromotionError(ValueError):
     """A run or sweep that cannot be promoted (missing metric, artifact or children)."""
 
 
-class PooledEmbedding(nn.Module):
-    """Wrap an encoder that returns tokens ``[B, T, D]`` (APL) so that ``forward`` returns ``[B, D]``."""
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images).mean(dim=1)
-
-
 @dataclass
 class PromotionResult:
     model: str
@@ -65,27 +54,17 @@ def _client(tracking_uri: str):
 
 
 def rebuild_encoder(payload: dict[str, Any]) -> tuple[nn.Module, torch.Tensor]:
-    """The encoder module of a ``checkpoint_io`` payload with its weights loaded, and an input example."""
-    from methods.checkpoint_io import load_state_dict_strict
+    """The encoder module of a ``checkpoint_io`` payload with its weights loaded (images -> embeddings, as the
+    method that wrote it rebuilds it: ``SSLMethod.embedding_encoder``), and an input example."""
+    from methods.base import SSLMethod
+    from methods.registry import available_methods, get_method_class
 
-    kwargs = dict(payload["encoder_kwargs"])
-    if payload.get("method") == "apl":
-        from methods.apl import build_apl_encoder
-
-        enc = build_apl_encoder(kwargs)
-        load_state_dict_strict(enc, payload["state_dict"], "registry: APL encoder")
-        model: nn.Module = PooledEmbedding(enc)
-        size, chans = enc.image_size, enc.in_chans
-    else:
-        from methods.vit import create_vit
-
-        model = create_vit(payload["encoder_name"], kwargs)
-        load_state_dict_strict(model, payload["state_dict"], f"registry: encoder {payload['encoder_name']}")
-        img = model.patch_embed.img_size
-        size = int(img[0] if isinstance(img, (tuple, list)) else img)
-        chans = int(kwargs.get("in_chans", 3))
+    method = payload.get("method")
+    cls = get_method_class(method) if method in available_methods() else SSLMethod
+    config = {"encoder_name": payload["encoder_name"], "encoder_kwargs": payload["encoder_kwargs"]}
+    model, (chans, height, width) = cls.embedding_encoder(config, payload["state_dict"])
     model.eval()
-    example = torch.randn(2, chans, size, size, generator=torch.Generator().manual_seed(0))
+    example = torch.randn(2, chans, height, width, generator=torch.Generator().manual_seed(0))
     return model, example
 
 
@@ -185,7 +164,7 @@ def promote(
         with mlflow.start_run(run_id=reg_run.info.run_id):
             info = mlflow.pytorch.log_model(
                 net, name="encoder", signature=signature, input_example=example.numpy(), serialization_format="pickle",
-                code_paths=_code_paths() if isinstance(net, PooledEmbedding) else None, pip_requirements=_requirements(),
+                code_paths=_code_paths() if _defined_here(net) else None, pip_requirements=_requirements(),
             )
             mlflow.log_metric(metric, float(value))
         mv = mlflow.register_model(info.model_uri, model, tags=version_tags)
@@ -221,6 +200,11 @@ def _requirements() -> list[str]:
     import timm
 
     return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
+
+
+def _defined_here(net: nn.Module) -> bool:
+    """The model's class comes from this repository (not timm): its pickle needs our code next to it."""
+    return type(net).__module__.split(".")[0] in ("methods", "ssl_platform")
 
 
 def _code_paths() -> list[str]:

@@ -96,11 +96,12 @@ def run_experiment(
     if resume and not run_name:
         raise ValueError("resume needs the run name of the run to continue (see `ssl_platform runs` or the MLflow UI)")
     run_name = run_name or default_run_name(spec)
+    from ssl_platform.method_checkpoints import preflight_method_checkpoints
     from ssl_platform.preflight import preflight
-    from ssl_platform.s3 import preflight_method_checkpoints, worker_storage_options
+    from ssl_platform.s3 import worker_storage_options
 
     source = preflight(spec)  # data (listed once) and checkpoint location, before Ray starts
-    preflight_method_checkpoints(spec)  # a missing/incomplete/mismatched teacher fails before Ray starts
+    preflight_method_checkpoints(spec)  # a missing/incomplete/mismatched method checkpoint (e.g. SALT's teacher) too
     storage = worker_storage_options(spec)  # S3 checkpoint.uri: Ray's storage + workers' filesystem
     init_ray()
     run_id = tracking.start_run(spec, run_name, resume=resume, parent_run_id=parent_run_id, extra_tags=extra_tags)
@@ -148,7 +149,7 @@ def fit_tracked(trainer, spec: DictConfig, run_name: str, run_id: str):
 def _raise_if_storage_failure(spec: DictConfig, run_name: str, err: BaseException) -> None:
     """A run stopped by its checkpoint storage (unreachable or failing after all retries) ends with one clear error."""
     from methods.checkpoint_io import MANIFEST_FILE
-    from ssl_platform.s3 import StorageUnavailableError, find_storage_error
+    from ssl_platform.retry import StorageUnavailableError, find_storage_error
 
     cause = find_storage_error(err)
     if cause is None:

@@ -249,7 +249,7 @@ class _Destination:
         text = json.dumps(payload, indent=1, sort_keys=False) + "\n"
         try:
             if self.s3:
-                from ssl_platform.s3 import write_text
+                from ssl_platform.uri_files import write_text
 
                 write_text(self.where(name), text, self.fs)  # one PUT: readers see the old or the new object
             else:
@@ -280,7 +280,8 @@ class _Destination:
             return
         from botocore.exceptions import BotoCoreError, ClientError
 
-        from ssl_platform.s3 import boto3_client, retry_with_backoff
+        from ssl_platform.retry import retry_with_backoff
+        from ssl_platform.s3 import boto3_client
 
         bucket, _, key = self.path.partition("/")
         client = boto3_client(self.endpoint)

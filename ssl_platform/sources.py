@@ -33,13 +33,9 @@ class ImageFolderListing:
 
 def data_filesystem(uri: str, endpoint: str | None = None):
     """``(pyarrow filesystem, path)`` of a local directory or an ``s3://bucket/prefix``."""
-    from pyarrow.fs import LocalFileSystem
+    from ssl_platform.uri_files import resolve_uri
 
-    from ssl_platform import s3
-
-    if s3.is_s3(uri):
-        return s3.filesystem(endpoint), s3.fs_path(uri)
-    return LocalFileSystem(), os.path.abspath(uri)
+    return resolve_uri(uri, spec_endpoint=endpoint)
 
 
 def is_image(path: str) -> bool:

@@ -1,8 +1,9 @@
 """Experiment spec: a structured OmegaConf schema, loading with dotlist overrides, and validation.
 
 Everything is checked here, before Ray starts: unknown keys, wrong types, out-of-range values, unknown
-methods (checked against the method's constructor signature) and unknown timm models. Errors are
-:class:`SpecError` naming the key, the expected form and the value seen.
+methods and unknown timm models. ``method.*`` is checked against the method class: names and types against its
+constructor's signature, values against the constraints it declares (``SSLMethod.constraints``,
+:mod:`methods.constraints`). Errors are :class:`SpecError` naming the key, the expected form and the value seen.
 """
 
 from __future__ import annotations
@@ -271,11 +272,20 @@ def resolve_paths(spec: DictConfig, base_dir: str | None = None) -> None:
     for key in ("root", "val_root"):
         if spec.data[key] and "://" not in spec.data[key]:
             spec.data[key] = str((base / spec.data[key]).resolve())
-    # a local stage-1 checkpoint (SALT's teacher): Ray workers do not run in the submitting directory
-    if "teacher" in spec.method and not OmegaConf.is_interpolation(spec.method, "teacher"):
-        teacher = spec.method.teacher
-        if isinstance(teacher, str) and teacher and "://" not in teacher:
-            spec.method.teacher = str((base / teacher).resolve())
+    # the method's checkpoint arguments (e.g. a stage-1 teacher): Ray workers do not run in the submitting directory
+    for key in method_checkpoint_params(spec):
+        value = spec.method[key]
+        if isinstance(value, str) and value and "://" not in value:
+            spec.method[key] = str((base / value).resolve())
+
+
+def method_checkpoint_params(spec: DictConfig) -> list[str]:
+    """The keys of ``spec.method`` that its method declares as checkpoint paths (``checkpoint_params``) and that
+    the spec sets to a value (not an interpolation still to be resolved)."""
+    from methods.registry import get_method_class
+
+    declared = get_method_class(spec.method.name).checkpoint_params
+    return [k for k in declared if k in spec.method and not OmegaConf.is_interpolation(spec.method, k) and spec.method[k]]
 
 
 # ---- validation ----------------------------------------------------------------------------------------
@@ -285,8 +295,12 @@ def _check(cond: bool, key: str, expected: str, seen: Any, source: str | None) -
 
 
 def _check_range_pair(value: Any, key: str, lo: float, hi: float, source: str | None) -> None:
-    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
-    _check(ok and lo <= value[0] <= value[1] <= hi, key, f"[min, max] with {lo} <= min <= max <= {hi}", value, source)
+    from methods.constraints import ConstraintError, RangePair
+
+    try:
+        RangePair(key, lo, hi).check({key: value})
+    except ConstraintError as err:
+        raise SpecError(err.key, err.expected, err.seen, source) from None
 
 
 def validate(spec: DictConfig, source: str | None = None) -> None:
@@ -365,14 +379,10 @@ def validate(spec: DictConfig, source: str | None = None) -> None:
     validate_method(s.method, source)
 
 
-_UNIT_INTERVAL_OPEN = ("mask_ratio",)
-_UNIT_INTERVAL_CLOSED = ("ema_decay_start", "ema_decay_end", "center_momentum", "patch_dropout", "dropout")
-_POSITIVE = ("temperature_student", "temperature_teacher", "temperature_teacher_warmup")
-_POSITIVE_INT_SUFFIXES = ("_dim", "_depth", "_heads", "n_prototypes", "num_targets", "n_blocks", "top_k_blocks")
-
-
 def validate_method(method: DictConfig, source: str | None = None) -> None:
-    """Check ``method.*`` against the registered method's constructor: names, types, ranges, timm model."""
+    """Check ``method.*`` against the registered method: constructor names and types, the method's declared
+    constraints (ranges, choices, required settings), and the timm model."""
+    from methods.constraints import ConstraintError
     from methods.registry import available_methods, get_method_class
 
     name = method.get("name") if isinstance(method, DictConfig) else None
@@ -383,6 +393,7 @@ def validate_method(method: DictConfig, source: str | None = None) -> None:
     params = inspect.signature(cls.__init__).parameters
     allowed = {p for p in params if p != "self"}
     hints = typing.get_type_hints(cls.__init__)
+    kwargs: dict[str, Any] = {}
     for key, value in method.items():
         if key == "name":
             continue
@@ -391,35 +402,16 @@ def validate_method(method: DictConfig, source: str | None = None) -> None:
         if isinstance(value, (DictConfig, ListConfig)):
             value = OmegaConf.to_container(value)
         _check_type(value, hints.get(key), params[key].default, full, source)
-        if key in _UNIT_INTERVAL_OPEN:
-            _check(0.0 < value < 1.0, full, "a number in (0, 1)", value, source)
-        if key in _UNIT_INTERVAL_CLOSED:
-            _check(0.0 <= value <= 1.0, full, "a number in [0, 1]", value, source)
-        if key in _POSITIVE:
-            _check(value > 0, full, "a number > 0", value, source)
-        if any(key.endswith(suf) for suf in _POSITIVE_INT_SUFFIXES) and isinstance(value, int):
-            _check(value >= 1, full, "an integer >= 1", value, source)
-        if key.endswith("_scale") or key.endswith("_aspect_ratio"):
-            hi = 1.0 if key.endswith("_scale") else 100.0
-            _check_range_pair(list(value), full, 0.0 if hi == 1.0 else 0.01, hi, source)
-    if "ema_decay_start" in method and "ema_decay_end" in method:
-        _check(method.ema_decay_start <= method.ema_decay_end, "method.ema_decay_end",
-               f">= method.ema_decay_start ({method.ema_decay_start})", method.ema_decay_end, source)
+        kwargs[key] = value
+    try:
+        cls.check_kwargs(kwargs, prefix="method.")
+    except ConstraintError as err:
+        raise SpecError(err.key, err.expected, err.seen, source) from None
     enc = method.get("encoder_name", params.get("encoder_name").default if "encoder_name" in params else None)
     if isinstance(enc, str):
         import timm
 
         _check(enc in timm.list_models(), "method.encoder_name", "a timm model name (timm.list_models())", enc, source)
-    _check_method_requirements(method, source)
-
-
-def _check_method_requirements(method: DictConfig, source: str | None = None) -> None:
-    """Method-specific required settings (a combination of keys, not one key's type or range)."""
-    if method.get("name") == "salt":  # stage 2 trains against a frozen teacher: without one it learns nothing useful
-        has_teacher = bool(method.get("teacher")) or method.get("teacher_state_dict") is not None
-        _check(has_teacher or bool(method.get("pretrained")), "method.teacher",
-               "a stage-1 checkpoint (local path or s3:// URI) for method salt "
-               "(or method.teacher_state_dict / method.pretrained=true)", method.get("teacher"), source)
 
 
 def _check_type(value: Any, hint: Any, default: Any, key: str, source: str | None) -> None:

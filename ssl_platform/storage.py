@@ -9,7 +9,9 @@ Layout of a checkpoint directory::
     spec.yaml       the resolved spec (secrets redacted)
     manifest.json   files with sizes and SHA-256, step, spec hash -- written LAST
 
-A directory without a manifest, or whose files do not match it, is never loaded.
+A directory without a manifest, or whose files do not match it, is never loaded. The checkpoints of a local run
+are listed and searched with :mod:`ssl_platform.run_checkpoints` (the same loop as for ``s3://`` runs), checked
+here with the full :func:`methods.checkpoint_io.verify_manifest` (sizes and SHA-256).
 """
 
 from __future__ import annotations
@@ -105,19 +107,17 @@ def _check_training_payload(d: Path, model: Any, opt: Any) -> None:
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Ray Train's checkpoint directories of a local run (``checkpoint_*``), oldest first."""
-    p = Path(run_dir)
-    return sorted((c for c in p.glob("checkpoint_*") if c.is_dir()), key=lambda c: c.name)
+    from ssl_platform.run_checkpoints import list_checkpoint_uris
+
+    return [Path(uri) for uri in list_checkpoint_uris(str(run_dir))]
 
 
 def latest_complete_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint directory whose manifest verifies, or None."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        try:
-            verify_manifest(ckpt)
-            return ckpt
-        except CheckpointError:
-            continue
-    return None
+    """The newest checkpoint directory of a local run whose manifest verifies (sizes and SHA-256), or None."""
+    from ssl_platform.run_checkpoints import latest_complete_checkpoint_uri
+
+    uri = latest_complete_checkpoint_uri(str(run_dir), check=verify_manifest)
+    return Path(uri) if uri else None
 
 
 def latest_checkpoint_of_run(run_dir: str | os.PathLike, mlflow_run_id: str | None) -> Path | None:
@@ -126,14 +126,18 @@ def latest_checkpoint_of_run(run_dir: str | os.PathLike, mlflow_run_id: str | No
     Ray Train registers a reported checkpoint asynchronously: a worker lost right after a report can restart
     the group with no checkpoint although one was persisted. This finds it (local storage only).
     """
+    from ssl_platform.run_checkpoints import latest_complete_checkpoint_uri
+
+    def written_for_this_run(ckpt: str) -> None:
+        verify_manifest(ckpt)
+        try:
+            state = json.loads((Path(ckpt) / "state.json").read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {ckpt!r}: unreadable 'state.json' ({err})") from None
+        if not isinstance(state, dict) or state.get("mlflow_run_id") != mlflow_run_id:
+            raise CheckpointError(f"checkpoint {ckpt!r} was not written for MLflow run {mlflow_run_id!r}")
+
     if not mlflow_run_id or not Path(run_dir).is_dir():
         return None
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        try:
-            verify_manifest(ckpt)
-            state = json.loads((ckpt / "state.json").read_text())
-        except (CheckpointError, OSError, ValueError):
-            continue
-        if isinstance(state, dict) and state.get("mlflow_run_id") == mlflow_run_id:
-            return ckpt
-    return None
+    uri = latest_complete_checkpoint_uri(str(run_dir), check=written_for_this_run)
+    return Path(uri) if uri else None

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from methods.distributed import all_reduce_mean, all_reduce_sum
 from ssl_platform.hooks import StepHook, StepInfo
 from ssl_platform.progress import Progress, default_log_every, quiet_ray_train_logs
 from ssl_platform.streaming import ImageBatch
@@ -218,8 +219,8 @@ def _batch_size_per_worker(spec: DictConfig, world_size: int, n_train: int) -> i
 
 def build_training(worker: Worker, data: WorkerData) -> Training:
     """The method (same initial weights on every rank), AdamW and the per-step LR schedule."""
+    from ssl_platform.method_checkpoints import localize_method_checkpoints
     from ssl_platform.optim import build_optimizer, build_scheduler
-    from ssl_platform.s3 import localize_method_checkpoints
 
     spec = worker.spec
     seed_everything(spec.seed)
@@ -359,13 +360,13 @@ def train_one_epoch(worker: Worker, data: WorkerData, training: Training, epoch:
     done = int(round(read["finite_steps"] + read["skipped"]))
     metrics = {
         "epoch": epoch + 1,
-        "loss": _all_reduce_mean(torch.tensor(read["loss"]), worker.world),
+        "loss": float(all_reduce_mean(torch.tensor(read["loss"]))),
         "lr": float(training.scheduler.get_last_lr()[0]),
         "global_step": training.global_step,
         "epoch_time_s": elapsed,
         "images_per_sec": done * data.batch_size * worker.world / max(elapsed, 1e-9),
         "nonfinite_skipped": training.skipped_steps,
-        "bad_images": _all_reduce_sum(bad, worker.world),
+        "bad_images": int(all_reduce_sum(torch.tensor(float(bad)))),
     }
     metrics.update({k: v for k, v in read.items() if k not in ("loss", "finite_steps", "skipped", "first_skipped")})
     metrics.update(training.method.schedule_state())
@@ -508,7 +509,7 @@ def _checkpoint_uploader(spec: DictConfig):
     """
     import ray.train
 
-    from ssl_platform.s3 import upload_checkpoint_dir
+    from ssl_platform.checkpoint_upload import upload_checkpoint_dir
 
     def upload(checkpoint, checkpoint_dir_name: str):
         storage = ray.train.get_context().get_storage()
@@ -518,28 +519,6 @@ def _checkpoint_uploader(spec: DictConfig):
         return ray.train.Checkpoint(path=dest, filesystem=storage.storage_filesystem)
 
     return upload
-
-
-def _all_reduce_mean(value: torch.Tensor, world: int) -> float:
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        v = value.detach().clone().to(_collective_device())
-        torch.distributed.all_reduce(v)
-        return float(v) / world
-    return float(value)
-
-
-def _all_reduce_sum(value: int, world: int) -> int:
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        v = torch.tensor(float(value), device=_collective_device())
-        torch.distributed.all_reduce(v)
-        return int(v)
-    return value
-
-
-def _collective_device() -> torch.device:
-    import torch.distributed as dist
-
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 # ---- driver side ----------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def run_sweep(sweep: SweepSpec, *, resume: bool = False) -> SweepResult:
     """Run (or, with ``resume``, restore and finish) a sweep; returns its trials and writes its outputs."""
     from ray import tune
 
-    from ssl_platform import s3, tracking
+    from ssl_platform import s3, tracking, uri_files
     from ssl_platform.run import init_ray
 
     base = sweep.base
@@ -63,7 +63,7 @@ def run_sweep(sweep: SweepSpec, *, resume: bool = False) -> SweepResult:
     state_uri = f"{root}/{STATE_FILE}"
     tune_root = s3.fs_path(f"{root}/tune")  # Tune's storage_path: a bucket/key path with fs, else a local path
     experiment_path = f"{tune_root}/{sweep.name}"
-    existing = s3.read_text(state_uri, fs)
+    existing = uri_files.read_text(state_uri, fs)
     if resume and existing is None:
         raise ValueError(f"--resume: no sweep {sweep.name!r} at {root} (expected {STATE_FILE}); run it without --resume first")
     if not resume and existing is not None:
@@ -83,7 +83,7 @@ def run_sweep(sweep: SweepSpec, *, resume: bool = False) -> SweepResult:
             **{f"sweep.params.{p.key}": p.describe() for p in sweep.params},
         })
         tracking.set_tags(base.tracking.uri, parent_run_id, {"sweep.state_uri": root})
-        s3.write_text(state_uri, json.dumps({
+        uri_files.write_text(state_uri, json.dumps({
             "name": sweep.name, "parent_run_id": parent_run_id, "experiment_path": experiment_path,
             "source": sweep.source, "tracking_uri": base.tracking.uri,
         }, indent=2), fs)

@@ -14,7 +14,8 @@ from ssl_platform import registry
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _make_run(uri: str, value: float | None, *, parent: str | None = None, seed: int = 0, tags: dict | None = None) -> str:
+def _make_run(uri: str, value: float | None, *, parent: str | None = None, seed: int = 0, tags: dict | None = None,
+              method=None) -> str:
     """A finished MLflow run with a real ``encoder`` artifact (train.py's layout) and a knn_top1 metric."""
     import mlflow
 
@@ -22,11 +23,12 @@ def _make_run(uri: str, value: float | None, *, parent: str | None = None, seed:
     from methods.checkpoint_io import save_encoder
 
     torch.manual_seed(seed)
-    method = build_method("mae", encoder_name="vit_tiny_patch16_224", encoder_kwargs=dict(TINY_VIT),
-                          decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    if method is None:
+        method = build_method("mae", encoder_name="vit_tiny_patch16_224", encoder_kwargs=dict(TINY_VIT),
+                              decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
     c = mlflow.MlflowClient(tracking_uri=uri)
     exp = c.get_experiment_by_name("tests") or c.get_experiment(c.create_experiment("tests"))
-    run_tags = {"method": "mae", "spec_hash": f"hash{seed}", "checkpoint_uri": f"/ckpt/run{seed}", **(tags or {})}
+    run_tags = {"method": method.method_name, "spec_hash": f"hash{seed}", "checkpoint_uri": f"/ckpt/run{seed}", **(tags or {})}
     if parent:
         run_tags["mlflow.parentRunId"] = parent
     run = c.create_run(exp.experiment_id, tags=run_tags, run_name=f"run{seed}")
@@ -88,6 +90,22 @@ def test_promote_moves_alias_only_for_better_version_and_loads_by_alias(store):
 
     table = registry.models_table("enc", store)
     assert "champion" in table and table.count("\n") == 2 + 5
+
+
+def test_promote_token_encoder_serves_the_methods_embedding(store):
+    """APL's encoder returns tokens: the method rebuilds it (``embedding_encoder``) as images -> mean token."""
+    import mlflow
+
+    from methods import build_method
+
+    apl = build_method("apl", grid_size=4, crop=1, image_size=16, project_patch_emb=True, embed_dim=16, n_blocks=1, heads=2)
+    registry.promote(_make_run(store, 0.5, method=apl), model="apl-enc", tracking_uri=store)
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    loaded = mlflow.pytorch.load_model("models:/apl-enc@champion").eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), apl.eval()(images=x).embedding, atol=1e-5)
 
 
 def test_promote_sweep_picks_best_child(store):

@@ -18,15 +18,11 @@ from methods.checkpoint_io import (
 )
 from methods.mae import MAE
 from ssl_platform.chain import load_chain
-from ssl_platform.s3 import (
-    download_checkpoint,
-    latest_complete_checkpoint_uri,
-    list_checkpoint_uris,
-    preflight_method_checkpoints,
-    read_text,
-    write_text,
-)
+from ssl_platform.checkpoint_cache import download_checkpoint
+from ssl_platform.method_checkpoints import preflight_method_checkpoints
+from ssl_platform.run_checkpoints import latest_complete_checkpoint_uri, list_checkpoint_uris
 from ssl_platform.spec import SpecError, spec_from_dict
+from ssl_platform.uri_files import read_text, write_text
 from tests.conftest import ROOT, TINY_VIT, tiny_spec_dict
 
 SALT_TINY = {"name": "salt", "encoder_name": "vit_tiny_patch16_224", "encoder_kwargs": dict(TINY_VIT),
@@ -109,6 +105,25 @@ def test_teacher_preflight_refuses_missing_incomplete_and_other_architecture(tmp
     (good / "manifest.json").unlink()
     with pytest.raises(IncompleteCheckpointError, match="no manifest.json"):
         preflight_method_checkpoints(spec(str(good)))
+
+
+def test_s3_teacher_is_checked_before_ray_and_downloaded_verified_for_the_workers(s3_server, tmp_path, monkeypatch):
+    """The teacher given as s3://: pre-flight downloads and checks it; the workers get a verified local copy."""
+    from ssl_platform.method_checkpoints import localize_method_checkpoints
+
+    monkeypatch.setenv("SSL_PLATFORM_CACHE", str(tmp_path / "cache"))
+    bucket = s3_server["bucket"]
+    local, state = _encoder_checkpoint(tmp_path / "teacher")
+    _upload(local, bucket, "stage1/checkpoint_1")
+    _upload(local, bucket, "stage1/checkpoint_2", skip=("manifest.json",))
+    spec = spec_from_dict(salt_spec_dict(tmp_path, teacher=f"s3://{bucket}/stage1/checkpoint_1"))
+    preflight_method_checkpoints(spec)
+    localized = localize_method_checkpoints(spec)
+    assert spec.method.teacher == f"s3://{bucket}/stage1/checkpoint_1"  # the spec itself is left as it is
+    payload = torch.load(Path(localized.method.teacher) / "encoder.pt", weights_only=True)
+    assert all(torch.equal(payload["state_dict"][k], v) for k, v in state.items())
+    with pytest.raises(IncompleteCheckpointError, match="no manifest.json"):
+        preflight_method_checkpoints(spec_from_dict(salt_spec_dict(tmp_path, teacher=f"s3://{bucket}/stage1/checkpoint_2")))
 
 
 def test_salt_without_teacher_is_refused_by_validation(tmp_path):

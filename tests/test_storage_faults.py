@@ -14,20 +14,14 @@ import mlflow
 import pytest
 
 from methods.checkpoint_io import IncompleteCheckpointError, write_manifest
+from ssl_platform.checkpoint_cache import download_checkpoint
+from ssl_platform.checkpoint_upload import CheckpointUploadError, upload_checkpoint_dir
+from ssl_platform.retry import StorageUnavailableError, retry_with_backoff
 from ssl_platform.run import run_experiment
-from ssl_platform.s3 import (
-    CheckpointUploadError,
-    StorageUnavailableError,
-    download_checkpoint,
-    filesystem,
-    latest_complete_checkpoint_uri,
-    list_checkpoint_uris,
-    read_text,
-    remote_manifest,
-    retry_with_backoff,
-    upload_checkpoint_dir,
-)
+from ssl_platform.run_checkpoints import latest_complete_checkpoint_uri, list_checkpoint_uris, remote_manifest
+from ssl_platform.s3 import filesystem
 from ssl_platform.storage import load_training_checkpoint
+from ssl_platform.uri_files import read_text
 from tests.tcp_proxy import CuttableProxy
 
 CKPT_FILES = ["encoder.pt", "model.pt", "optimizer.pt", "spec.yaml", "state.json"]

@@ -1,0 +1,73 @@
+"""The checkpoints of a run, on local disk or S3: list them, check that one is complete, find the latest complete.
+
+A run directory (local path or ``s3://`` URI) holds Ray Train's ``checkpoint_*`` directories. A checkpoint counts
+only once its ``manifest.json`` (written last) is there and lists files that all exist with their recorded sizes
+(:func:`remote_manifest`); checksums are verified on load or download (:mod:`ssl_platform.checkpoint_cache`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from methods.checkpoint_io import MANIFEST_FILE, CheckpointError, IncompleteCheckpointError
+from ssl_platform.uri_files import join_uri, read_text, resolve_uri
+
+
+def list_checkpoint_uris(run_uri: str, fs=None) -> list[str]:
+    """The ``checkpoint_*`` directories of a run (local path or ``s3://``), oldest first."""
+    from pyarrow.fs import FileSelector, FileType
+
+    f, path = resolve_uri(run_uri, fs)
+    infos = f.get_file_info(FileSelector(path, allow_not_found=True, recursive=False))
+    names = sorted(i.base_name for i in infos if i.type == FileType.Directory and i.base_name.startswith("checkpoint_"))
+    return [join_uri(run_uri, n) for n in names]
+
+
+def remote_manifest(ckpt_uri: str, fs=None) -> dict[str, Any]:
+    """The manifest of a checkpoint after checking that every listed file exists with its recorded size.
+
+    Raises :class:`IncompleteCheckpointError` (no manifest, missing file: an unfinished write or upload) or
+    :class:`CheckpointError` (size mismatch, unreadable manifest). Checksums are checked on download.
+    """
+    from pyarrow.fs import FileSelector, FileType
+
+    text = read_text(join_uri(ckpt_uri, MANIFEST_FILE), fs)
+    if text is None:
+        raise IncompleteCheckpointError(f"incomplete checkpoint {ckpt_uri!r}: no {MANIFEST_FILE} (written last; the writer or upload did not finish)")
+    try:
+        manifest = json.loads(text)
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {ckpt_uri!r}: unreadable {MANIFEST_FILE} ({err})") from None
+    f, path = resolve_uri(ckpt_uri, fs)
+    sizes = {
+        os.path.relpath(i.path, path).replace(os.sep, "/"): i.size
+        for i in f.get_file_info(FileSelector(path, recursive=True))
+        if i.type == FileType.File
+    }
+    for name, meta in files.items():
+        size = meta["size"] if isinstance(meta, dict) else meta
+        if name not in sizes:
+            raise IncompleteCheckpointError(f"incomplete checkpoint {ckpt_uri!r}: {name!r} is listed in the manifest but missing")
+        if sizes[name] != size:
+            raise CheckpointError(f"checkpoint {ckpt_uri!r}: {name!r} has {sizes[name]} bytes, the manifest says {size}")
+    return manifest
+
+
+def latest_complete_checkpoint_uri(run_uri: str, fs=None, *, check: Callable[[str], Any] | None = None) -> str | None:
+    """The newest checkpoint of a run that passes ``check`` (a function of its URI that raises
+    :class:`CheckpointError` when the checkpoint does not count), or None.
+
+    Default ``check``: :func:`remote_manifest` (manifest there, every file with its size). Local callers pass
+    :func:`methods.checkpoint_io.verify_manifest` to check the SHA-256 of every file as well.
+    """
+    for uri in reversed(list_checkpoint_uris(run_uri, fs)):
+        try:
+            check(uri) if check is not None else remote_manifest(uri, fs)
+            return uri
+        except CheckpointError:
+            continue
+    return None
