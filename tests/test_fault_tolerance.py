@@ -153,7 +153,12 @@ def test_preflight_data_errors(tiny_spec, tmp_path):
         check_data(tiny_spec(["data.name=image_folder", f"data.root={flat}"]))
     (flat / "cls").mkdir()
     (flat / "cls" / "b.png").write_bytes(b"x")
-    check_data(tiny_spec(["data.name=image_folder", f"data.root={flat}"]))
+    with pytest.raises(DataError, match="data.test_fraction: expected a value that leaves images in both splits"):
+        check_data(tiny_spec(["data.name=image_folder", f"data.root={flat}"]))  # 1 image: no hold-out possible
+    for i in range(20):
+        (flat / "cls" / f"c{i}.png").write_bytes(b"x")  # listing reads names only: the bytes are judged when decoded
+    source = check_data(tiny_spec(["data.name=image_folder", f"data.root={flat}"]))
+    assert source.num_train + source.num_val == 21 and source.classes == ["cls"] and source.num_val >= 1
 
 
 def test_unwritable_checkpoint_uri_is_refused_before_ray(tiny_spec, tmp_path):
