@@ -147,6 +147,11 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
         c.log_batch(run_id, metrics=items)
 
 
+def logged_steps(tracking_uri: str, run_id: str, key: str) -> set[int]:
+    """The steps at which ``key`` was logged in a run."""
+    return {m.step for m in client(tracking_uri).get_metric_history(run_id, key)}
+
+
 def log_artifacts(tracking_uri: str, run_id: str, paths: list[str | Path], artifact_path: str | None = None) -> None:
     c = client(tracking_uri)
     for p in paths:

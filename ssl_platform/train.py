@@ -111,6 +111,7 @@ class Training:
     global_step: int = 0
     skipped_steps: int = 0
     baseline: dict[str, float] = field(default_factory=dict)
+    logged_epochs: set[int] = field(default_factory=set)  # rank 0: epochs already in the MLflow run (restarts)
 
 
 # ---- the loop -------------------------------------------------------------------------------------------
@@ -263,6 +264,22 @@ def restore(worker: Worker, training: Training) -> None:
     training.baseline = {k: v for k, v in state.items() if k.startswith("baseline_")}
     if worker.rank == 0:
         print(f"[ssl_platform] resumed from checkpoint at epoch {training.epoch} (step {training.global_step})", flush=True)
+        _log_restored_epoch(worker, training, state)
+
+
+def _log_restored_epoch(worker: Worker, training: Training, state: dict[str, Any]) -> None:
+    """After a restart, the MLflow run keeps one entry per epoch: the epochs it already has are not logged again, and
+    the restored epoch is logged from its checkpoint if the lost worker died between the checkpoint and the log."""
+    from ssl_platform import tracking
+
+    run_id = worker.loop.mlflow_run_id
+    if not run_id or state.get("mlflow_run_id") not in (None, run_id):
+        return
+    training.logged_epochs = tracking.logged_steps(worker.spec.tracking.uri, run_id, "epoch")
+    if training.epoch not in training.logged_epochs:
+        metrics = {k: v for k, v in state.items() if isinstance(v, (int, float)) and not k.startswith("baseline_")}
+        tracking.log_metrics(worker.spec.tracking.uri, run_id, metrics, step=training.epoch)
+        training.logged_epochs.add(training.epoch)
 
 
 def random_init_baseline(worker: Worker, data: WorkerData, training: Training) -> None:
@@ -460,7 +477,8 @@ def evaluate(worker: Worker, data: WorkerData, method: Any, *, final: bool, epoc
 
 
 def report_epoch(worker: Worker, training: Training, metrics: dict[str, float]) -> None:
-    """MLflow metrics (rank 0) and ``ray.train.report`` on every rank, with a checkpoint when one is due."""
+    """``ray.train.report`` on every rank, with a checkpoint when one is due, then the MLflow metrics (rank 0): an
+    epoch is logged only once its checkpoint is stored, so a restart never logs it twice."""
     import ray.train
 
     from ssl_platform import tracking
@@ -470,18 +488,19 @@ def report_epoch(worker: Worker, training: Training, metrics: dict[str, float]) 
     epoch = int(metrics["epoch"])
     training.epoch = epoch
     metrics.update({f"{k[len('baseline_'):]}_random_init": v for k, v in training.baseline.items()})
-    if worker.rank == 0 and loop.mlflow_run_id:
-        tracking.log_metrics(spec.tracking.uri, loop.mlflow_run_id, metrics, step=epoch)
     if worker.rank != 0 or not (epoch == spec.optim.epochs or epoch % spec.checkpoint.every_epochs == 0):
         ray.train.report(metrics, checkpoint=None)
-        return
-    state = {"epoch": epoch, "global_step": training.global_step, "mlflow_run_id": loop.mlflow_run_id, **training.baseline,
-             **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-    with tempfile.TemporaryDirectory() as tmp:
-        write_training_checkpoint(tmp, method=training.method, optimizer=training.optimizer, scheduler=training.scheduler,
-                                  spec=spec, state=state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_upload_fn=_checkpoint_uploader(spec))
+    else:
+        state = {"epoch": epoch, "global_step": training.global_step, "mlflow_run_id": loop.mlflow_run_id,
+                 **training.baseline, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        with tempfile.TemporaryDirectory() as tmp:
+            write_training_checkpoint(tmp, method=training.method, optimizer=training.optimizer,
+                                      scheduler=training.scheduler, spec=spec, state=state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_upload_fn=_checkpoint_uploader(spec))
+    if worker.rank == 0 and loop.mlflow_run_id and epoch not in training.logged_epochs:
+        tracking.log_metrics(spec.tracking.uri, loop.mlflow_run_id, metrics, step=epoch)
+        training.logged_epochs.add(epoch)
 
 
 def export_encoder(worker: Worker, training: Training) -> None:
