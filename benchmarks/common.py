@@ -221,8 +221,9 @@ def train_step(p: Prepared) -> torch.Tensor:
     p.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     p.method.before_optimizer_step(epoch)
-    if p.spec.optim.clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(p.method.parameters(), p.spec.optim.clip_grad)
+    from ssl_platform.optim import clip_gradients
+
+    clip_gradients(p.method, p.spec.optim)
     p.optimizer.step()
     p.scheduler.step()
     p.method.after_optimizer_step()

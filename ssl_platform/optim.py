@@ -1,18 +1,40 @@
-"""AdamW with linear warm-up then cosine decay, stepped per iteration.
+"""AdamW with per-step schedules of the learning rate AND the weight decay, gradient clipping, SyncBatchNorm.
 
-lr(t) = lr * t / T_w                                           for t < T_w
-lr(t) = lr * (r + (1 - r) * (1 + cos(pi * (t - T_w) / (T - T_w))) / 2)   otherwise, r = min_lr_ratio
+Learning rate at step ``t`` of ``T`` (``T_w`` warm-up steps), as DINO's ``utils.cosine_scheduler`` (Caron et al.
+2021) and MAE's ``lr_sched`` (He et al. 2022):
+
+    lr(t) = lr0 * (t + 1) / T_w                                                  for t < T_w
+    lr(t) = lr_min + (lr0 - lr_min) * (1 + cos(pi * (t - T_w) / (T - T_w))) / 2   otherwise
+
+with ``lr0 = optim.lr`` (``optim.lr_scaling: none``) or ``optim.lr * global_batch / 256`` (``linear``, Goyal et al.
+2017, as DINO, iBOT and MAE scale their base learning rate), and ``lr_min = optim.min_lr`` when set (an absolute
+value, not scaled: DINO's ``--min_lr 1e-6``), else ``optim.min_lr_ratio * lr0``.
+
+Weight decay of the decayed parameter group (the other group never decays) at step ``t``, cosine without warm-up
+(DINO/iBOT: 0.04 -> 0.4 via ``--weight_decay_end``; constant when ``optim.weight_decay_end`` is unset):
+
+    wd(t) = wd_end + (wd0 - wd_end) * (1 + cos(pi * t / T)) / 2
+
+Gradient clipping (``optim.clip_grad`` > 0): ``clip_mode: global`` rescales all gradients by
+``min(1, c / ||g||_2)`` over the whole model (``torch.nn.utils.clip_grad_norm_``, data2vec); ``per_param`` rescales
+each parameter's gradient on its own, ``g_p <- g_p * c / (||g_p|| + 1e-6)`` when that factor is < 1 (DINO/iBOT's
+``utils.clip_gradients``). MAE and APL do not clip (``clip_grad: 0``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
+
+LR_REFERENCE_BATCH = 256  # lr_scaling: linear -> lr * global_batch / 256
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """``lr(t) / lr0`` (see the module docstring) with ``lr_min = min_lr_ratio * lr0``."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)
@@ -20,8 +42,23 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def cosine_value(step: int, total_steps: int, start: float, end: float) -> float:
+    """``end + (start - end) * (1 + cos(pi * t / T)) / 2``, clamped to ``[0, T]`` (the weight-decay schedule)."""
+    progress = min(1.0, max(0, step) / max(1, total_steps))
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def base_lr(optim: DictConfig, global_batch: int) -> float:
+    """``optim.lr``, times ``global_batch / 256`` with ``optim.lr_scaling: linear``."""
+    scale = global_batch / LR_REFERENCE_BATCH if optim.get("lr_scaling", "none") == "linear" else 1.0
+    return float(optim.lr) * scale
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, tokens and 1-D parameters (standard for ViTs)."""
+    """No weight decay on biases, norms, tokens and 1-D parameters (standard for ViTs).
+
+    The first group decays (``"decayed": True``); the weight-decay schedule changes only that group.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -30,7 +67,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "decayed": True},
+        {"params": no_decay, "weight_decay": 0.0, "decayed": False},
+    ]
 
 
 def build_optimizer(model: torch.nn.Module, optim: DictConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -42,7 +82,92 @@ def build_optimizer(model: torch.nn.Module, optim: DictConfig, device: torch.dev
     return torch.optim.AdamW(param_groups(model, optim.weight_decay), **kwargs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim: DictConfig, steps_per_epoch: int):
-    total = optim.epochs * steps_per_epoch
-    warmup = int(round(optim.warmup_epochs * steps_per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, optim.min_lr_ratio))
+class StepSchedule:
+    """Sets every group's ``lr`` and the decayed group's ``weight_decay`` for the coming step (module docstring).
+
+    Used like a torch LR scheduler: :meth:`step` after ``optimizer.step()``; ``state_dict()`` holds the number of
+    steps taken, so a resumed run continues both schedules where they were. A ``LambdaLR`` state from older
+    checkpoints (``last_epoch`` = steps taken) loads too.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optim: DictConfig, steps_per_epoch: int, global_batch: int = LR_REFERENCE_BATCH):
+        self.optimizer = optimizer
+        self.total_steps = int(optim.epochs * steps_per_epoch)
+        self.warmup_steps = int(round(optim.warmup_epochs * steps_per_epoch))
+        self.lr0 = base_lr(optim, global_batch)
+        min_lr = optim.get("min_lr")
+        self.min_lr = float(min_lr) if min_lr is not None else float(optim.min_lr_ratio) * self.lr0
+        self.wd0 = float(optim.weight_decay)
+        wd_end = optim.get("weight_decay_end")
+        self.wd_end = float(wd_end) if wd_end is not None else self.wd0
+        self.steps_taken = 0
+        self._apply()
+
+    def lr_at(self, step: int) -> float:
+        ratio = self.min_lr / self.lr0 if self.lr0 > 0 else 0.0
+        return self.lr0 * lr_factor(step, self.total_steps, self.warmup_steps, ratio)
+
+    def weight_decay_at(self, step: int) -> float:
+        return cosine_value(step, self.total_steps, self.wd0, self.wd_end)
+
+    def _apply(self) -> None:
+        lr, wd = self.lr_at(self.steps_taken), self.weight_decay_at(self.steps_taken)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if group.get("decayed", group["weight_decay"] > 0):
+                group["weight_decay"] = wd
+
+    def step(self) -> None:
+        self.steps_taken += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    @property
+    def weight_decay(self) -> float:
+        """The decayed group's current weight decay."""
+        return self.weight_decay_at(self.steps_taken)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_taken = int(state["steps_taken"] if "steps_taken" in state else state["last_epoch"])
+        self._apply()
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: DictConfig, steps_per_epoch: int, global_batch: int = LR_REFERENCE_BATCH) -> StepSchedule:
+    """The per-step lr + weight-decay schedule; ``global_batch`` (all workers) matters for ``lr_scaling: linear``."""
+    return StepSchedule(optimizer, optim, steps_per_epoch, global_batch)
+
+
+@torch.no_grad()
+def clip_per_param(parameters, max_norm: float) -> None:
+    """DINO's ``utils.clip_gradients``: ``g_p <- g_p * c / (||g_p||_2 + 1e-6)`` for each parameter where that is < 1."""
+    for p in parameters:
+        if p.grad is None:
+            continue
+        coef = max_norm / (float(p.grad.norm(2)) + 1e-6)
+        if coef < 1:
+            p.grad.mul_(coef)
+
+
+def clip_gradients(model: nn.Module, optim: DictConfig) -> None:
+    """Clip ``model``'s gradients as ``optim.clip_mode`` says (nothing when ``optim.clip_grad`` is 0)."""
+    if optim.clip_grad <= 0:
+        return
+    if optim.get("clip_mode", "global") == "per_param":
+        clip_per_param(model.parameters(), optim.clip_grad)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
+
+
+def maybe_sync_batchnorm(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+    """BatchNorm layers (e.g. heads with ``use_bn_in_head``) -> ``SyncBatchNorm`` when ``world_size > 1``, as DINO
+    converts student and teacher, so batch statistics are over the global batch. Weights and running statistics are
+    kept. torch's SyncBatchNorm runs only on accelerators: on CPU (gloo) each worker keeps per-worker statistics."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if world_size <= 1 or device.type == "cpu" or not has_bn:
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)

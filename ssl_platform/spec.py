@@ -80,6 +80,10 @@ class OptimSpec:
     min_lr_ratio: float = 0.01
     clip_grad: float = 3.0
     max_nonfinite_skips: int = 0  # steps with non-finite gradients skipped (checked every log interval) before the run stops
+    clip_mode: str = "global"  # global (one norm over all gradients) | per_param (DINO/iBOT: each parameter's norm)
+    weight_decay_end: Optional[float] = None  # cosine weight decay from weight_decay to this (DINO/iBOT 0.04 -> 0.4)
+    lr_scaling: str = "none"  # none | linear (lr = optim.lr * global batch / 256, as DINO, iBOT, MAE)
+    min_lr: Optional[float] = None  # absolute final lr of the cosine (DINO 1e-6); unset: min_lr_ratio * lr
 
 
 @dataclass
@@ -155,6 +159,8 @@ STREAMED_DATASETS = ("image_folder", "shards")
 PRECISIONS = ("bf16", "fp32")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 OPTIMIZERS = ("adamw",)
+CLIP_MODES = ("global", "per_param")
+LR_SCALINGS = ("none", "linear")
 SECRET_MARKERS = ("secret", "token", "password", "key_id", "access_key")
 
 
@@ -350,6 +356,14 @@ def validate(spec: DictConfig, source: str | None = None) -> None:
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]", o.min_lr_ratio, source)
     _check(o.clip_grad >= 0, "optim.clip_grad", "a number >= 0 (0 disables clipping)", o.clip_grad, source)
     _check(o.max_nonfinite_skips >= 0, "optim.max_nonfinite_skips", "an integer >= 0", o.max_nonfinite_skips, source)
+    _check(o.clip_mode in CLIP_MODES, "optim.clip_mode", f"one of {list(CLIP_MODES)}", o.clip_mode, source)
+    _check(o.lr_scaling in LR_SCALINGS, "optim.lr_scaling", f"one of {list(LR_SCALINGS)}", o.lr_scaling, source)
+    if o.weight_decay_end is not None:
+        _check(o.weight_decay_end >= 0, "optim.weight_decay_end", "a number >= 0 (or unset: constant weight decay)",
+               o.weight_decay_end, source)
+    if o.min_lr is not None:
+        _check(0 <= o.min_lr <= o.lr, "optim.min_lr", f"a number in [0, optim.lr={o.lr}] (or unset: min_lr_ratio * lr)",
+               o.min_lr, source)
     betas = list(o.betas)
     _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "optim.betas", "[beta1, beta2] each in [0, 1)", betas, source)
 

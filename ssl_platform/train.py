@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from methods.distributed import all_reduce_mean, all_reduce_sum
 from ssl_platform.hooks import StepHook, StepInfo
+from ssl_platform.optim import clip_gradients
 from ssl_platform.progress import Progress, default_log_every, quiet_ray_train_logs
 from ssl_platform.streaming import ImageBatch
 
@@ -221,15 +222,16 @@ def _batch_size_per_worker(spec: DictConfig, world_size: int, n_train: int) -> i
 def build_training(worker: Worker, data: WorkerData) -> Training:
     """The method (same initial weights on every rank), AdamW and the per-step LR schedule."""
     from ssl_platform.method_checkpoints import localize_method_checkpoints
-    from ssl_platform.optim import build_optimizer, build_scheduler
+    from ssl_platform.optim import build_optimizer, build_scheduler, maybe_sync_batchnorm
 
     spec = worker.spec
     seed_everything(spec.seed)
     method = build_method_from_spec(localize_method_checkpoints(spec, worker.loop.s3_filesystem))  # s3:// teacher
     seed_everything(spec.seed + 1000 * worker.rank)  # different masks per rank
+    method = maybe_sync_batchnorm(method, worker.world, worker.device)  # BatchNorm heads over the global batch (DINO)
     method.to(worker.device)
     optimizer = build_optimizer(method, spec.optim, worker.device)
-    scheduler = build_scheduler(optimizer, spec.optim, data.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, spec.optim, data.steps_per_epoch, global_batch=data.batch_size * worker.world)
     return Training(method=method, model=method, optimizer=optimizer, scheduler=scheduler)
 
 
@@ -379,6 +381,7 @@ def train_one_epoch(worker: Worker, data: WorkerData, training: Training, epoch:
         "epoch": epoch + 1,
         "loss": float(all_reduce_mean(torch.tensor(read["loss"]))),
         "lr": float(training.scheduler.get_last_lr()[0]),
+        "weight_decay": training.scheduler.weight_decay,
         "global_step": training.global_step,
         "epoch_time_s": elapsed,
         "images_per_sec": done * data.batch_size * worker.world / max(elapsed, 1e-9),
@@ -411,8 +414,7 @@ def train_step(
     method.before_optimizer_step(epoch_progress)
     params = [p for p in method.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if spec.optim.clip_grad > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, spec.optim.clip_grad, grad_norm)
+    clip_gradients(params, spec.optim, grad_norm)  # optim.clip_mode: global | per_param
     skipped = (~torch.isfinite(grad_norm)).float()
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = skipped  # the fused kernel skips the update on the device
