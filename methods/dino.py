@@ -14,15 +14,12 @@ during the first epoch. The exported encoder is the teacher backbone (DINO evalu
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from methods import vit as V
 from methods.base import MethodOutput
 from methods.heads import DINOHead
 from methods.losses import DINOLoss
@@ -111,23 +108,9 @@ class DINO(SelfDistillationMethod):
         use_bn_in_head: bool = False,
     ):
         super().__init__()
-        for name, value in (
-            ("temperature_student", temperature_student),
-            ("temperature_teacher_warmup", temperature_teacher_warmup),
-            ("temperature_teacher", temperature_teacher),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        self.encoder_kwargs = dict(encoder_kwargs or {})
-        self.encoder_kwargs["dynamic_img_size"] = True
-        if isinstance(encoder_name, nn.Module):
-            backbone = encoder_name
-            self.encoder_name = type(encoder_name).__name__
-            self._rebuildable = False
-        else:
-            backbone = V.create_vit(encoder_name, self.encoder_kwargs, pretrained)
-            self.encoder_name = encoder_name
-            self._rebuildable = True
+        encoder_kwargs = dict(encoder_kwargs or {})
+        encoder_kwargs["dynamic_img_size"] = True
+        backbone = self._build_backbone(encoder_name, encoder_kwargs, pretrained)
         embed_dim = int(getattr(backbone, "num_features", getattr(backbone, "embed_dim", 0)))
         head = DINOHead(
             embed_dim, n_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer,
@@ -135,19 +118,10 @@ class DINO(SelfDistillationMethod):
         )
         self.ts = TeacherStudent(BackboneHead(backbone, head), ema_decay_start, ema_decay_end)
         self.loss_fn = DINOLoss(n_prototypes, center_momentum)
-
         self._init_schedules(
             temperature_student, temperature_teacher_warmup, temperature_teacher,
             warmup_epochs_temperature_teacher, ema_decay_start,
         )
-
-    @property
-    def student(self) -> BackboneHead:
-        return self.ts.student
-
-    @property
-    def teacher(self) -> BackboneHead:
-        return self.ts.teacher
 
     def last_layer_heads(self) -> list[nn.Module]:
         return [self.student.head]
@@ -159,13 +133,9 @@ class DINO(SelfDistillationMethod):
         local_views: Sequence[torch.Tensor] | None = None,
         images: torch.Tensor | None = None,
     ) -> DINOOutput:
-        if images is not None or not self.training:
-            x = images if images is not None else (global_views[0] if global_views else None)
-            if x is None:
-                raise ValueError("DINO.forward in eval mode needs images= (or global_views)")
-            with torch.no_grad():
-                emb = self.teacher.backbone(x)
-            return DINOOutput(loss=torch.zeros((), device=x.device), embedding=emb)
+        if self.is_eval_call(images):
+            emb = self.teacher_embedding(images, global_views)
+            return DINOOutput(loss=torch.zeros((), device=emb.device), embedding=emb)
 
         if not global_views:
             raise ValueError("DINO.forward in training mode needs global_views (a list of [B, C, H, W])")
@@ -185,12 +155,3 @@ class DINO(SelfDistillationMethod):
             ema_momentum=torch.tensor(self.ema_momentum, device=device),
             student_views=torch.tensor(float(len(global_views) + len(local_views)), device=device),
         )
-
-    # ---- export -----------------------------------------------------------------------------------------
-    def export_encoder(self) -> nn.Module:
-        return self.teacher.backbone
-
-    def encoder_config(self) -> dict[str, Any]:
-        if not self._rebuildable:
-            raise ValueError("DINO was built from a module instance; its encoder cannot be rebuilt by name")
-        return {"encoder_name": self.encoder_name, "encoder_kwargs": copy.deepcopy(self.encoder_kwargs)}

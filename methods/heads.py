@@ -39,6 +39,33 @@ class NormalizedLinear(nn.Module):
         return F.linear(x, w)
 
 
+def projection_mlp(in_dim: int, hidden_dim: int, bottleneck_dim: int, n_layers: int = 3, use_bn: bool = False) -> nn.Module:
+    """DINO's head MLP: ``n_layers`` linear layers (GELU, optional BatchNorm after each hidden one) to ``bottleneck_dim``,
+    initialised with a truncated normal (std 0.02) and zero biases."""
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    if n_layers == 1:
+        mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
+    else:
+        def hidden(d_in: int) -> list[nn.Module]:
+            return [nn.Linear(d_in, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if use_bn else []), nn.GELU()]
+
+        layers: list[nn.Module] = hidden(in_dim)
+        for _ in range(n_layers - 2):
+            layers += hidden(hidden_dim)
+        layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+        mlp = nn.Sequential(*layers)
+    mlp.apply(trunc_normal_init)
+    return mlp
+
+
+def _project(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[..., D] -> [..., b]``: MLP on all leading positions as one batch, then L2 normalisation."""
+    lead = x.shape[:-1]
+    x = mlp(x.reshape(-1, x.shape[-1]))
+    return F.normalize(x, dim=-1, p=2, eps=1e-6).reshape(*lead, x.shape[-1])  # also for 0 rows
+
+
 class DINOHead(nn.Module):
     """3-layer MLP -> bottleneck -> L2 normalisation -> weight-normalised prototypes.
 
@@ -59,31 +86,49 @@ class DINOHead(nn.Module):
         norm_last_layer: bool = True, use_bn: bool = False,
     ):
         super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
-        if n_layers == 1:
-            self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
-        else:
-            def hidden(d_in: int) -> list[nn.Module]:
-                return [nn.Linear(d_in, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if use_bn else []), nn.GELU()]
-
-            layers: list[nn.Module] = hidden(in_dim)
-            for _ in range(n_layers - 2):
-                layers += hidden(hidden_dim)
-            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-            self.mlp = nn.Sequential(*layers)
-        self.mlp.apply(trunc_normal_init)
+        self.mlp = projection_mlp(in_dim, hidden_dim, bottleneck_dim, n_layers, use_bn)
         self.last_layer = NormalizedLinear(bottleneck_dim, out_dim, learn_gain=not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., in_dim] -> [..., out_dim]`` (patch tokens ``[B, N, D]`` too: BatchNorm sees them as one batch)."""
-        lead = x.shape[:-1]
-        x = self.mlp(x.reshape(-1, x.shape[-1]))
-        x = F.normalize(x, dim=-1, p=2, eps=1e-6)
-        return self.last_layer(x).reshape(*lead, self.last_layer.out_features)  # also for 0 rows
+        return self.last_layer(_project(self.mlp, x))
 
 
-def cancel_gradients_last_layer(head: DINOHead) -> None:
-    """DINO's first-epoch freeze of the prototypes: drop the last layer's gradients (``grad = None``)."""
-    for p in head.last_layer.parameters():
-        p.grad = None
+class iBOTHead(nn.Module):
+    """iBOT's head (bytedance/ibot ``models/head.py``): ONE MLP for the CLS and the patch tokens, then the CLS
+    prototypes ``last_layer`` and the patch prototypes ``last_layer2`` (``shared_last_layer=True``, iBOT's
+    ``--shared_head``: the same prototypes for both, so ``cls_out_dim == patch_out_dim``).
+
+    ``forward(cls [B, D], patches [B, N, D]) -> (cls logits [B, K], patch logits [B, N, K'])``; the MLP sees the
+    ``B (1 + N)`` tokens as one batch (its BatchNorm statistics too), as the reference's ``CustomSequential``.
+    """
+
+    def __init__(
+        self, in_dim: int, cls_out_dim: int, patch_out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+        n_layers: int = 3, norm_last_layer: bool = True, use_bn: bool = False, shared_last_layer: bool = False,
+    ):
+        super().__init__()
+        if shared_last_layer and cls_out_dim != patch_out_dim:
+            raise ValueError(
+                f"a shared last layer needs as many CLS as patch prototypes, got {cls_out_dim} and {patch_out_dim}"
+            )
+        self.mlp = projection_mlp(in_dim, hidden_dim, bottleneck_dim, n_layers, use_bn)
+        self.last_layer = NormalizedLinear(bottleneck_dim, cls_out_dim, learn_gain=not norm_last_layer)
+        self.last_layer2 = (
+            self.last_layer if shared_last_layer
+            else NormalizedLinear(bottleneck_dim, patch_out_dim, learn_gain=not norm_last_layer)
+        )  # fmt: skip
+
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``patches`` ``[B, N, D]`` or selected rows ``[M, D]``; the MLP runs once on all CLS and patch rows."""
+        d = cls.shape[-1]
+        z = _project(self.mlp, torch.cat([cls, patches.reshape(-1, d)], dim=0))
+        b = cls.shape[0]
+        return self.last_layer(z[:b]), self.last_layer2(z[b:]).reshape(*patches.shape[:-1], -1)
+
+
+def cancel_gradients_last_layer(head: nn.Module) -> None:
+    """DINO/iBOT's first-epoch freeze of the prototypes: drop the gradients of every ``last_layer*`` parameter."""
+    for name, p in head.named_parameters():
+        if name.startswith("last_layer"):
+            p.grad = None

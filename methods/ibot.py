@@ -12,23 +12,31 @@ outputs ``g^cls`` and patch head outputs ``g^patch`` (each head with its own pro
 
 Teacher = EMA of the student (backbone, mask token and both heads) with the cosine momentum schedule, teacher
 temperature warmed up linearly in epochs, heads frozen-prototype during the first epoch, as in DINO. As in the
-reference interface (two prototype heads) the CLS and patch heads are separate DINO heads.
+seed's interface (two prototype heads) the CLS and patch heads are separate DINO heads by default;
+``head_sharing="mlp"`` is the official ``iBOTHead`` (one MLP, separate prototypes) and ``"all"`` adds iBOT's
+``--shared_head`` (one set of prototypes too).
+
+Masks: by default ``round(N * mask_ratio)`` patches uniformly at random per view (the seed). The official recipe
+draws BEiT block-wise masks (``mask_shape="block"``, aspect ratio ``e^U(log 0.3, log 1/0.3)``) with a per-image
+ratio ``U(mask_ratio - mask_ratio_var, mask_ratio + mask_ratio_var)``, leaves a share ``unmasked_fraction`` of the
+images unmasked (iBOT's ``--pred_ratio 0 0.3 --pred_ratio_var 0 0.2``: 0.5, 0.3, 0.2) and masks nothing before
+``mask_start_epoch`` (``--pred_start_epoch``) (:func:`methods.masks.block_masks`). The patch tokens entering the
+patch head are final-norm tokens also under ``global_pool='avg'`` (:func:`methods.vit.per_token_norm`).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from methods import vit as V
 from methods.base import MethodOutput
-from methods.heads import DINOHead
+from methods.heads import DINOHead, iBOTHead
 from methods.losses import DINOLoss, iBOTPatchLoss
+from methods.masks import block_masks, sample_mask_ratios
 from methods.registry import register
 from methods.teacher_student import SelfDistillationMethod, TeacherStudent
 
@@ -45,16 +53,28 @@ class iBOTOutput(MethodOutput):
     masks: list[torch.Tensor] | None = None
 
 
-class iBOTNet(nn.Module):
-    """ViT backbone + learned mask token + CLS head + patch head (the module that is EMA-copied)."""
+HEAD_SHARING = ("none", "mlp", "all")
+MASK_SHAPES = ("random", "block")
 
-    def __init__(self, backbone: nn.Module, cls_head: nn.Module, patch_head: nn.Module):
+
+class iBOTNet(nn.Module):
+    """ViT backbone + learned mask token + heads (the module that is EMA-copied).
+
+    ``head`` is an :class:`methods.heads.iBOTHead` (shared MLP) or ``None`` with separate ``cls_head`` and
+    ``patch_head`` DINO heads.
+    """
+
+    def __init__(self, backbone: nn.Module, cls_head: nn.Module | None, patch_head: nn.Module | None, head: iBOTHead | None = None):
         super().__init__()
         self.backbone = backbone
         self.cls_head = cls_head
         self.patch_head = patch_head
+        self.head = head
         self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def heads(self) -> list[nn.Module]:
+        return [self.head] if self.head is not None else [self.cls_head, self.patch_head]
 
     def forward(
         self, images: torch.Tensor, mask: torch.Tensor | None = None, patch_rows: torch.Tensor | None = None
@@ -67,9 +87,12 @@ class iBOTNet(nn.Module):
         x = V.embed_patches(self.backbone, images, mask, self.mask_token if mask is not None else None)
         tokens = V.run_blocks(self.backbone, x)
         emb = V.pooled_embedding(self.backbone, tokens)
-        patches = tokens[:, V.num_prefix_tokens(self.backbone) :]
+        patches = V.per_token_norm(self.backbone, tokens)[:, V.num_prefix_tokens(self.backbone) :]
         if patch_rows is not None:
             patches = patches[patch_rows.bool()]
+        if self.head is not None:
+            cls_logits, patch_logits = self.head(emb, patches)
+            return emb, cls_logits, patch_logits
         return emb, self.cls_head(emb), self.patch_head(patches)
 
 
@@ -97,6 +120,15 @@ class iBOT(SelfDistillationMethod):
         equal ``image_size``.
     :param norm_last_layer: extension (DINO/iBOT's ``--norm_last_layer``): True (default) fixes the prototypes'
         norm; False trains the weight-norm gain (DINO's choice for small ViTs).
+    :param use_bn_in_head: extension (``--use_bn_in_head``): BatchNorm in the head MLPs.
+    :param mask_shape: extension (``--pred_shape``): ``"random"`` (default, the seed) or ``"block"`` (BEiT
+        block-wise, iBOT's default).
+    :param mask_ratio_var: extension (``--pred_ratio_var``): per-image ratio ``U(mask_ratio +- var)`` (default 0).
+    :param unmasked_fraction: extension: share of images left unmasked (iBOT's ``--pred_ratio 0 0.3``: 0.5).
+    :param mask_aspect_ratio: extension (``--pred_aspect_ratio``): block aspect-ratio range (default (0.3, 1/0.3)).
+    :param mask_start_epoch: extension (``--pred_start_epoch``): no masking before this epoch (default 0).
+    :param head_sharing: extension: ``"none"`` (default: two DINO heads), ``"mlp"`` (iBOTHead: one MLP, CLS and
+        patch prototypes apart) or ``"all"`` (``--shared_head``: one MLP and one set of prototypes).
     """
 
     view_kind = "global_views"
@@ -123,73 +155,90 @@ class iBOT(SelfDistillationMethod):
         encoder_kwargs: dict | None = None,
         norm_last_layer: bool = True,
         use_bn_in_head: bool = False,
+        mask_shape: str = "random",
+        mask_ratio_var: float = 0.0,
+        unmasked_fraction: float = 0.0,
+        mask_aspect_ratio: tuple[float, float] = (0.3, 1 / 0.3),
+        mask_start_epoch: int = 0,
+        head_sharing: str = "none",
     ):
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if patch_loss_weight < 0:
             raise ValueError(f"patch_loss_weight must be >= 0, got {patch_loss_weight}")
-        for name, value in (
-            ("temperature_student", temperature_student),
-            ("temperature_teacher_warmup", temperature_teacher_warmup),
-            ("temperature_teacher", temperature_teacher),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        self.encoder_kwargs = dict(encoder_kwargs or {})
-        if "img_size" in self.encoder_kwargs and self.encoder_kwargs["img_size"] != image_size:
-            raise ValueError(
-                f"encoder_kwargs.img_size={self.encoder_kwargs['img_size']!r} differs from image_size={image_size}"
-            )
-        self.encoder_kwargs["img_size"] = image_size
-        if isinstance(encoder_name, nn.Module):
-            backbone = encoder_name
-            self.encoder_name = type(encoder_name).__name__
-            self._rebuildable = False
-        else:
-            backbone = V.create_vit(encoder_name, self.encoder_kwargs, pretrained)
-            self.encoder_name = encoder_name
-            self._rebuildable = True
+        if mask_shape not in MASK_SHAPES:
+            raise ValueError(f"mask_shape must be one of {MASK_SHAPES}, got {mask_shape!r}")
+        if head_sharing not in HEAD_SHARING:
+            raise ValueError(f"head_sharing must be one of {HEAD_SHARING}, got {head_sharing!r}")
+        if not 0.0 <= mask_ratio_var <= min(mask_ratio, 1.0 - mask_ratio):
+            raise ValueError(f"mask_ratio_var must be in [0, min(mask_ratio, 1 - mask_ratio)], got {mask_ratio_var}")
+        if not 0.0 <= unmasked_fraction < 1.0:
+            raise ValueError(f"unmasked_fraction must be in [0, 1), got {unmasked_fraction}")
+        if len(mask_aspect_ratio) != 2 or not 0.0 < mask_aspect_ratio[0] <= mask_aspect_ratio[1]:
+            raise ValueError(f"mask_aspect_ratio must be (min, max) with 0 < min <= max, got {mask_aspect_ratio}")
+        if mask_start_epoch < 0:
+            raise ValueError(f"mask_start_epoch must be >= 0, got {mask_start_epoch}")
+        encoder_kwargs = dict(encoder_kwargs or {})
+        if "img_size" in encoder_kwargs and encoder_kwargs["img_size"] != image_size:
+            raise ValueError(f"encoder_kwargs.img_size={encoder_kwargs['img_size']!r} differs from image_size={image_size}")
+        encoder_kwargs["img_size"] = image_size
+        backbone = self._build_backbone(encoder_name, encoder_kwargs, pretrained)
         dim = int(backbone.embed_dim)
-        net = iBOTNet(
-            backbone,
-            DINOHead(dim, n_cls_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer, use_bn=use_bn_in_head),
-            DINOHead(dim, n_patch_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer, use_bn=use_bn_in_head),
-        )
+        head_args = dict(hidden_dim=projector_hidden_dim, bottleneck_dim=projector_bottleneck_dim,
+                         norm_last_layer=norm_last_layer, use_bn=use_bn_in_head)
+        if head_sharing == "none":
+            net = iBOTNet(backbone, DINOHead(dim, n_cls_prototypes, **head_args), DINOHead(dim, n_patch_prototypes, **head_args))
+        else:
+            shared = iBOTHead(dim, n_cls_prototypes, n_patch_prototypes, shared_last_layer=head_sharing == "all", **head_args)
+            net = iBOTNet(backbone, None, None, shared)
         self.ts = TeacherStudent(net, ema_decay_start, ema_decay_end)
         # The student's patch logits enter the loss only at masked patches: its patch head runs on those rows only
         # (exact: other rows get no gradient). Not with BatchNorm in the head, whose statistics span all patches.
-        self.student_head_on_masked_only = not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in net.patch_head.modules())
+        self.student_head_on_masked_only = not any(
+            isinstance(mod, nn.modules.batchnorm._BatchNorm) for head in net.heads() for mod in head.modules()
+        )
         self.cls_loss_fn = DINOLoss(n_cls_prototypes, self.center_momentum)
         self.patch_loss_fn = iBOTPatchLoss(n_patch_prototypes, self.center_momentum)
 
         self.image_size = image_size
         self.mask_ratio = float(mask_ratio)
+        self.mask_shape = mask_shape
+        self.mask_ratio_var = float(mask_ratio_var)
+        self.unmasked_fraction = float(unmasked_fraction)
+        self.mask_aspect_ratio = (float(mask_aspect_ratio[0]), float(mask_aspect_ratio[1]))
+        self.mask_start_epoch = int(mask_start_epoch)
         self.patch_loss_weight = float(patch_loss_weight)
         self._init_schedules(
             temperature_student, temperature_teacher_warmup, temperature_teacher,
             warmup_epochs_temperature_teacher, ema_decay_start,
         )
 
-    @property
-    def student(self) -> iBOTNet:
-        return self.ts.student
-
-    @property
-    def teacher(self) -> iBOTNet:
-        return self.ts.teacher
-
     def last_layer_heads(self) -> list[nn.Module]:
-        return [self.student.cls_head, self.student.patch_head]
+        return self.student.heads()
 
     # ---- masking ----------------------------------------------------------------------------------------
     def sample_masks(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """One uniform random mask ``[B, N]`` (bool, True = masked) per view, ``round(N * mask_ratio)`` masked."""
+        """One mask ``[B, N]`` (bool, True = masked) per view (see the module docstring).
+
+        Seed defaults: ``round(N * mask_ratio)`` patches uniformly at random. With a per-image ratio ``r``
+        (``mask_ratio_var`` / ``unmasked_fraction``): ``int(r N)`` random patches (iBOT's ``'rand'``) or BEiT blocks.
+        """
         masks = []
         for v in views:
-            gh, gw = V.grid_shape(self.student.backbone, v)
-            _, mask = V.random_masking(v.shape[0], gh * gw, self.mask_ratio, v.device)
-            masks.append(mask)
+            b, (gh, gw) = v.shape[0], V.grid_shape(self.student.backbone, v)
+            if self.current_epoch < self.mask_start_epoch:
+                masks.append(torch.zeros(b, gh * gw, dtype=torch.bool, device=v.device))
+                continue
+            if self.mask_shape == "random" and self.mask_ratio_var == 0 and self.unmasked_fraction == 0:
+                masks.append(V.random_masking(b, gh * gw, self.mask_ratio, v.device)[1])
+                continue
+            ratios = sample_mask_ratios((b,), self.mask_ratio, self.mask_ratio_var, self.unmasked_fraction, v.device)
+            if self.mask_shape == "block":
+                masks.append(block_masks((gh, gw), ratios, self.mask_aspect_ratio).reshape(b, gh * gw))
+            else:
+                rank = torch.rand(b, gh * gw, device=v.device).argsort(dim=1).argsort(dim=1)
+                masks.append(rank < (ratios * gh * gw).long()[:, None])
         return masks
 
     # ---- forward ----------------------------------------------------------------------------------------
@@ -203,13 +252,9 @@ class iBOT(SelfDistillationMethod):
 
         Eval (``images=`` or eval mode): teacher CLS embedding, zero loss.
         """
-        if images is not None or not self.training:
-            x = images if images is not None else (global_views[0] if global_views else None)
-            if x is None:
-                raise ValueError("iBOT.forward in eval mode needs images= (or global_views)")
-            with torch.no_grad():
-                emb = self.teacher.backbone(x)
-            return iBOTOutput(loss=torch.zeros((), device=x.device), embedding=emb)
+        if self.is_eval_call(images):
+            emb = self.teacher_embedding(images, global_views)
+            return iBOTOutput(loss=torch.zeros((), device=emb.device), embedding=emb)
 
         if not global_views or len(global_views) < 2:
             raise ValueError("iBOT.forward in training mode needs at least 2 global_views")
@@ -243,12 +288,3 @@ class iBOT(SelfDistillationMethod):
             ema_momentum=torch.tensor(self.ema_momentum, device=device),
             masks=[mk.bool() for mk in m.chunk(n)],
         )
-
-    # ---- export -----------------------------------------------------------------------------------------
-    def export_encoder(self) -> nn.Module:
-        return self.teacher.backbone
-
-    def encoder_config(self) -> dict[str, Any]:
-        if not self._rebuildable:
-            raise ValueError("iBOT was built from a module instance; its encoder cannot be rebuilt by name")
-        return {"encoder_name": self.encoder_name, "encoder_kwargs": copy.deepcopy(self.encoder_kwargs)}

@@ -196,3 +196,67 @@ class MultiBlockMaskGenerator:
             target_block_size=t_size,
             context_block_size=c_size,
         )
+
+
+# ---- iBOT / BEiT block-wise masks ---------------------------------------------------------------------------
+def sample_mask_ratios(
+    shape: tuple[int, ...], mask_ratio: float, mask_ratio_var: float = 0.0, unmasked_fraction: float = 0.0,
+    device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-image prediction ratios, as iBOT's ``ImageFolderMask.get_pred_ratio``: ``r ~ U(m - v, m + v)`` (``m`` if
+    ``v = 0``), and ``r = 0`` with probability ``unmasked_fraction`` (iBOT's ``--pred_ratio 0 0.3
+    --pred_ratio_var 0 0.2`` = ``random.choice([0, U(0.1, 0.5)])``: ``unmasked_fraction=0.5``)."""
+    if not 0.0 <= mask_ratio_var <= mask_ratio:
+        raise ValueError(f"mask_ratio_var must be in [0, mask_ratio={mask_ratio}], got {mask_ratio_var}")
+    u = torch.rand(2, *shape, generator=generator).to(device)
+    ratios = mask_ratio - mask_ratio_var + 2.0 * mask_ratio_var * u[0]
+    return torch.where(u[1] < unmasked_fraction, torch.zeros_like(ratios), ratios)
+
+
+def block_masks(
+    grid: tuple[int, int], ratios: torch.Tensor, aspect_ratio: tuple[float, float] = (0.3, 1 / 0.3),
+    max_attempts: int = 10, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """BEiT block-wise masks (Bao et al. 2022; iBOT's ``pred_shape='block'``), one per ratio: ``[*ratios.shape, H, W]`` bool.
+
+    The reference, per image with budget ``high = r * H * W``: while fewer than ``high`` patches are masked, try up
+    to ``max_attempts`` rectangles: area ``a ~ U(low, high - masked)`` with ``low = (min(H, W) // 3)^2``, aspect
+    ``e^U(log ar0, log ar1)``, ``h = round(sqrt(a * ar))``, ``w = round(sqrt(a / ar))``; if ``h < H`` and ``w < W``, a
+    uniform top-left corner, and the rectangle is added when it masks ``0 < new <= high - masked`` new patches; the
+    image is done once ``masked >= high`` or after ``max_attempts`` failed tries in a row. Here every attempt is one
+    round over all unfinished images at once (the same draws per image, vectorised).
+    """
+    gh, gw = grid
+    lead = ratios.shape
+    device = ratios.device
+    high = ratios.reshape(-1).double() * gh * gw
+    n = high.numel()
+    mask = torch.zeros(n, gh, gw, dtype=torch.bool, device=device)
+    count = torch.zeros(n, dtype=torch.float64, device=device)
+    fails = torch.zeros(n, dtype=torch.long, device=device)
+    active = count < high
+    low = float((min(gh, gw) // 3) ** 2)
+    log_lo, log_hi = math.log(aspect_ratio[0]), math.log(aspect_ratio[1])
+    rows = torch.arange(gh, device=device)
+    cols = torch.arange(gw, device=device)
+    while bool(active.any()):
+        u = torch.rand(4, n, generator=generator, dtype=torch.float64).to(device)
+        budget = high - count
+        area = low + u[0] * (budget - low)  # random.uniform(low, budget), also when budget < low
+        ar = torch.exp(log_lo + u[1] * (log_hi - log_lo))
+        h = torch.round(torch.sqrt(area * ar)).long()
+        w = torch.round(torch.sqrt(area / ar)).long()
+        fits = (h < gh) & (w < gw)
+        h, w = torch.where(fits, h, 0), torch.where(fits, w, 0)
+        top = (u[2] * (gh - h + 1)).long().clamp(max=gh - 1)  # random.randint(0, H - h)
+        left = (u[3] * (gw - w + 1)).long().clamp(max=gw - 1)
+        in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])
+        in_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])
+        rect = in_rows[:, :, None] & in_cols[:, None, :]
+        new = (rect & ~mask).sum(dim=(1, 2)).double()
+        ok = active & fits & (new > 0) & (new <= budget)
+        mask |= rect & ok[:, None, None]
+        count += torch.where(ok, new, 0.0)
+        fails = torch.where(ok, 0, fails + active.long())
+        active = active & (count < high) & (fails < max_attempts)
+    return mask.reshape(*lead, gh, gw)

@@ -14,12 +14,14 @@ its BatchNorm layers (if any) use batch statistics while training, as in DINO.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from methods import constraints as C
+from methods import vit as V
 from methods.base import SSLMethod
 from methods.heads import cancel_gradients_last_layer
 from methods.schedules import cosine_ema_momentum, teacher_temperature
@@ -119,12 +121,14 @@ class EMATeacherMethod(SSLMethod):
 
 
 class SelfDistillationMethod(EMATeacherMethod):
-    """Schedules and hooks shared by DINO-style self-distillation (DINO, iBOT).
+    """What DINO and iBOT share: backbone construction, temperatures and schedules, evaluation, export.
 
-    Subclasses set ``self.ts`` (a :class:`TeacherStudent`), call :meth:`_init_schedules`, and list the heads whose
-    last layer is frozen during the first ``freeze_last_layer_epochs`` epochs in :meth:`last_layer_heads`.
-    Teacher temperature: linear warm-up in epochs (:func:`methods.schedules.teacher_temperature`); EMA momentum:
-    cosine from ``ema_decay_start`` to ``ema_decay_end`` over the training steps.
+    Subclasses build their backbone with :meth:`_build_backbone`, set ``self.ts`` (a :class:`TeacherStudent` whose
+    student has a ``.backbone``), call :meth:`_init_schedules`, and list the heads whose last layer is frozen during
+    the first ``freeze_last_layer_epochs`` epochs in :meth:`last_layer_heads`. Teacher temperature: linear warm-up in
+    epochs (:func:`methods.schedules.teacher_temperature`); EMA momentum: cosine from ``ema_decay_start`` to
+    ``ema_decay_end`` over the training steps. Evaluation and export use the teacher backbone (DINO and iBOT evaluate
+    the teacher).
     """
 
     # A constraint applies to a method whose constructor takes its arguments: the DINO-only (centre momentum,
@@ -143,11 +147,29 @@ class SelfDistillationMethod(EMATeacherMethod):
         C.InRange("patch_loss_weight", 0.0),
     )
     freeze_last_layer_epochs: int = 1
+    encoder_kwargs: dict[str, Any]
+
+    def _build_backbone(self, encoder_name: str | nn.Module, encoder_kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+        """A timm ViT built from its name and ``encoder_kwargs`` (rebuildable for export), or a given module as is."""
+        self.encoder_kwargs = encoder_kwargs
+        self._rebuildable = not isinstance(encoder_name, nn.Module)
+        if isinstance(encoder_name, nn.Module):
+            self.encoder_name = type(encoder_name).__name__
+            return encoder_name
+        self.encoder_name = encoder_name
+        return V.create_vit(encoder_name, encoder_kwargs, pretrained)
 
     def _init_schedules(
         self, temperature_student: float, temperature_teacher_warmup: float, temperature_teacher: float,
         warmup_epochs_temperature_teacher: int, ema_decay_start: float,
     ) -> None:
+        for name, value in (
+            ("temperature_student", temperature_student),
+            ("temperature_teacher_warmup", temperature_teacher_warmup),
+            ("temperature_teacher", temperature_teacher),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         self.temperature_student = float(temperature_student)
         self.temperature_teacher_warmup = float(temperature_teacher_warmup)
         self.temperature_teacher = float(temperature_teacher)
@@ -155,12 +177,14 @@ class SelfDistillationMethod(EMATeacherMethod):
         # Current schedule values (set by on_train_step; start values until then).
         self.current_teacher_temperature = float(temperature_teacher_warmup)
         self.ema_momentum = float(ema_decay_start)
+        self.current_epoch = 0.0
 
     def last_layer_heads(self) -> list[nn.Module]:
         raise NotImplementedError
 
     def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
         super().on_train_step(step, total_steps, epoch)
+        self.current_epoch = float(epoch)
         self.current_teacher_temperature = teacher_temperature(
             epoch, self.temperature_teacher_warmup, self.temperature_teacher, self.warmup_epochs_temperature_teacher
         )
@@ -172,3 +196,26 @@ class SelfDistillationMethod(EMATeacherMethod):
 
     def schedule_state(self) -> dict[str, float]:
         return {"teacher_temperature": self.current_teacher_temperature, **super().schedule_state()}
+
+    def is_eval_call(self, images: torch.Tensor | None) -> bool:
+        """``forward(images=...)`` or eval mode: the caller wants the frozen teacher's embedding."""
+        return images is not None or not self.training
+
+    @torch.no_grad()
+    def teacher_embedding(self, images: torch.Tensor | None, global_views: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        """Teacher backbone's pooled embedding of ``images`` (or of the first global view), ``[B, D]``."""
+        x = images if images is not None else (global_views[0] if global_views else None)
+        if x is None:
+            raise ValueError(f"{type(self).__name__}.forward in eval mode needs images= (or global_views)")
+        return self.teacher.backbone(x)
+
+    # ---- export -----------------------------------------------------------------------------------------
+    def export_encoder(self) -> nn.Module:
+        return self.teacher.backbone
+
+    def encoder_config(self) -> dict[str, Any]:
+        if not self._rebuildable:
+            raise ValueError(
+                f"{type(self).__name__} was built from a module instance; its encoder cannot be rebuilt by name"
+            )
+        return {"encoder_name": self.encoder_name, "encoder_kwargs": copy.deepcopy(self.encoder_kwargs)}

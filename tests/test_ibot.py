@@ -49,7 +49,10 @@ def test_signature_matches_seed_plus_encoder_kwargs_last():
     }
     params = inspect.signature(iBOT.__init__).parameters
     assert list(params)[1 : len(expected) + 1] == list(expected)  # the seed's order, then extensions
-    assert {k: params[k].default for k in list(params)[len(expected) + 1 :]} == {"norm_last_layer": True, "use_bn_in_head": False}
+    assert {k: params[k].default for k in list(params)[len(expected) + 1 :]} == {
+        "norm_last_layer": True, "use_bn_in_head": False, "mask_shape": "random", "mask_ratio_var": 0.0,
+        "unmasked_fraction": 0.0, "mask_aspect_ratio": (0.3, 1 / 0.3), "mask_start_epoch": 0, "head_sharing": "none",
+    }
     assert {k: params[k].default for k in expected} == expected
     assert get_method_class("ibot") is iBOT and iBOT.view_kind == "global_views"
 
