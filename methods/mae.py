@@ -50,6 +50,11 @@ class MAE(SSLMethod):
     :param mask_type: ``"random"`` (MAE) or ``"multiblock"`` (SALT stage 1, V-Pixel).
     :param encoder_kwargs: extra kwargs for ``timm.create_model`` (e.g. ``img_size``, ``patch_size``).
     :param pretrained: load pretrained timm weights for the encoder.
+    :param encoder_pos_embed: extension: ``"learned"`` (default: timm's trainable positions) or ``"sincos"`` (MAE's
+        choice: fixed 2-D sin-cos positions in the encoder, :func:`methods.vit.fix_sincos_pos_embed_`).
+    :param weight_init: extension: ``"timm"`` (default: timm's truncated-normal encoder, truncated-normal decoder) or
+        ``"mae"`` (MAE's choice: xavier-uniform linear layers and patch embedding everywhere,
+        :func:`methods.vit.mae_init_`).
     """
 
     view_kind = "images"
@@ -59,6 +64,8 @@ class MAE(SSLMethod):
         C.positive_int("decoder_depth"),
         C.positive_int("decoder_num_heads"),
         C.OneOf("mask_type", ("random", "multiblock")),
+        C.OneOf("encoder_pos_embed", ("learned", "sincos")),
+        C.OneOf("weight_init", ("timm", "mae")),
     )
 
     def __init__(
@@ -72,10 +79,15 @@ class MAE(SSLMethod):
         mask_type: str = "random",
         encoder_kwargs: dict[str, Any] | None = None,
         pretrained: bool = False,
+        encoder_pos_embed: str = "learned",
+        weight_init: str = "timm",
     ):
         super().__init__()
         self.check_kwargs({"mask_ratio": mask_ratio, "mask_type": mask_type, "decoder_embed_dim": decoder_embed_dim,
-                           "decoder_depth": decoder_depth, "decoder_num_heads": decoder_num_heads})
+                           "decoder_depth": decoder_depth, "decoder_num_heads": decoder_num_heads,
+                           "encoder_pos_embed": encoder_pos_embed, "weight_init": weight_init})
+        if weight_init == "mae" and pretrained:
+            raise ValueError("weight_init='mae' would overwrite the pretrained encoder weights; use weight_init='timm'")
         V.head_dim_ok(decoder_embed_dim, decoder_num_heads, "MAE decoder")
         self.encoder_name = encoder_name
         self.encoder_kwargs = dict(encoder_kwargs or {})
@@ -101,6 +113,10 @@ class MAE(SSLMethod):
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             module.apply(V.trunc_normal_init)
         nn.init.normal_(self.mask_token, std=0.02)
+        if weight_init == "mae":
+            V.mae_init_(self)
+        if encoder_pos_embed == "sincos":
+            V.fix_sincos_pos_embed_(self.encoder)
         self._mask_generator = None
 
     # ---- masking --------------------------------------------------------------------------------------

@@ -157,11 +157,14 @@ def unpatchify(patches: torch.Tensor, p: int, grid: tuple[int, int], channels: i
     return x.reshape(b, channels, gh * p, gw * p)
 
 
-def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], device=None) -> torch.Tensor:
-    """Fixed 2-D sin-cos positional embedding (MAE, I-JEPA): ``[gh * gw, dim]``.
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], device=None, columns_first: bool = False) -> torch.Tensor:
+    """Fixed 2-D sin-cos positional embedding (MAE, I-JEPA): ``[gh * gw, dim]`` in raster order.
 
     Half the channels encode the row, half the column; each half is ``[sin(pos * w_k), cos(pos * w_k)]`` with
-    ``w_k = 1 / 10000^(2k / (dim/2))``.
+    ``w_k = 1 / 10000^(2k / (dim/2))``. ``columns_first=True`` is MAE's exact layout (``get_2d_sincos_pos_embed``
+    builds its grid with ``np.meshgrid(grid_w, grid_h)``, so its first half encodes the column); the default puts the
+    row first. The two differ by a fixed permutation of channels, which a following learned linear layer at random
+    init cannot tell apart (the MAE decoder and SALT predictor use the default).
     """
     if dim % 4 != 0:
         raise ValueError(f"sin-cos 2-D positional embedding needs dim divisible by 4, got {dim}")
@@ -176,7 +179,42 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], device=None) -> torch.T
         out = pos.reshape(-1, 1) * omega.reshape(1, -1)
         return torch.cat([out.sin(), out.cos()], dim=1)
 
-    return torch.cat([enc(rr), enc(cc)], dim=1).float()
+    halves = [enc(cc), enc(rr)] if columns_first else [enc(rr), enc(cc)]
+    return torch.cat(halves, dim=1).float()
+
+
+@torch.no_grad()
+def fix_sincos_pos_embed_(vit: nn.Module) -> None:
+    """MAE's encoder positions: ``pos_embed`` <- fixed 2-D sin-cos (MAE's layout, zeros for prefix tokens), frozen."""
+    pos = vit.pos_embed
+    grid = tuple(int(g) for g in vit.patch_embed.grid_size)
+    table = sincos_pos_embed_2d(pos.shape[-1], grid, device=pos.device, columns_first=True)
+    n_prefix = pos.shape[1] - table.shape[0]
+    if pos.ndim != 3 or n_prefix < 0:
+        raise ValueError(f"fixed sin-cos positions need a pos_embed [1, P + {table.shape[0]}, D], got {tuple(pos.shape)}")
+    pos.zero_()
+    pos[0, n_prefix:] = table.to(pos.dtype)
+    pos.requires_grad_(False)
+
+
+@torch.no_grad()
+def mae_init_(module: nn.Module) -> None:
+    """MAE's ``initialize_weights`` for everything it applies to: every ``nn.Linear`` xavier-uniform with zero bias,
+    LayerNorms (1, 0), a patch-embedding convolution xavier-uniform as the linear map it is (``[out, in*p*p]``), and
+    CLS / mask tokens ``N(0, 0.02)``."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d) and m.kernel_size == m.stride:  # the patch embedding
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+    for name, p in module.named_parameters():
+        if name.rsplit(".", 1)[-1] in ("cls_token", "mask_token"):
+            nn.init.normal_(p, std=0.02)
 
 
 def trunc_normal_init(module: nn.Module) -> None:
