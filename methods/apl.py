@@ -19,7 +19,11 @@ Mapping from the seed's settings: ``G -> grid_size``, ``CROP -> crop``, ``PDO ->
 ``METHOD -> method``, ``DROPOUT -> dropout``, ``EMB_DO -> emb_dropout``, ``ENCODER_DO -> encoder_dropout``,
 ``N_BLOCKS -> n_blocks``, ``HEADS -> heads``, ``HIDDEN_MULT -> hidden_mult`` (MLP width = hidden_mult * d),
 ``NN_HEAD -> nn_head``, ``PROJECT_PATCH_EMB -> project_patch_emb``, ``ENCODER -> encoder``,
-``IMAGE_N -> image_size``. Optimiser settings (LEARNING_RATE, WEIGHT_DECAY, BATCH_SIZE, NUM_EPOCHS) belong
+``IMAGE_N -> image_size``. The repository's final version (``APL/``) differs from the defaults here in two places,
+both available as options: its transformer block (``block="reference"``: post-LN, ReLU feed-forward, Q, K and V
+each divided by ``e^(1/4)``, no qkv bias, no final norm) and its ``PatchDropout`` (``patch_dropout_mode="zero"``:
+every token is zeroed with probability PDO and stays in the sequence; zeroed tokens do not count in the loss).
+Optimiser settings (LEARNING_RATE, WEIGHT_DECAY, BATCH_SIZE, NUM_EPOCHS) belong
 to the platform's optim/data spec.
 """
 
@@ -40,6 +44,56 @@ from methods.registry import register
 
 APL_METHODS = ("PLT", "PLT_MASKED")
 APL_ENCODERS = ("MECHANICAL", "LEARNED")
+APL_BLOCKS = ("pre_ln", "reference")
+APL_PATCH_DROPOUT_MODES = ("remove", "zero")
+
+
+def zero_tokens(tokens: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's ``PatchDropout``: each token is zeroed with probability ``p`` (a Binomial number per image)
+    and stays in the sequence. Returns the tokens and the dropped mask ``[B, T]`` (True = zeroed)."""
+    dropped = torch.rand(tokens.shape[:2], device=tokens.device) < p
+    return tokens.masked_fill(dropped[..., None], 0.0), dropped
+
+
+class ReferenceAttention(nn.Module):
+    """The reference's multi-head attention: ``Q, K, V = x W_q, x W_k, x W_v`` (no biases), EACH divided by
+    ``e^(1/4)`` with ``e`` the full token width, ``Y = softmax(Q K^T) V`` per head, then ``W_u`` (with bias)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.w_q = nn.Linear(width, width, bias=False)
+        self.w_k = nn.Linear(width, width, bias=False)
+        self.w_v = nn.Linear(width, width, bias=False)
+        self.w_u = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, e = x.shape
+        scale = e**0.25
+
+        def split(z: torch.Tensor) -> torch.Tensor:
+            return (z / scale).view(b, t, self.heads, e // self.heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(split(self.w_q(x)), split(self.w_k(x)), split(self.w_v(x)), scale=1.0)
+        return self.w_u(y.transpose(1, 2).reshape(b, t, e))
+
+
+class ReferenceBlock(nn.Module):
+    """The reference's post-LN transformer block: ``x = drop(LN1(attn(x) + x))``, ``x = drop(LN2(ff(x) + x))``,
+    ``ff = Linear(e, m e) -> ReLU -> Linear(m e, e)``."""
+
+    def __init__(self, width: int, heads: int, hidden_mult: float, dropout: float):
+        super().__init__()
+        self.attention = ReferenceAttention(width, heads)
+        self.norm1 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(hidden_mult * width)
+        self.ff = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.norm1(self.attention(x) + x))
+        return self.drop(self.norm2(self.ff(x) + x))
 
 
 @dataclass
@@ -72,8 +126,11 @@ class APLEncoder(nn.Module):
         dropout: float = 0.15,
         emb_dropout: float = 0.0,
         encoder_dropout: float = 0.0,
+        block: str = "pre_ln",
     ):
         super().__init__()
+        if block not in APL_BLOCKS:
+            raise ValueError(f"block must be one of {APL_BLOCKS}, got {block!r}")
         if encoder not in APL_ENCODERS:
             raise ValueError(f"encoder must be one of {APL_ENCODERS}, got {encoder!r}")
         side = image_size // grid_size
@@ -86,7 +143,7 @@ class APLEncoder(nn.Module):
             "grid_size": grid_size, "crop": crop, "image_size": image_size, "in_chans": in_chans,
             "encoder": encoder, "project_patch_emb": project_patch_emb, "embed_dim": embed_dim,
             "n_blocks": n_blocks, "heads": heads, "hidden_mult": hidden_mult, "dropout": dropout,
-            "emb_dropout": emb_dropout, "encoder_dropout": encoder_dropout,
+            "emb_dropout": emb_dropout, "encoder_dropout": encoder_dropout, "block": block,
         }  # fmt: skip
         self.grid_size, self.crop, self.image_size, self.in_chans = grid_size, crop, image_size, in_chans
         self.side = side
@@ -121,14 +178,18 @@ class APLEncoder(nn.Module):
         self.embed_dim = width
         self.encoder_drop = nn.Dropout(encoder_dropout)
         self.emb_drop = nn.Dropout(emb_dropout)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                width, heads, dim_feedforward=int(hidden_mult * width), dropout=dropout,
-                activation="gelu", batch_first=True, norm_first=True,
-            )  # fmt: skip
-            for _ in range(n_blocks)
-        )
-        self.norm = nn.LayerNorm(width)
+        if block == "reference":  # post-LN, ReLU, e^(1/4)-scaled Q/K/V, no final norm
+            self.blocks = nn.ModuleList(ReferenceBlock(width, heads, hidden_mult, dropout) for _ in range(n_blocks))
+            self.norm: nn.Module = nn.Identity()
+        else:
+            self.blocks = nn.ModuleList(
+                nn.TransformerEncoderLayer(
+                    width, heads, dim_feedforward=int(hidden_mult * width), dropout=dropout,
+                    activation="gelu", batch_first=True, norm_first=True,
+                )  # fmt: skip
+                for _ in range(n_blocks)
+            )
+            self.norm = nn.LayerNorm(width)
 
     def patches(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W] -> [B, T, C, S-K, S-K]``: row-major G x G grid, each patch centre-cropped by K."""
@@ -152,8 +213,13 @@ class APLEncoder(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.contextualise(self.encode_patches(self.patches(images)))
+    def forward(self, images: torch.Tensor, patch_dropout: float = 0.0) -> torch.Tensor:
+        """Contextualised tokens ``[B, T, D]``; ``patch_dropout > 0`` zeroes tokens first (:func:`zero_tokens`, the
+        reference Tuner's PDO while fine-tuning)."""
+        tokens = self.encode_patches(self.patches(images))
+        if patch_dropout > 0:
+            tokens, _ = zero_tokens(tokens, patch_dropout)
+        return self.contextualise(tokens)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Mean of the contextualised tokens: ``[B, D]``."""
@@ -196,6 +262,11 @@ class APL(SSLMethod):
     :param encoder_dropout: ENCODER_DO, dropout on the patch encodings.
     :param nn_head: NN_HEAD, a two-layer MLP classifier instead of the linear one.
     :param in_chans: image channels.
+    :param block: extension: ``"pre_ln"`` (default: pre-LN GELU blocks with a final LayerNorm) or ``"reference"``
+        (the repository's block: post-LN, ReLU feed-forward, Q/K/V scaled by ``e^(1/4)``, no qkv bias, no final norm).
+    :param patch_dropout_mode: extension: ``"remove"`` (default: ``round(PDO T)`` tokens leave the sequence) or
+        ``"zero"`` (the repository's ``PatchDropout``: each token zeroed with probability PDO, kept in the sequence,
+        not counted in the loss).
     """
 
     view_kind = "images"
@@ -206,6 +277,8 @@ class APL(SSLMethod):
         C.unit_interval("dropout"),
         C.positive_int("n_blocks"),
         C.positive_int("embed_dim", optional=True),  # None: the flattened patch dim
+        C.OneOf("block", APL_BLOCKS),
+        C.OneOf("patch_dropout_mode", APL_PATCH_DROPOUT_MODES),
     )
 
     def __init__(
@@ -226,16 +299,21 @@ class APL(SSLMethod):
         encoder_dropout: float = 0.0,
         nn_head: bool = False,
         in_chans: int = 3,
+        block: str = "pre_ln",
+        patch_dropout_mode: str = "remove",
     ):
         super().__init__()
         self.check_kwargs({"method": method, "encoder": encoder, "patch_dropout": patch_dropout, "dropout": dropout,
-                           "n_blocks": n_blocks, "embed_dim": embed_dim})
+                           "n_blocks": n_blocks, "embed_dim": embed_dim, "block": block,
+                           "patch_dropout_mode": patch_dropout_mode})
+        self.patch_dropout_mode = patch_dropout_mode
         self.method = method
         self.patch_dropout = patch_dropout
         self.encoder = APLEncoder(
             grid_size=grid_size, crop=crop, image_size=image_size, in_chans=in_chans, encoder=encoder,
             project_patch_emb=project_patch_emb, embed_dim=embed_dim, n_blocks=n_blocks, heads=heads,
             hidden_mult=hidden_mult, dropout=dropout, emb_dropout=emb_dropout, encoder_dropout=encoder_dropout,
+            block=block,
         )  # fmt: skip
         t, d = self.encoder.num_patches, self.encoder.embed_dim
         self.num_classes = t
@@ -261,12 +339,17 @@ class APL(SSLMethod):
             patches = torch.where(noised[..., None, None, None], torch.randn_like(patches), patches)
             counted = ~noised
         perm = torch.rand(b, t, device=dev).argsort(dim=1)  # slot j holds the patch from position perm[:, j]
-        n_keep = max(1, t - int(round(self.patch_dropout * t)))
+        zeroing = self.patch_dropout_mode == "zero"
+        n_keep = t if zeroing else max(1, t - int(round(self.patch_dropout * t)))
         labels = perm[:, :n_keep]  # the first n_keep shuffled tokens are a uniform random subset
         kept = torch.gather(patches, 1, labels[:, :, None, None, None].expand(-1, -1, *patches.shape[2:]))
         counted = torch.gather(counted, 1, labels)
+        tokens = enc.encode_patches(kept)
+        if zeroing:  # dropped tokens stay in the sequence as zeros and do not count
+            tokens, dropped = zero_tokens(tokens, self.patch_dropout)
+            counted = counted & ~dropped
 
-        h = enc.contextualise(enc.encode_patches(kept))  # [B, n_keep, D]
+        h = enc.contextualise(tokens)  # [B, n_keep, D]
         logits = self.classifier(h)  # [B, n_keep, T]
         ce = F.cross_entropy(logits.reshape(-1, t).float(), labels.reshape(-1), reduction="none").reshape(b, n_keep)
         w = counted.float()

@@ -8,6 +8,10 @@ learning rate per step ``s`` of ``S`` is ``lr * f(s)`` with a 5 % linear warm-up
     f(s) = (s + 1) / W                                  for s < W = max(1, ceil(0.05 S)),
     f(s) = 0.1 + 0.9 * (1 + cos(pi * (s - W) / (S - W))) / 2   otherwise.
 
+With ``patch_dropout > 0`` (the seed Tuner's PDO, 0.1) the encoder zeroes that share of its tokens while the tuner
+trains and none while it is tested, as the reference Tuner (``PatchDropout(PDO)`` in ``ft_mode``, ``PatchDropout(0)``
+around ``test_model``); the encoder must take ``forward(images, patch_dropout=...)`` (:class:`methods.apl.APLEncoder`).
+
 Returns the top-1 accuracy on the test images. Pure torch; the platform wires it to its datasets.
 """
 
@@ -45,14 +49,18 @@ def select_per_class(labels: torch.Tensor, samples_per_class: int, seed: int) ->
 class TunerModel(nn.Module):
     """Encoder -> mean over tokens -> dropout -> linear classifier."""
 
-    def __init__(self, encoder: nn.Module, embed_dim: int, num_classes: int, dropout: float):
+    def __init__(self, encoder: nn.Module, embed_dim: int, num_classes: int, dropout: float, patch_dropout: float = 0.0):
         super().__init__()
         self.encoder = encoder
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(embed_dim, num_classes)
+        self.patch_dropout = patch_dropout
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(images)
+        if self.training and self.patch_dropout > 0:
+            h = self.encoder(images, patch_dropout=self.patch_dropout)
+        else:
+            h = self.encoder(images)
         return h.mean(dim=1) if h.ndim == 3 else h
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -73,6 +81,7 @@ def fit_tuner(
     freeze_encoder: bool = False,
     seed: int = 42,
     batch_size: int = 1024,
+    patch_dropout: float = 0.0,
 ) -> float:
     """Train the tuner on NPC images per class and return the test accuracy (the seed's defaults).
 
@@ -88,7 +97,7 @@ def fit_tuner(
         encoder.train(was)
     embed_dim = probe.shape[-1]
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    model = TunerModel(encoder, embed_dim, num_classes, dropout).to(device)
+    model = TunerModel(encoder, embed_dim, num_classes, dropout, patch_dropout).to(device)
     if freeze_encoder:
         encoder.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
