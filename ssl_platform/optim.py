@@ -24,6 +24,7 @@ each parameter's gradient on its own, ``g_p <- g_p * c / (||g_p|| + 1e-6)`` when
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -153,14 +154,19 @@ def clip_per_param(parameters, max_norm: float) -> None:
             p.grad.mul_(coef)
 
 
-def clip_gradients(model: nn.Module, optim: DictConfig) -> None:
-    """Clip ``model``'s gradients as ``optim.clip_mode`` says (nothing when ``optim.clip_grad`` is 0)."""
+def clip_gradients(parameters: nn.Module | Iterable[torch.Tensor], optim: DictConfig, total_norm: torch.Tensor | None = None) -> None:
+    """Clip the gradients of ``parameters`` (a module or parameters) as ``optim.clip_mode`` says; nothing when
+    ``optim.clip_grad`` is 0. ``total_norm`` (the global gradient norm, if the caller has it already) saves
+    recomputing it in ``global`` mode."""
     if optim.clip_grad <= 0:
         return
+    params = [p for p in (parameters.parameters() if isinstance(parameters, nn.Module) else parameters) if p.grad is not None]
     if optim.get("clip_mode", "global") == "per_param":
-        clip_per_param(model.parameters(), optim.clip_grad)
+        clip_per_param(params, optim.clip_grad)
+    elif total_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, optim.clip_grad, total_norm)
     else:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
+        torch.nn.utils.clip_grad_norm_(params, optim.clip_grad)
 
 
 def maybe_sync_batchnorm(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:

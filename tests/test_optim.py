@@ -153,6 +153,11 @@ def test_global_clipping_and_no_clipping():
     clip_gradients(model, optim_cfg(clip_grad=0.5, clip_mode="global"))
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(p.grad, g * (0.5 / (total + 1e-6)))
+    for p, g in zip(model.parameters(), grads):  # with the caller's global norm (the train step computes it)
+        p.grad = g.clone()
+    clip_gradients(list(model.parameters()), optim_cfg(clip_grad=0.5), total_norm=total)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g * (0.5 / (total + 1e-6)))
 
 
 def test_sync_batchnorm_only_with_several_accelerator_workers():
