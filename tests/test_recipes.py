@@ -1,6 +1,6 @@
 """Every paper-scale recipe (experiments/imagenet, experiments/imagenette, their SALT chains) validates as written, and
 two training steps of each run on CPU with small overrides (32 px generated images, depth 1, batch 4) through the
-method, view, optimiser, schedule and clipping code the platform uses (no Ray)."""
+platform's own train step, views, optimiser, schedule and clipping (no Ray)."""
 
 from __future__ import annotations
 
@@ -42,34 +42,46 @@ STAGE_EXTRAS = {"mae": ["method.decoder_depth=1"], "salt": ["method.predictor_de
 
 
 def two_steps(spec: DictConfig) -> list[float]:
-    """Two steps as ssl_platform.train runs them: hooks, forward, backward, clipping, AdamW, lr + wd schedule."""
-    from torch.utils.data import DataLoader
-
-    from ssl_platform.data import ViewDataset, build_view_transform, load_split
-    from ssl_platform.optim import build_optimizer, build_scheduler, clip_gradients, maybe_sync_batchnorm
-    from ssl_platform.train import build_method_from_spec, seed_everything
+    """Two steps of the platform's own ``ssl_platform.train.train_step`` (views on the device, hooks, clipping per
+    ``optim.clip_mode``, AdamW, lr + weight-decay schedule), on the recipe's method built as the worker builds it."""
+    from ssl_platform.augment import BatchViews
+    from ssl_platform.data import load_split
+    from ssl_platform.hooks import StepInfo
+    from ssl_platform.optim import build_optimizer, build_scheduler, maybe_sync_batchnorm
+    from ssl_platform.streaming import InMemoryImages
+    from ssl_platform.train import (
+        LoopConfig,
+        Training,
+        Worker,
+        WorkerData,
+        build_method_from_spec,
+        seed_everything,
+        train_step,
+    )
 
     seed_everything(spec.seed)
     device = torch.device("cpu")
+    worker = Worker(spec, LoopConfig(spec={}, run_name="recipe"), 0, 1, device, None)
     method = maybe_sync_batchnorm(build_method_from_spec(spec), 1, device).train()
-    loader = DataLoader(ViewDataset(load_split(spec.data).train, build_view_transform(method.view_kind, spec.data)),
-                        batch_size=spec.data.batch_size, shuffle=True, drop_last=True)  # fmt: skip
+    split = load_split(spec.data)
+    batch = int(spec.data.batch_size)
+    steps_per_epoch = len(split.train.labels) // batch
+    views = BatchViews.from_spec(method.view_kind, spec.data)
+    data = WorkerData(batch, steps_per_epoch, split.num_classes, train=None, evaluation=None,
+                      views=lambda b, g: views(b.images, b.sizes, g), eval_input=None)
     optimizer = build_optimizer(method, spec.optim, device)
-    scheduler = build_scheduler(optimizer, spec.optim, len(loader), global_batch=spec.data.batch_size)
+    training = Training(method, method, optimizer, build_scheduler(optimizer, spec.optim, steps_per_epoch, global_batch=batch))
     before = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
+    batches = InMemoryImages.from_float(split.train.images, split.train.labels).batches(batch, 0, 1, 0, spec.seed)
+    generator = torch.Generator().manual_seed(spec.seed)
     losses = []
-    for step, batch in zip(range(2), loader):
-        epoch = 1.0 + step / len(loader)  # past the first-epoch freezes, as most of a run
-        method.on_train_step(step, spec.optim.epochs * len(loader), epoch)
-        out = method(**batch)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        method.before_optimizer_step(epoch)
-        clip_gradients(method, spec.optim)
-        optimizer.step()
-        scheduler.step()
-        method.after_optimizer_step()
-        losses.append(float(out.loss.detach()))
+    for step in range(2):
+        training.global_step = step
+        info = StepInfo("recipe", 0, 1, step, steps_per_epoch, step)
+        # epoch 1: past the first-epoch freezes, as most of a run
+        loss, _, skipped = train_step(worker, data, training, next(batches), generator, info, 1.0 + step / steps_per_epoch)
+        assert float(skipped) == 0.0
+        losses.append(float(loss))
     assert any(not torch.equal(before[n], p) for n, p in method.named_parameters() if n in before)
     return losses
 
