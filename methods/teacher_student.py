@@ -145,6 +145,11 @@ class SelfDistillationMethod(EMATeacherMethod):
         C.unit_interval("center_momentum"),
         C.open_unit_interval("mask_ratio"),
         C.InRange("patch_loss_weight", 0.0),
+        C.OneOf("mask_shape", ("random", "block")),
+        C.InRange("mask_ratio_var", 0.0, 0.5),
+        C.InRange("unmasked_fraction", 0.0, 1.0, high_open=True),
+        C.InRange("mask_start_epoch", 0, integer=True),
+        C.OneOf("head_sharing", ("none", "mlp", "all")),
     )
     freeze_last_layer_epochs: int = 1
     encoder_kwargs: dict[str, Any]
@@ -163,13 +168,6 @@ class SelfDistillationMethod(EMATeacherMethod):
         self, temperature_student: float, temperature_teacher_warmup: float, temperature_teacher: float,
         warmup_epochs_temperature_teacher: int, ema_decay_start: float,
     ) -> None:
-        for name, value in (
-            ("temperature_student", temperature_student),
-            ("temperature_teacher_warmup", temperature_teacher_warmup),
-            ("temperature_teacher", temperature_teacher),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
         self.temperature_student = float(temperature_student)
         self.temperature_teacher_warmup = float(temperature_teacher_warmup)
         self.temperature_teacher = float(temperature_teacher)
