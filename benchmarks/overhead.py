@@ -51,45 +51,22 @@ def overhead_spec(epochs: int, batch_size: int, test_fraction: float, storage: P
 def bare_loop(spec, device: torch.device, threads: int | None) -> dict[str, Any]:
     """What ``train_loop_per_worker`` does for 1 worker, without Ray: the same seeds, uint8 batches, device-side
     views and the platform's own :func:`ssl_platform.train.train_step`, with the loss read once per epoch."""
-    from ssl_platform.augment import BatchViews
-    from ssl_platform.data import load_split
-    from ssl_platform.optim import build_optimizer, build_scheduler
-    from ssl_platform.streaming import InMemoryImages
-    from ssl_platform.train import (
-        LoopConfig,
-        Training,
-        Worker,
-        WorkerData,
-        build_method_from_spec,
-        seed_everything,
-        train_step,
-    )
+    from ssl_platform.train import local_worker, train_step
 
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)  # the worker's OMP_NUM_THREADS (set for both sides by run_overhead)
-    autocast_dtype = torch.bfloat16 if (device.type == "cuda" and spec.scaling.precision == "bf16") else None
-    worker = Worker(spec, LoopConfig(spec={}, run_name="bare"), 0, 1, device, autocast_dtype)
-    seed_everything(spec.seed)
-    method = build_method_from_spec(spec).to(device)
-    split = load_split(spec.data)
-    images = InMemoryImages.from_float(split.train.images, split.train.labels)
-    views = BatchViews.from_spec(method.view_kind, spec.data)
-    batch_size = spec.data.batch_size
-    steps_per_epoch = len(images) // batch_size
-    data = WorkerData(batch_size, steps_per_epoch, split.num_classes, train=None, evaluation=None,
-                      views=lambda batch, gen: views(batch.images, batch.sizes, gen), eval_input=None)
-    optimizer = build_optimizer(method, spec.optim, device)
-    training = Training(method, method, optimizer, build_scheduler(optimizer, spec.optim, steps_per_epoch))
+    worker, data, training = local_worker(spec, device)
+    method, steps_per_epoch = training.method, data.steps_per_epoch
     epoch_times = []
     for epoch in range(spec.optim.epochs):
         method.train()
         generator = torch.Generator(device=device).manual_seed(spec.seed + epoch)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        for i, batch in enumerate(images.batches(batch_size, 0, 1, epoch, spec.seed)):
+        for i, batch in enumerate(data.train(epoch)):
             info = None  # no step hooks
-            loss, _, _ = train_step(worker, data, training, batch.to(device), generator, info, epoch + i / steps_per_epoch)
+            loss, _, _ = train_step(worker, data, training, batch, generator, info, epoch + i / steps_per_epoch)
             loss_sum += loss.float()
             training.global_step += 1
         float(loss_sum)  # the platform reads the epoch's mean loss: one host sync per epoch

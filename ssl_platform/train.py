@@ -204,6 +204,17 @@ def setup_data(worker: Worker) -> WorkerData:
     )
 
 
+def local_worker(spec: DictConfig, device: torch.device | str = "cpu", step_hooks: list[StepHook] | None = None):
+    """``(Worker, WorkerData, Training)`` of a one-process run without Ray, built by the worker loop's own steps:
+    for benchmarks (the bare loop) and tests of :func:`train_step`. In-memory data sources only."""
+    device = torch.device(device)
+    bf16 = device.type == "cuda" and spec.scaling.precision == "bf16"
+    loop = LoopConfig(spec={}, run_name="local", step_hooks=list(step_hooks or []))
+    worker = Worker(spec, loop, 0, 1, device, torch.bfloat16 if bf16 else None)
+    data = setup_data(worker)
+    return worker, data, build_training(worker, data)
+
+
 def _eval_input(batch: ImageBatch, image_size: int, eval_views: Callable) -> torch.Tensor:
     return eval_views(batch.images, batch.sizes, image_size)
 

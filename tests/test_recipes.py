@@ -44,35 +44,13 @@ STAGE_EXTRAS = {"mae": ["method.decoder_depth=1"], "salt": ["method.predictor_de
 def two_steps(spec: DictConfig) -> list[float]:
     """Two steps of the platform's own ``ssl_platform.train.train_step`` (views on the device, hooks, clipping per
     ``optim.clip_mode``, AdamW, lr + weight-decay schedule), on the recipe's method built as the worker builds it."""
-    from ssl_platform.augment import BatchViews
-    from ssl_platform.data import load_split
     from ssl_platform.hooks import StepInfo
-    from ssl_platform.optim import build_optimizer, build_scheduler, maybe_sync_batchnorm
-    from ssl_platform.streaming import InMemoryImages
-    from ssl_platform.train import (
-        LoopConfig,
-        Training,
-        Worker,
-        WorkerData,
-        build_method_from_spec,
-        seed_everything,
-        train_step,
-    )
+    from ssl_platform.train import local_worker, train_step
 
-    seed_everything(spec.seed)
-    device = torch.device("cpu")
-    worker = Worker(spec, LoopConfig(spec={}, run_name="recipe"), 0, 1, device, None)
-    method = maybe_sync_batchnorm(build_method_from_spec(spec), 1, device).train()
-    split = load_split(spec.data)
-    batch = int(spec.data.batch_size)
-    steps_per_epoch = len(split.train.labels) // batch
-    views = BatchViews.from_spec(method.view_kind, spec.data)
-    data = WorkerData(batch, steps_per_epoch, split.num_classes, train=None, evaluation=None,
-                      views=lambda b, g: views(b.images, b.sizes, g), eval_input=None)
-    optimizer = build_optimizer(method, spec.optim, device)
-    training = Training(method, method, optimizer, build_scheduler(optimizer, spec.optim, steps_per_epoch, global_batch=batch))
+    worker, data, training = local_worker(spec)
+    method, steps_per_epoch = training.method.train(), data.steps_per_epoch
     before = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
-    batches = InMemoryImages.from_float(split.train.images, split.train.labels).batches(batch, 0, 1, 0, spec.seed)
+    batches = data.train(0)
     generator = torch.Generator().manual_seed(spec.seed)
     losses = []
     for step in range(2):

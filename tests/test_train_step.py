@@ -7,37 +7,19 @@ import torch
 
 from ssl_platform.hooks import PoisonLoss, StepInfo
 from ssl_platform.train import (
-    LoopConfig,
     NonFiniteLossError,
-    Training,
-    Worker,
-    WorkerData,
     _check_bad_data,
     _check_nonfinite,
     _DeviceSums,
-    build_method_from_spec,
+    local_worker,
     train_step,
 )
 
 
 def _setup(tiny_spec, hooks):
-    from ssl_platform.augment import BatchViews
-    from ssl_platform.data import load_split
-    from ssl_platform.optim import build_optimizer, build_scheduler
-    from ssl_platform.streaming import InMemoryImages
-
-    spec = tiny_spec()
-    device = torch.device("cpu")
-    worker = Worker(spec, LoopConfig(spec={}, run_name="t", step_hooks=hooks), 0, 1, device, None)
-    method = build_method_from_spec(spec)
-    split = load_split(spec.data)
-    images = InMemoryImages.from_float(split.train.images, split.train.labels)
-    views = BatchViews.from_spec(method.view_kind, spec.data)
-    data = WorkerData(16, 4, split.num_classes, train=None, evaluation=None,
-                      views=lambda b, g: views(b.images, b.sizes, g), eval_input=None)
-    opt = build_optimizer(method, spec.optim, device)
-    training = Training(method, method, opt, build_scheduler(opt, spec.optim, 4))
-    return worker, data, training, next(images.batches(16, 0, 1, 0, 0))
+    """A one-process worker (64 images, batch 16: 4 steps per epoch) and its first batch."""
+    worker, data, training = local_worker(tiny_spec(), step_hooks=hooks)
+    return worker, data, training, next(data.train(0))
 
 
 def _info(step: int) -> StepInfo:
