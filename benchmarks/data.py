@@ -151,6 +151,7 @@ def first_step(root: Path, work: Path, batch_size: int = 32) -> dict[str, float]
     raw["method"]["encoder_kwargs"]["img_size"] = 64
     raw["method"]["encoder_kwargs"]["patch_size"] = 8
     raw["optim"].update(epochs=1, warmup_epochs=0)
+    raw["scaling"]["cpus_per_worker"] = 1  # the other CPU decodes (Ray Data)
     raw["checkpoint"] = {"uri": str(work / "ckpt"), "every_epochs": 1, "keep": 1}
     raw["tracking"] = {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "bench-data"}
     raw["eval"] = {"knn": {"enabled": False}, "linear": {"enabled": False}, "random_init_baseline": False}

@@ -104,6 +104,8 @@ def run_experiment(
     preflight_method_checkpoints(spec)  # a missing/incomplete/mismatched method checkpoint (e.g. SALT's teacher) too
     storage = worker_storage_options(spec)  # S3 checkpoint.uri: Ray's storage + workers' filesystem
     init_ray()
+    if source is not None:
+        check_cpus_left_for_data(spec)  # before the MLflow run: a streamed run whose workers take every CPU would hang
     run_id = tracking.start_run(spec, run_name, resume=resume, parent_run_id=parent_run_id, extra_tags=extra_tags)
     trainer = build_trainer(spec, run_name, run_id, resume_from=resume_from, step_hooks=step_hooks, source=source, **storage)
     result = fit_tracked(trainer, spec, run_name, run_id)
@@ -123,6 +125,26 @@ def run_experiment(
         tracking_uri=spec.tracking.uri,
         history=history,
     )
+
+
+def check_cpus_left_for_data(spec: DictConfig) -> None:
+    """Streamed data is decoded by Ray Data tasks on the CPUs the Train workers leave free: with none left, the run
+    would wait forever. Refused on a local instance; on a cluster (``RAY_ADDRESS``, maybe autoscaling) a warning."""
+    import ray
+
+    from ssl_platform.spec import SpecError
+
+    sc = spec.scaling
+    total = float(ray.cluster_resources().get("CPU", 0))
+    left = total - sc.num_workers * sc.cpus_per_worker
+    if left >= 1:
+        return
+    error = SpecError("scaling.cpus_per_worker", f"at most {max(0.0, (total - 1) / sc.num_workers):g} so that Ray Data's "
+                      f"decode tasks get a CPU (the cluster has {total:g} CPUs for {sc.num_workers} worker(s))",
+                      sc.cpus_per_worker)
+    if not os.environ.get("RAY_ADDRESS"):
+        raise error
+    print(f"[ssl_platform] warning: {error} -- the run waits until the cluster has CPUs free for decoding", flush=True)
 
 
 def fit_tracked(trainer, spec: DictConfig, run_name: str, run_id: str):

@@ -190,3 +190,16 @@ def test_shards_prepared_by_the_cli_train_with_their_validation_split(ray_sessio
                       "data.batch_size=8", "data.image_size=16", "data.decode_size=24", "optim.epochs=1"])
     res = run_experiment(spec, run_name=f"shards-{uuid.uuid4().hex[:6]}")
     assert res.metrics["epoch"] == 1 and res.metrics["global_step"] == 24 // 8 and 0.0 <= res.metrics["knn_top1"] <= 1.0
+
+
+def test_streamed_run_whose_workers_take_every_cpu_is_refused(ray_session, tiny_spec, tmp_path):
+    import ray
+
+    from ssl_platform.run import run_experiment
+    from ssl_platform.spec import SpecError
+
+    write_image_tree(tmp_path / "tree", num_classes=2, per_class=10, mean_size=(20, 20))
+    cpus = int(ray.cluster_resources()["CPU"])
+    spec = _folder_spec(tiny_spec, str(tmp_path / "tree"), None, [f"scaling.cpus_per_worker={cpus}"])
+    with pytest.raises(SpecError, match=rf"scaling.cpus_per_worker: expected at most .* decode tasks get a CPU .*got {cpus}"):
+        run_experiment(spec, run_name="takes-every-cpu")
