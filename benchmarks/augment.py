@@ -51,7 +51,7 @@ def natural_canvases(n: int, canvas: int, seed: int = 0) -> tuple[torch.Tensor, 
 
     photos = [torch.tensor(im).permute(2, 0, 1) for im in load_sample_images().images]
     g = torch.Generator().manual_seed(seed)
-    out = torch.zeros(n, 3, canvas, canvas, dtype=torch.uint8)
+    out = torch.zeros(n, canvas, canvas, 3, dtype=torch.uint8).permute(0, 3, 1, 2)  # channels-last, as streamed
     sizes = torch.zeros(n, 2, dtype=torch.long)
     for i in range(n):
         photo = photos[i % len(photos)]
@@ -77,22 +77,26 @@ def digits_canvases(n: int, canvas: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def resample_difference(canvases: torch.Tensor, sizes: torch.Tensor, setting: AugmentSetting) -> dict[str, Any]:
-    """PSNR (dB, images in [0, 1]) of roi_align crops against torchvision's per-sample resized crops of the same
-    boxes: bicubic + antialias (DINO's ``MultiCropTransform``) and bilinear + antialias (``SingleViewTransform``)."""
+    """PSNR (dB, images in [0, 1]) of the batched path's crops (CPU: uint8 per-crop kernels; GPU: the vectorised
+    float resampling, rounded) against torchvision's per-sample resized crops of the same boxes on the float image:
+    bicubic + antialias (DINO's ``MultiCropTransform``, what the batched DINO views use) and bilinear + antialias
+    (``SingleViewTransform``); the difference left is uint8 rounding."""
     import torchvision.transforms.v2.functional as TF
     from torchvision.transforms import InterpolationMode
 
     from ssl_platform import augment as A
 
     g = torch.Generator().manual_seed(0)
-    canvas = A.replicate_border(canvases, sizes).float() / 255.0
+    image = canvases.float() / 255.0
     out: dict[str, Any] = {}
     for kind, size, scale in (("global", setting.global_size, (0.4, 1.0)), ("local", setting.local_size, (0.05, 0.4))):
         recipe = A.ViewRecipe(size, scale)
         p = A.sample_view_params([recipe], sizes[:, 0], sizes[:, 1], g)
-        ours = A.crop_resize(canvas, p.boxes, torch.arange(len(sizes)), size)
+        index = torch.arange(len(sizes))
         for name, mode in (("bicubic_aa", InterpolationMode.BICUBIC), ("bilinear_aa", InterpolationMode.BILINEAR)):
-            ref = torch.stack([TF.resized_crop(canvas[i], *p.boxes[i].tolist(), [size, size], interpolation=mode,
+            ours = A.crop_resize_uint8(canvases, p.boxes.tolist(), index.tolist(), size, [False] * len(sizes),
+                                       mode.value).float() / 255.0  # fmt: skip
+            ref = torch.stack([TF.resized_crop(image[i], *p.boxes[i].tolist(), [size, size], interpolation=mode,
                                                antialias=True).clamp(0, 1) for i in range(len(sizes))])  # fmt: skip
             mse = (ours - ref).pow(2).flatten(1).mean(1)
             out[f"{kind}_vs_{name}_psnr_db"] = summarize((-10 * torch.log10(mse.clamp(min=1e-12))).tolist())

@@ -178,10 +178,11 @@ def render_machine(data: dict[str, Any], plot_name: str | None = None) -> str:
                              _ratio(e["speedup"])]))  # fmt: skip
         diffs = [(name, e["resample_difference"]) for name, e in aug["settings"].items() if e.get("resample_difference")]
         if diffs:
-            out += ["", "Resampling of the batched path (roi_align: bilinear + area prefilter) against the per-sample "
-                        "path's on the same crop boxes, PSNR in dB (median, IQR; higher = closer):", ""]  # fmt: skip
-            out += _header(["setting", "crop", "crop side / output side", "vs bicubic + antialias (DINO)",
-                            "vs bilinear + antialias (single view)"])  # fmt: skip
+            out += ["", "Resampling of the batched path on the CPU (PyTorch's uint8 antialiased kernel per crop, the "
+                        "per-sample path's own) against torchvision's float resize of the same crop boxes with the same "
+                        "filter, PSNR in dB (median, IQR; higher = closer; what is left is uint8 rounding):", ""]  # fmt: skip
+            out += _header(["setting", "crop", "crop side / output side", "bicubic + antialias (DINO, iBOT)",
+                            "bilinear + antialias (single view)"])  # fmt: skip
             for name, d in diffs:
                 for kind in ("global", "local"):
                     out.append(_row([name, kind, _stat(d[f"{kind}_crop_to_output_side"]),

@@ -5,20 +5,21 @@ the same distributions drawn per sample but applied to the whole batch at once, 
 
 * **Input** ``images`` uint8 ``[B, 3, C, C]``: a *canvas* per image (resized on the CPU so that it fits ``C x C``
   with its aspect ratio kept, top-left, zero padded) and ``sizes`` int ``[B, 2]``, the valid ``(height, width)``
-  of each image (``None``: the whole canvas). The row below and the column right of each valid region are
-  first set to the image's last row / column (edge replication), so bilinear taps at the valid region's border
-  never read the padding.
+  of each image (``None``: the whole canvas). Crops lie inside the valid region and resampling never reads
+  outside a crop, so the padding never reaches a view.
 * **Random resized crop** (Szegedy et al. 2015; torchvision's ``RandomResizedCrop.get_params``): per sample,
   10 tries of area ``s * h * w`` with ``s ~ U(scale)`` and aspect ratio ``r = exp(U(log ratio))``,
   ``w' = round(sqrt(s h w r))``, ``h' = round(sqrt(s h w / r))``; the first try with ``0 < w' <= w`` and
   ``0 < h' <= h`` is placed uniformly (``top ~ U{0..h-h'}``, ``left ~ U{0..w-w'}``), else torchvision's centre-crop
   fallback. ``(h, w)`` is the sample's valid region, so crops never touch padding. All tries of all samples are
   one tensor op.
-* **Crop + resize in one kernel:** ``torchvision.ops.roi_align`` (``aligned=True``, adaptive sampling ratio): each
-  output pixel is the mean of ``ceil(crop/size)^2`` bilinear samples over its footprint, i.e. bilinear
-  interpolation when upsampling and an area (box) prefilter when downsampling, the antialiasing that
-  ``antialias=True`` gives torchvision's resize. Horizontal flips are crops of the mirrored canvas (one flip of
-  the small canvas instead of one of every view).
+* **Crop + resize:** torchvision's antialiased resize of each crop (``resized_crop(..., antialias=True)``: the
+  triangle (bilinear) or Keys cubic (bicubic, ``a = -0.5``) filter stretched by the downscaling factor, as
+  Pillow), bicubic for DINO / iBOT views as their ``RandomResizedCrop`` and bilinear for the single view. On the
+  CPU each crop is one call of PyTorch's vectorised uint8 kernel on its slice of the channels-last batch (the
+  per-sample path's own kernel, so the pixels are the same); on a GPU a vectorised float resampler computes the
+  same taps for all crops at once (two separable passes of gathered rows, rounded to uint8 levels after each pass
+  as the uint8 kernel does; within a level or two of it). A horizontal flip reverses the crop.
 * **Colour jitter** (torchvision ``ColorJitter`` semantics: factors ``b ~ U(1 +- brightness)``,
   ``c ~ U(1 +- contrast)``, ``s ~ U(1 +- saturation)``, hue shift ``~ U(+-hue)``, applied in a random order, each
   step clamped to [0, 1]) with the **order drawn per sample**. Brightness, contrast and saturation are one blend
@@ -34,22 +35,22 @@ the same distributions drawn per sample but applied to the whole batch at once, 
   **normalisation** with ``ssl_platform.data.MEAN / STD``.
 
 Every random parameter is a tensor of one value per view and sample, drawn from ``generator`` (reproducible) on
-the generator's device; no Python loop runs over samples. On a GPU every step runs on every row with identity
+the generator's device. On a GPU no Python loop runs over samples: every step runs on every row with identity
 parameters where a row did not draw it, and nothing is read back to the host (no CUDA synchronisation). On the
-CPU (``sparse``) the randomly applied steps run only on the rows that drew them, and rows are processed in
-cache-sized blocks; both paths give the same views (tested).
+CPU (``sparse``) the crops are one uint8 kernel call each, the randomly applied steps run only on the rows that
+drew them, and rows are processed in cache-sized blocks; both paths give the same views up to the uint8 kernels'
+rounding (tested).
 
 **Why not a library pipeline** (measured, ``benchmarks/README.md``): kornia 0.9's ``RandomResizedCrop`` samples
 crops relative to the whole tensor (no per-sample valid region in a padded batch), does not antialias
 (``warp_affine`` / ``grid_sample``) or loops over samples (``cropping_mode="slice"``), draws one colour-jitter order
 per batch and takes no ``torch.Generator``; its DINO pipeline was also 2-3.7x slower than this module on the CPU.
 torchvision's v2 transforms draw one parameter set per call (per batch), so per-sample parameters need a loop
-over samples. ``roi_align`` (torchvision) does the crop-and-resize; the rest is a few tensor ops per step.
+over samples. ``torchvision.ops.roi_align`` (one kernel for all crops) was this module's first resampler: a box
+prefilter rather than the papers' filters, and 5x slower on the CPU than a uint8 kernel per crop (measured).
 
-**Difference from the per-sample path:** the resampling filter. DINO's per-sample crops are bicubic with
-antialias (``SingleViewTransform`` bilinear with antialias); roi_align is bilinear with a box prefilter: 42-43 dB
-PSNR from bicubic + antialias and 46-65 dB from bilinear + antialias on natural images and the same crop boxes
-(``benchmarks/README.md``), below visible differences.
+**Difference from the per-sample path:** none in the resampling on the CPU (same kernel, same boxes); the GPU's
+float resampler is within one or two uint8 levels of it in a few pixels (fixed-point weights).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from omegaconf import DictConfig
 from ssl_platform.data import MEAN, STD
 
 VIEW_KINDS = ("images", "multicrop", "global_views")
+INTERPOLATIONS = ("bilinear", "bicubic")
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 RRC_TRIES = 10
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
@@ -109,6 +111,7 @@ class ViewRecipe:
     :param grayscale_p: probability of a grey conversion (after the jitter).
     :param blur_p: probability of a Gaussian blur, sigma ~ U(blur_sigma), kernel ``blur_kernel_size(size)``.
     :param solarize_p: probability of solarisation at 0.5.
+    :param interpolation: resampling of the crop, ``bilinear`` or ``bicubic``, antialiased as torchvision's resize.
     """
 
     size: int
@@ -124,8 +127,11 @@ class ViewRecipe:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = BLUR_SIGMA
     solarize_p: float = 0.0
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"ViewRecipe.interpolation must be one of {list(INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.size < 1:
             raise ValueError(f"ViewRecipe.size must be >= 1, got {self.size}")
         lo, hi = self.scale
@@ -164,7 +170,7 @@ def dino_recipes(
         raise ValueError(f"n_global must be >= 1, got {n_global}")
     if n_local < 0:
         raise ValueError(f"n_local must be >= 0, got {n_local}")
-    common = dict(hflip_p=hflip_p, color_jitter_p=color_jitter_p, grayscale_p=0.2)
+    common = dict(hflip_p=hflip_p, color_jitter_p=color_jitter_p, grayscale_p=0.2, interpolation="bicubic")
     first = ViewRecipe(global_size, tuple(global_scale), blur_p=1.0, **common)
     other = ViewRecipe(global_size, tuple(global_scale), blur_p=0.1, solarize_p=solarize_p, **common)
     out = {"global_views": [first] + [other] * (n_global - 1)}
@@ -300,26 +306,36 @@ def blend_(x: torch.Tensor, alpha: torch.Tensor, to_gray_mean: torch.Tensor, to_
     return x.lerp_(target, 1.0 - _col(alpha, x)).clamp_(0.0, 1.0)
 
 
-def hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def hue_shift(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """torchvision's ``adjust_hue`` per row (``h' = h + shift mod 1`` in HSV) in closed form:
     ``rgb = min + (max - min) * clamp(sign_c |6 h' - centre_c| + offset_c, 0, 1)`` per channel ``c``.
+    ``out`` may be ``x`` itself (the result is written once the hue is known).
 
     Selections are ``lerp`` with 0/1 weights (exact), not ``torch.where``: on the CPU ``where`` branches per
     element and was 8-30x slower on natural masks (measured)."""
     r, g, b = x.unbind(dim=1)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    minc = torch.minimum(torch.minimum(r, g), b)
+    maxc = torch.maximum(r, g)
+    torch.maximum(maxc, b, out=maxc)
+    minc = torch.minimum(r, g)
+    torch.minimum(minc, b, out=minc)
     chroma = maxc - minc
-    is_r = maxc == r
-    is_g = (maxc == g).logical_and_(~is_r).to(x.dtype)
+    is_r = torch.eq(maxc, r).to(x.dtype)
+    is_g = torch.eq(maxc, g).to(x.dtype)
+    is_g.addcmul_(is_g, is_r, value=-1.0)  # max is g and not r
     # 6 h = (g - b) / C if max is r, 2 + (b - r) / C if g, 4 + (r - g) / C if b (torchvision's _rgb_to_hsv)
-    h6 = torch.lerp((r - g).add_(chroma, alpha=4.0), (b - r).add_(chroma, alpha=2.0), is_g)
-    h6 = torch.lerp(h6, g - b, is_r.to(x.dtype))
-    h6 = h6.div_(chroma + (chroma == 0).to(x.dtype)).add_(_col(shift * 6.0, x).squeeze(1))
-    h6 = h6.remainder_(6.0).unsqueeze(1)
-    centre, sign, off = (constant(v, x.device, x.dtype).view(1, 3, 1, 1) for v in (_HUE_CENTRE, _HUE_SIGN, _HUE_OFFSET))
-    f = (h6 - centre).abs_().mul_(sign).add_(off).clamp_(0.0, 1.0)
-    return f.mul_(chroma.unsqueeze(1)).add_(minc.unsqueeze(1))
+    h6 = torch.sub(r, g).add_(chroma, alpha=4.0)
+    h6.lerp_(torch.sub(b, r).add_(chroma, alpha=2.0), is_g)
+    h6.lerp_(torch.sub(g, b), is_r)
+    h6.div_(torch.eq(chroma, 0).to(x.dtype).add_(chroma))
+    # + 6 shift, mod 6; 6 h + 6 shift + 6 > 0 (|shift| <= 0.5), so fmod is the modulo
+    h6.add_(_col(shift * 6.0 + 6.0, x).view(-1, 1, 1)).fmod_(6.0)
+    out = torch.empty_like(x) if out is None else out
+    f = is_r  # reused as scratch
+    for c, (centre, sign, offset) in enumerate(zip(_HUE_CENTRE, _HUE_SIGN, _HUE_OFFSET)):
+        torch.sub(h6, centre, out=f).abs_()
+        (f.add_(offset) if sign > 0 else f.neg_().add_(offset)).clamp_(0.0, 1.0)
+        torch.addcmul(minc, f, chroma, out=out[:, c])
+    return out
 
 
 @dataclass
@@ -365,7 +381,7 @@ def color_jitter_(x: torch.Tensor, s: JitterSchedule, sparse: bool = False) -> t
         for slot in range(6):
             x = blend_(x, s.alpha[:, slot], s.to_gray_mean[:, slot], s.to_gray[:, slot])
             if slot == 2:
-                x = hue_shift(x, s.shift)
+                x = hue_shift(x, s.shift, out=x)
         return x
     c = [int((s.key < v).sum()) for v in range(5)]  # c[v]: rows with key < v (key sorted)
     for slot in range(6):
@@ -373,7 +389,7 @@ def color_jitter_(x: torch.Tensor, s: JitterSchedule, sparse: bool = False) -> t
         if hi > lo:
             blend_(x[lo:hi], s.alpha[lo:hi, slot], s.to_gray_mean[lo:hi, slot], s.to_gray[lo:hi, slot])
         if slot == 2 and c[4] > 0:
-            x[: c[4]] = hue_shift(x[: c[4]], s.shift[: c[4]])
+            hue_shift(x[: c[4]], s.shift[: c[4]], out=x[: c[4]])
     return x
 
 
@@ -402,6 +418,10 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, ker
     return y.contiguous().view(n, c, h, w)
 
 
+def _blur_rows(x: torch.Tensor, apply: torch.Tensor, sel, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    return gaussian_blur(x, sigma[sel], apply, kernel_size)
+
+
 def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """torchvision's ``solarize`` (``x >= threshold -> 1 - x``) on the rows where ``apply`` (an exact ``lerp``)."""
     return torch.lerp(x, 1.0 - x, (x >= threshold).to(x.dtype).mul_(_col(apply, x)))
@@ -410,10 +430,6 @@ def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> to
 def grayscale(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     """torchvision's ``rgb_to_grayscale(num_output_channels=3)`` on the rows where ``apply``."""
     return torch.lerp(x, grayscale_of(x).expand_as(x), _col(apply, x))
-
-
-def _blur_rows(x: torch.Tensor, apply: torch.Tensor, sel, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    return gaussian_blur(x, sigma[sel], apply, kernel_size)
 
 
 # ---- canvases ----------------------------------------------------------------------------------------------
@@ -431,38 +447,132 @@ def _check_batch(images: torch.Tensor, sizes: torch.Tensor | None) -> tuple[torc
     return images, sizes.to(device=images.device, dtype=torch.long)
 
 
-def replicate_border(images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """A copy of the canvases whose first row below and first column right of each valid ``(h, w)`` repeat the
-    last valid row / column: crops lie inside the valid region, so bilinear taps reach at most that far, and the
-    views never depend on the padding. Vectorised (no device sync)."""
-    x = images.clone()
-    b, _, hc, wc = x.shape
-    bi = torch.arange(b, device=x.device)
-    row = sizes[:, 0].clamp(max=hc - 1)
-    x[bi, :, row, :] = x[bi, :, row - (sizes[:, 0] < hc).long(), :]  # a full canvas copies its last row onto itself
-    col = sizes[:, 1].clamp(max=wc - 1)
-    x[bi, :, :, col] = x[bi, :, :, col - (sizes[:, 1] < wc).long()]
-    return x
+_TAPS = {"bilinear": 2, "bicubic": 4}  # filter support in input pixels at scale 1 (PyTorch's interp_size)
+
+
+def _aa_filter(t: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """PyTorch's (and Pillow's) antialiasing filters: the triangle ``max(0, 1 - |t|)`` (bilinear) or Keys' cubic
+    convolution with ``a = -0.5`` (bicubic)."""
+    t = t.abs()
+    if interpolation == "bilinear":
+        return (1.0 - t).clamp_(min=0.0)
+    a = -0.5
+    near = ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0
+    far = ((a * t - 5.0 * a) * t + 8.0 * a) * t - 4.0 * a
+    return torch.where(t < 1.0, near, torch.where(t < 2.0, far, torch.zeros_like(t)))
+
+
+def resize_taps(
+    start: torch.Tensor, length: torch.Tensor, size: int, max_length: int, interpolation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The taps of an antialiased 1-D resize of ``[start, start + length)`` to ``size`` samples, per row, as
+    ``F.interpolate(..., antialias=True)`` computes them (``_compute_indices_min_size_weights_aa``): output ``i``
+    has centre ``c = s (i + 0.5)`` with ``s = length / size``, support ``r = taps / 2 * max(s, 1)``, inputs
+    ``j`` in ``[trunc(c - r + 0.5), trunc(c + r + 0.5))`` clipped to the crop, and weights
+    ``filter((j - c + 0.5) / max(s, 1))`` normalised to sum 1 -> absolute indices and weights ``[N, size, K]``,
+    zero-weight taps repeating the crop's last index. ``K`` depends only on ``max_length`` (no host sync)."""
+    device = length.device
+    span = length.double()[:, None]
+    scale = span / size
+    stretch = scale.clamp(min=1.0)
+    support = _TAPS[interpolation] / 2.0 * stretch
+    centre = scale * (torch.arange(size, device=device, dtype=torch.float64)[None] + 0.5)
+    lo = torch.trunc(centre - support + 0.5).clamp_(min=0.0)
+    hi = torch.minimum(torch.trunc(centre + support + 0.5), span)
+    k = 2 * math.ceil(_TAPS[interpolation] / 2.0 * max(1.0, max_length / size)) + 1
+    j = torch.arange(k, device=device, dtype=torch.float64)
+    weight = _aa_filter((j + lo[..., None] - centre[..., None] + 0.5) / stretch[..., None], interpolation)
+    weight = weight * (j < (hi - lo)[..., None])
+    weight = weight / weight.sum(-1, keepdim=True).clamp(min=1e-12)
+    index = torch.minimum(lo[..., None] + j, span[..., None] - 1.0).long() + start.to(device)[:, None, None]
+    return index, weight
+
+
+def _resample_rows(planes: torch.Tensor, plane_index: torch.Tensor, index: torch.Tensor, weight: torch.Tensor):
+    """``out[n, c, i, :] = sum_k weight[n, i, k] * planes[plane_index[n, c], index[n, i, k], :]``: one row gather
+    (``index_select``, contiguous rows) and one multiply-add per tap."""
+    n, size, k = index.shape
+    planes_flat = planes.reshape(-1, planes.shape[-1])
+    base = plane_index[:, :, None] * planes.shape[-2]  # [N, 3, 1]
+    out = None
+    for tap in range(k):
+        rows = (base + index[:, None, :, tap]).reshape(-1)
+        term = planes_flat.index_select(0, rows).view(n, plane_index.shape[1], size, planes.shape[-1])
+        term.mul_(weight[:, None, :, tap, None].to(planes.dtype))
+        out = term if out is None else out.add_(term)
+    return out
 
 
 def crop_resize(
-    canvas: torch.Tensor, boxes: torch.Tensor, sample_index: torch.Tensor, size: int, flip: torch.Tensor | None = None
+    canvas: torch.Tensor,
+    boxes: torch.Tensor,
+    sample_index: torch.Tensor,
+    size: int,
+    flip: torch.Tensor | None = None,
+    interpolation: str = "bilinear",
+    quantize: bool = False,
 ) -> torch.Tensor:
-    """``roi_align`` crops ``[N, 4]`` (top, left, h, w) of ``canvas[sample_index]`` resized to ``size x size`` with
-    an area prefilter when downsampling (adaptive sampling ratio). ``flip``: rows taken from the mirrored canvas,
-    which the caller appends as ``canvas[B:2B]``."""
-    from torchvision.ops import roi_align
-
-    wc = canvas.shape[-1]
-    b = sample_index
-    top, left, h, w = boxes.to(canvas.dtype).unbind(1)
-    x1, x2 = left, left + w
+    """Crops ``[N, 4]`` (top, left, h, w) of ``canvas[sample_index]`` (float ``[B, 3, H, W]``) resized to
+    ``size x size`` with torchvision's antialiased resize (``F.interpolate(crop, antialias=True)``, ``mode =
+    interpolation``), vectorised over crops: two separable passes of gathered rows (columns first, on the
+    transposed canvas), no host synchronisation. ``flip``: rows mirrored horizontally (the taps reversed). Taps
+    never leave a crop, so padding outside it is never read. ``quantize``: values in [0, 1] rounded to the 1/255
+    grid and clipped after each pass, as the uint8 kernels (and Pillow) do (:func:`crop_resize_uint8`, within
+    one level)."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"crop_resize: interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}")
+    device = canvas.device
+    b, ch, hc, wc = canvas.shape
+    top, left, h, w = boxes.to(device).unbind(1)
+    col_index, col_weight = resize_taps(left, w, size, wc, interpolation)
+    row_index, row_weight = resize_taps(top, h, size, hc, interpolation)
     if flip is not None:
-        fl = flip.to(canvas.device)
-        x1, x2 = torch.where(fl, wc - (left + w), x1), torch.where(fl, wc - left, x2)
-        b = b + fl.long() * (canvas.shape[0] // 2)
-    rois = torch.stack([b.to(canvas.dtype), x1, top, x2, top + h], dim=1)
-    return roi_align(canvas, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        fl = flip.to(device)[:, None, None]
+        col_index = torch.where(fl, col_index.flip(1), col_index)
+        col_weight = torch.where(fl, col_weight.flip(1), col_weight)
+    channels = torch.arange(ch, device=device)[None]
+    n = boxes.shape[0]
+    planes = sample_index.to(device)[:, None] * ch + channels  # [N, 3] planes of the canvas
+    columns = _resample_rows(canvas.transpose(-1, -2).contiguous(), planes, col_index, col_weight)  # [N, 3, S, H]
+    if quantize:
+        columns = _to_uint8_grid(columns)
+    crops = torch.arange(n, device=device)[:, None] * ch + channels
+    out = _resample_rows(columns.transpose(-1, -2).contiguous(), crops, row_index, row_weight)
+    return _to_uint8_grid(out) if quantize else out
+
+
+def _to_uint8_grid(x: torch.Tensor) -> torch.Tensor:
+    return x.mul_(255.0).round_().clamp_(0.0, 255.0).mul_(1.0 / 255.0)
+
+
+def crop_resize_uint8(
+    images: torch.Tensor, boxes: list[list[int]], sample_index: list[int], size: int, flip: list[bool],
+    interpolation: str = "bilinear",
+) -> torch.Tensor:
+    """The same crops as :func:`crop_resize` from uint8 images on the CPU, one ``F.interpolate`` per crop on
+    its uint8 slice (PyTorch's vectorised Pillow-SIMD resampling kernels; 5-20x faster than one float kernel
+    over all crops, measured) -> uint8 ``[N, 3, S, S]``, rounded as Pillow rounds. Parameters are host lists."""
+    mode = interpolation
+    out = torch.empty(len(boxes), images.shape[1], size, size, dtype=torch.uint8, memory_format=torch.channels_last)
+    for i, ((top, left, h, w), b, mirrored) in enumerate(zip(boxes, sample_index, flip)):
+        crop = images[b : b + 1, :, top : top + h, left : left + w]
+        view = F.interpolate(crop, size=(size, size), mode=mode, antialias=True, align_corners=False)[0]
+        out[i] = view.flip(-1) if mirrored else view
+    return out
+
+
+def _crops(
+    source: torch.Tensor, boxes: torch.Tensor, sample_index: torch.Tensor, size: int, flip: torch.Tensor | None,
+    interpolation: str,
+) -> torch.Tensor:
+    """Resized crops as float in [0, 1], on the 1/255 grid on every device: on the CPU from the uint8 images
+    (:func:`crop_resize_uint8`), elsewhere from the float images (:func:`crop_resize`, quantised as uint8 is)."""
+    if source.dtype == torch.uint8:
+        flips = flip.tolist() if flip is not None else [False] * boxes.shape[0]
+        x = crop_resize_uint8(source, boxes.tolist(), sample_index.tolist(), size, flips, interpolation)
+        # one pass to float, channels-first (the pointwise steps are slower on channels-last tensors)
+        return torch.mul(x, 1.0 / 255.0, out=torch.empty(x.shape, dtype=torch.float32))
+    return crop_resize(source, boxes, sample_index, size, flip, interpolation, quantize=True)
 
 
 # ---- the module's API --------------------------------------------------------------------------------------
@@ -473,8 +583,10 @@ class BatchViews:
         other keys give a list of ``[B, 3, S, S]`` tensors, one per recipe; all recipes of a key share one size).
     :param mean, std: normalisation (default ``ssl_platform.data.MEAN / STD``).
     :param sparse: run the randomly applied steps only on the rows that draw them (data-dependent shapes: cheap on
-        a CPU, a host synchronisation on a GPU) instead of on every row with identity parameters. Default (None):
-        sparse on the CPU, dense elsewhere. Both give the same views.
+        a CPU, a host synchronisation on a GPU) instead of on every row with identity parameters, and, on the CPU,
+        resample each crop from the uint8 image (:func:`crop_resize_uint8`) instead of with the vectorised float
+        resampler (:func:`crop_resize`). Default (None): sparse on the CPU, dense elsewhere. Both give the same views
+        up to the uint8 kernels' fixed-point rounding (a level or two in a few pixels).
     """
 
     def __init__(
@@ -528,22 +640,26 @@ class BatchViews:
         images, sizes = _check_batch(images, sizes)
         b = images.shape[0]
         pdev = generator.device if generator is not None else images.device
-        canvas = replicate_border(images, sizes)
-        canvas = torch.cat([canvas, canvas.flip(-1)]).float().mul_(1.0 / 255.0)  # flipped crops: of the mirrored half
+        sparse = self.sparse if self.sparse is not None else images.device.type == "cpu"
+        if sparse and images.device.type == "cpu":  # per-crop uint8 kernels, fastest on channels-last slices
+            source = images.contiguous(memory_format=torch.channels_last)
+        else:  # the vectorised float resampler (GPU)
+            source = images.float().mul_(1.0 / 255.0)
         heights, widths = sizes[:, 0].to(pdev), sizes[:, 1].to(pdev)
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
         for key, recipes in self.groups.items():
             params = sample_view_params(recipes, heights, widths, generator)
-            x = self._render(canvas, params, recipes, b)
+            x = self._render(source, params, recipes, b, sparse)
             out[key] = x if key == "images" else list(x.split(b))
         return out
 
-    def _render(self, canvas: torch.Tensor, p: ViewParams, recipes: list[ViewRecipe], b: int) -> torch.Tensor:
+    def _render(
+        self, source: torch.Tensor, p: ViewParams, recipes: list[ViewRecipe], b: int, sparse: bool
+    ) -> torch.Tensor:
         """Views of one output key: ``[len(recipes) * B, 3, S, S]``, row ``v * B + i`` = view ``v`` of sample ``i``."""
-        device = canvas.device
+        device = source.device
         size = recipes[0].size
         n = len(recipes) * b
-        sparse = self.sparse if self.sparse is not None else device.type == "cpu"
         p = ViewParams(**{k: v.to(device, non_blocking=True) for k, v in vars(p).items()})
         sample_index = torch.arange(b, device=device).repeat(len(recipes))
         has = {name: any(getattr(r, name) > 0 for r in recipes) for name in ("color_jitter_p", "grayscale_p",
@@ -556,7 +672,7 @@ class BatchViews:
         step = max(1, CPU_BLOCK_VALUES // (3 * size * size)) if device.type == "cpu" else n
         for start in range(0, n, step):
             rows = order[start : start + step]
-            x = crop_resize(canvas, p.boxes[rows], sample_index[rows], size, p.flip[rows])
+            x = _crops(source, p.boxes[rows], sample_index[rows], size, p.flip[rows], recipes[0].interpolation)
             if has["color_jitter_p"]:
                 x = color_jitter_(x, jitter.rows(rows), sparse)
             if has["grayscale_p"]:
@@ -589,8 +705,9 @@ def eval_views(
     resized to ``image_size`` (area prefilter when downsampling), normalised -> float ``[B, 3, S, S]``."""
     images, sizes = _check_batch(images, sizes)
     b = images.shape[0]
-    canvas = replicate_border(images, sizes).float().mul_(1.0 / 255.0)
     side = torch.minimum(sizes[:, 0], sizes[:, 1])
     boxes = torch.stack([(sizes[:, 0] - side) // 2, (sizes[:, 1] - side) // 2, side, side], dim=1)
-    x = crop_resize(canvas, boxes, torch.arange(b, device=images.device), int(image_size))
+    cpu = images.device.type == "cpu"
+    source = images.contiguous(memory_format=torch.channels_last) if cpu else images.float().mul_(1.0 / 255.0)
+    x = _crops(source, boxes, torch.arange(b, device=images.device), int(image_size), None, "bilinear")
     return normalize_(x, mean, std)
