@@ -207,3 +207,19 @@ def test_jobs_on_a_cluster_with_ray_cli_and_ssl_platform_submit(ray_cluster, tmp
         time.sleep(0.5)
     assert main(["stop", sleeper, "--address", ray_cluster["address"]]) == 0
     assert jobs.wait_status(client, sleeper, timeout_s=60) == "STOPPED"
+
+
+def test_local_object_store_size(monkeypatch):
+    """A local instance's object store (Ray Data's decoded batches): 2 GiB by default, at most 30% of RAM, or
+    SSL_PLATFORM_OBJECT_STORE_MB; a bad value is refused naming the variable."""
+    from ssl_platform.run import local_object_store_bytes
+
+    monkeypatch.delenv("SSL_PLATFORM_OBJECT_STORE_MB", raising=False)
+    assert local_object_store_bytes(64 * 1024**3) == 2048 * 1024**2
+    assert local_object_store_bytes(4 * 1024**3) == int(0.3 * 4 * 1024**3)
+    monkeypatch.setenv("SSL_PLATFORM_OBJECT_STORE_MB", "300")
+    assert local_object_store_bytes(64 * 1024**3) == 300 * 1024**2
+    for bad in ("2GB", "10"):
+        monkeypatch.setenv("SSL_PLATFORM_OBJECT_STORE_MB", bad)
+        with pytest.raises(ValueError, match="SSL_PLATFORM_OBJECT_STORE_MB"):
+            local_object_store_bytes()
