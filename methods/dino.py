@@ -25,6 +25,7 @@ from methods.heads import DINOHead
 from methods.losses import DINOLoss
 from methods.registry import register
 from methods.teacher_student import SelfDistillationMethod, TeacherStudent
+from methods.vit import cls_embedding
 
 
 @dataclass
@@ -48,7 +49,8 @@ class BackboneHead(nn.Module):
         self.head = head
 
     def forward(self, views: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Runs the backbone once per group of consecutive same-resolution views (as DINO's MultiCropWrapper).
+        """Runs the backbone once per group of consecutive same-resolution views (as DINO's MultiCropWrapper),
+        its last block for the CLS token only (:func:`methods.vit.cls_embedding`: the same output).
 
         Returns per-view embeddings ``[B, D]`` and head outputs ``[B, K]``.
         """
@@ -58,7 +60,7 @@ class BackboneHead(nn.Module):
             end = start + 1
             while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
                 end += 1
-            out = self.backbone(torch.cat(list(views[start:end]), dim=0))
+            out = cls_embedding(self.backbone, torch.cat(list(views[start:end]), dim=0))
             embeddings.extend(out.chunk(end - start, dim=0))
             start = end
         logits = self.head(torch.cat(embeddings, dim=0)).chunk(len(views), dim=0)

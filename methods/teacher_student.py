@@ -69,9 +69,8 @@ class TeacherStudent(nn.Module):
         s_params = [p.detach() for p in self.student.parameters()]
         if len(t_params) != len(s_params):
             raise RuntimeError("teacher and student have different parameter lists")
-        if t_params:
-            torch._foreach_mul_(t_params, momentum)
-            torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+        if t_params:  # t + (1 - m) (s - t): one pass over the parameters (mul_ + add_ made two)
+            torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
         for tb, sb in zip(self.teacher.buffers(), self.student.buffers()):
             tb.copy_(sb)
 
@@ -205,7 +204,7 @@ class SelfDistillationMethod(EMATeacherMethod):
         x = images if images is not None else (global_views[0] if global_views else None)
         if x is None:
             raise ValueError(f"{type(self).__name__}.forward in eval mode needs images= (or global_views)")
-        return self.teacher.backbone(x)
+        return V.cls_embedding(self.teacher.backbone, x)  # = backbone(x); CLS-pooled ViTs skip last-block work
 
     # ---- export -----------------------------------------------------------------------------------------
     def export_encoder(self) -> nn.Module:

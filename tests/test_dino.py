@@ -10,6 +10,7 @@ import torch
 from methods import build_method, get_method_class
 from methods.dino import DINO, DINOOutput
 from methods.losses import DINOLoss
+from methods.vit import create_vit
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
 
@@ -121,8 +122,8 @@ def test_schedules_set_by_on_train_step():
 def test_multicrop_student_sees_all_views_teacher_only_globals():
     model = tiny_dino().train()
     seen = {"student": [], "teacher": []}
-    model.student.backbone.register_forward_pre_hook(lambda m, a: seen["student"].append(tuple(a[0].shape)))
-    model.teacher.backbone.register_forward_pre_hook(lambda m, a: seen["teacher"].append(tuple(a[0].shape)))
+    model.student.backbone.patch_embed.register_forward_pre_hook(lambda m, a: seen["student"].append(tuple(a[0].shape)))
+    model.teacher.backbone.patch_embed.register_forward_pre_hook(lambda m, a: seen["teacher"].append(tuple(a[0].shape)))
     b, n_local = 2, 4
     g, loc = views(b, n_local, 32, 16)
     model(global_views=g, local_views=loc)
@@ -198,3 +199,27 @@ def test_export_and_rebuild_encoder():
     assert model.export_encoder() is model.teacher.backbone
     x = torch.randn(1, 3, 16, 16)  # a local-crop size works thanks to dynamic_img_size
     torch.testing.assert_close(rebuilt(x), model.export_encoder()(x))
+
+
+@pytest.mark.parametrize("size", [32, 16])
+def test_cls_embedding_equals_the_full_forward_values_and_gradients(size):
+    """The last block computed for the CLS row only gives the ViT's pooled output and the same gradients (float64:
+    equal to rounding); models it does not cover (mean pooling) run their own forward."""
+    from methods.vit import _cls_row_supported, cls_embedding
+
+    torch.manual_seed(0)
+    vit = create_vit("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "depth": 3, "qkv_bias": True,
+                                               "dynamic_img_size": True}).double()  # fmt: skip
+    assert _cls_row_supported(vit)
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    full, cls_only = vit(x), cls_embedding(vit, x)
+    torch.testing.assert_close(cls_only, full, atol=1e-12, rtol=0)
+    params = list(vit.parameters())
+    g_full = torch.autograd.grad(full.square().sum(), params)
+    g_cls = torch.autograd.grad(cls_only.square().sum(), params)
+    for a, b in zip(g_full, g_cls):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-9)
+    pooled = create_vit("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "depth": 1, "global_pool": "avg",
+                                                 "dynamic_img_size": True})  # fmt: skip
+    assert not _cls_row_supported(pooled)
+    torch.testing.assert_close(cls_embedding(pooled, x.float()), pooled(x.float()), atol=0, rtol=0)
