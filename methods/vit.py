@@ -150,7 +150,9 @@ def _cls_row_supported(vit: nn.Module) -> bool:
     if getattr(vit, "grad_checkpointing", False) or len(vit.blocks) == 0:
         return False
     block = vit.blocks[-1]
-    return type(block) is Block and type(block.attn) is Attention and getattr(block.attn, "gate", None) is None
+    attn = block.attn
+    known = all(hasattr(attn, name) for name in ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "proj", "norm"))
+    return type(block) is Block and type(attn) is Attention and known and getattr(attn, "gate", None) is None
 
 
 def cls_row_of_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +164,8 @@ def cls_row_of_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     attn = block.attn
     b, n, _ = x.shape
     h = block.norm1(x)
-    dim, heads, head_dim = attn.attn_dim, attn.num_heads, attn.head_dim
+    heads, head_dim = attn.num_heads, attn.head_dim
+    dim = heads * head_dim
     weight, bias = attn.qkv.weight, attn.qkv.bias
     q = F.linear(h[:, :1], weight[:dim], None if bias is None else bias[:dim])
     kv = F.linear(h, weight[dim:], None if bias is None else bias[dim:])
