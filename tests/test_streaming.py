@@ -81,6 +81,50 @@ def test_listing_errors_name_the_key_and_uri(tmp_path, s3_server):
         list_image_folder(f"s3://{s3_server['bucket']}/missing/prefix")
 
 
+def test_unreadable_class_folder_is_refused_naming_the_uri():
+    """No read permission on a class folder: refused at listing with the key, the URI and the reason. File modes do
+    not bind root, so when the suite runs as root the listing runs in a child process without the capabilities
+    that bypass them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    import os
+    import stat
+    import subprocess
+    import sys
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="ssl-perm-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        root = base / "train"
+        (root / "a").mkdir(parents=True)
+        (root / "b").mkdir()
+        for cls in ("a", "b"):
+            (root / cls / "x.png").write_bytes(encode_image(np.zeros((4, 4, 3), np.uint8), "PNG"))
+        root.chmod(0o755)
+        (root / "a").chmod(0o755)
+        (root / "b").chmod(0)  # no read or traverse permission
+        code = ("import sys; from ssl_platform.sources import list_image_folder; from ssl_platform.data import DataError\n"
+                "try:\n    list_image_folder(sys.argv[1])\nexcept DataError as err:\n    print(err); sys.exit(3)\n")
+        def without_dac_override() -> None:  # root: drop the capabilities that ignore file modes, then exec
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+                if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                    raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+        restricted = without_dac_override if os.geteuid() == 0 else None
+        repo = str(Path(__file__).resolve().parents[1])
+        res = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120,
+                             preexec_fn=restricted, cwd="/tmp", env={**os.environ, "PYTHONPATH": repo})  # fmt: skip
+        assert res.returncode == 3, (res.returncode, res.stdout, res.stderr[-2000:])
+        assert "data.root" in res.stdout and str(root) in res.stdout and "no read permission" in res.stdout, res.stdout
+    finally:
+        (base / "train" / "b").chmod(stat.S_IRWXU)
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_in_memory_shards_are_disjoint_cover_and_reshuffle():
     data = InMemoryImages.from_float(torch.rand(50, 3, 4, 4), torch.arange(50) % 5)
     epoch0 = [data.shard_indices(r, 2, 0, seed=1) for r in range(2)]
