@@ -21,6 +21,16 @@ class StorageUnavailableError(OSError):
     """A storage operation still failed after all its tries (endpoint unreachable or failing); names the URI."""
 
 
+# Refusals that time does not change: retrying them only delays the error (S3 and pyarrow spellings).
+DENIED_MARKERS = ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId",
+                  "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch")
+
+
+def is_denied(err: BaseException) -> bool:
+    """A permission or credential refusal (local ``PermissionError``, S3 403 codes): not worth another try."""
+    return isinstance(err, PermissionError) or any(marker in str(err) for marker in DENIED_MARKERS)
+
+
 def _describe(err: BaseException) -> str:
     # Ray Train re-runs an upload whose error text contains "AWS Error <CODE>" (3 times, unlogged) on top of
     # our own tries: the final error is reworded so that the retry budget is the one the spec asks for.
@@ -42,7 +52,8 @@ def retry_with_backoff(
 
     Waits ``backoff_s`` before the second try and doubles the wait after each failed try (at most
     ``MAX_BACKOFF_S``); every failed try is printed. ``FileNotFoundError`` and an error that was already retried
-    (:class:`StorageUnavailableError`) pass through at once. After the last try, raises ``error`` naming ``what``
+    (:class:`StorageUnavailableError`) pass through at once; a permission or credential refusal (:func:`is_denied`)
+    raises ``error`` at once. After the last try, raises ``error`` naming ``what``
     (e.g. the checkpoint URI and file), the number of tries, the time spent and the last error.
     """
     if attempts < 1:
@@ -54,6 +65,8 @@ def retry_with_backoff(
         except retry_on as err:
             if isinstance(err, (StorageUnavailableError, FileNotFoundError)):
                 raise  # already retried / an answer, not an outage: callers may test for FileNotFoundError
+            if is_denied(err):
+                raise error(f"{what}: refused, not retried (a permission or credential error); {_describe(err)}") from err
             if attempt == attempts:
                 raise error(
                     f"{what}: failed after {attempt} attempt{'s' if attempt > 1 else ''} over "

@@ -78,6 +78,23 @@ def test_retry_gives_up_naming_what_failed_and_skips_non_retryable():
         retry_with_backoff(lambda: calls.append(1) or open("/nonexistent/x"), "read", attempts=5, backoff_s=0, sleep=sleeps.append)
     assert len(calls) == 1
 
+    denied = []
+
+    def refused(err: OSError):
+        def fn():
+            denied.append(1)
+            raise err
+
+        return fn
+
+    s3_denied = OSError("When getting information for key 'x' in bucket 'b': AWS Error ACCESS_DENIED during HeadObject")
+    with pytest.raises(StorageUnavailableError, match=r"read s3://b/x: refused, not retried .*ACCESS_DENIED"):
+        retry_with_backoff(refused(s3_denied), "read s3://b/x", attempts=5, backoff_s=1, sleep=sleeps.append)
+    with pytest.raises(StorageUnavailableError, match="read /x: refused, not retried"):
+        retry_with_backoff(refused(PermissionError(13, "Permission denied")), "read /x", attempts=5, backoff_s=1,
+                           sleep=sleeps.append)  # fmt: skip
+    assert denied == [1, 1] and sleeps == [20, 30.0]  # one try each, no waiting
+
     def bug():
         calls.append(1)
         raise ValueError("not retried")

@@ -125,6 +125,54 @@ def test_unreadable_class_folder_is_refused_naming_the_uri():
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_s3_prefix_without_read_permission_is_refused_at_once(monkeypatch):
+    """An S3 principal without read permission: refused at listing (one try, no retries), naming the key, the URI and
+    the reason. A moto server of its own enforces IAM after its first 4 actions (create the bucket, one object, a
+    user without policies and that user's key)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    from ssl_platform.run import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        endpoint = f"http://127.0.0.1:{port}"
+        admin = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing")  # fmt: skip
+        s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
+        s3.create_bucket(Bucket="locked")
+        s3.put_object(Bucket="locked", Key="train/a/x.png", Body=encode_image(np.zeros((4, 4, 3), np.uint8), "PNG"))
+        iam.create_user(UserName="reader")
+        key = iam.create_access_key(UserName="reader")["AccessKey"]  # from here on, requests are authorised
+        for name, value in {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+                            "AWS_ENDPOINT_URL_S3": endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+                            "AWS_REGION": "us-east-1"}.items():  # fmt: skip
+            monkeypatch.setenv(name, value)
+        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+            monkeypatch.delenv(name, raising=False)
+        start = time.monotonic()
+        with pytest.raises(DataError, match=r"data.root: .*'s3://locked/train'.*no read permission"):
+            list_image_folder("s3://locked/train")
+        assert time.monotonic() - start < 10  # not retried with backoff (1 + 2 + 4 + 8 s)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_in_memory_shards_are_disjoint_cover_and_reshuffle():
     data = InMemoryImages.from_float(torch.rand(50, 3, 4, 4), torch.arange(50) % 5)
     epoch0 = [data.shard_indices(r, 2, 0, seed=1) for r in range(2)]
