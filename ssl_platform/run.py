@@ -61,16 +61,18 @@ def local_object_store_bytes(total_memory: int | None = None) -> int:
     own default share). Ray Data's decoded batches live there: under 200 MB its executor ran one decode task at a
     time ("backpressured: ResourceBudget"); 2 GiB gave 1.2-1.4x the decoded images/s on 2 cores (measured). Shared
     memory is used only as objects are stored."""
+    raw = os.environ.get("SSL_PLATFORM_OBJECT_STORE_MB", "")
+    if raw:
+        try:
+            mb = int(raw)
+        except ValueError:
+            raise ValueError(f"SSL_PLATFORM_OBJECT_STORE_MB: expected a whole number of MB, got {raw!r}") from None
+        if mb < 80:
+            raise ValueError(f"SSL_PLATFORM_OBJECT_STORE_MB: expected at least 80 (Ray's minimum object store), got {mb}")
+        return mb * 1024**2
     if total_memory is None:
         total_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    raw = os.environ.get("SSL_PLATFORM_OBJECT_STORE_MB", "")
-    try:
-        mb = int(raw) if raw else LOCAL_OBJECT_STORE_MB
-    except ValueError:
-        raise ValueError(f"SSL_PLATFORM_OBJECT_STORE_MB: expected a whole number of MB, got {raw!r}") from None
-    if mb < 80:
-        raise ValueError(f"SSL_PLATFORM_OBJECT_STORE_MB: expected at least 80 (Ray's minimum object store), got {mb}")
-    return min(mb * 1024**2, max(80 * 1024**2, int(0.3 * total_memory))) if not raw else mb * 1024**2
+    return min(LOCAL_OBJECT_STORE_MB * 1024**2, max(80 * 1024**2, int(0.3 * total_memory)))
 
 
 def pin_ray_address() -> None:
