@@ -83,8 +83,8 @@ class DINOLoss(_CentredLoss):
             for t in teacher_outputs
         ]
         student_logp = [F.log_softmax(s.float() / temperature_student, dim=-1) for s in student_outputs]
-        # sum over pairs s != t of <P_t, log P_s> = <sum_t P_t, sum_s log P_s> - sum_i <P_i, log P_i>: two
-        # products over [B, K] per view instead of one per pair (14 -> 2 + 2 with 2 global and 6 local crops)
+        # sum over pairs s != t of <P_t, log P_s> = <sum_t P_t, sum_s log P_s> - sum_i <P_i, log P_i>: one product of
+        # the sums plus one per same-view pair instead of one per pair (2 global + 6 local crops: 3 products, not 14)
         all_pairs = torch.sum(torch.stack(teacher_probs).sum(0) * torch.stack(student_logp).sum(0), dim=-1).mean()
         same_view = sum(torch.sum(teacher_probs[i] * student_logp[i], dim=-1).mean() for i in range(n_same))
         if update_center:
