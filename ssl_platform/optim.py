@@ -145,13 +145,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: DictConfig, steps_p
 
 @torch.no_grad()
 def clip_per_param(parameters, max_norm: float) -> None:
-    """DINO's ``utils.clip_gradients``: ``g_p <- g_p * c / (||g_p||_2 + 1e-6)`` for each parameter where that is < 1."""
-    for p in parameters:
-        if p.grad is None:
-            continue
-        coef = max_norm / (float(p.grad.norm(2)) + 1e-6)
-        if coef < 1:
-            p.grad.mul_(coef)
+    """DINO's ``utils.clip_gradients``: ``g_p <- g_p * c / (||g_p||_2 + 1e-6)`` for each parameter where that is < 1.
+
+    All norms and factors stay on the device (a factor of exactly 1 where no clipping is due): no host
+    synchronisation per parameter on a GPU."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    coefs = (max_norm / (torch.stack(torch._foreach_norm(grads)) + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, list(coefs.unbind()))
 
 
 def clip_gradients(parameters: nn.Module | Iterable[torch.Tensor], optim: DictConfig, total_norm: torch.Tensor | None = None) -> None:
