@@ -522,7 +522,7 @@ def crop_resize(
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"crop_resize: interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}")
     device = canvas.device
-    b, ch, hc, wc = canvas.shape
+    _, ch, hc, wc = canvas.shape
     top, left, h, w = boxes.to(device).unbind(1)
     col_index, col_weight = resize_taps(left, w, size, wc, interpolation)
     row_index, row_weight = resize_taps(top, h, size, hc, interpolation)
@@ -553,13 +553,20 @@ def crop_resize_uint8(
     its uint8 slice (PyTorch's vectorised Pillow-SIMD resampling kernels; at 224 / 96 px about 5x faster than
     ``roi_align`` or :func:`crop_resize` over all crops, measured) -> uint8 ``[N, 3, S, S]``, rounded as Pillow
     rounds. Parameters are host lists."""
-    mode = interpolation
     out = torch.empty(len(boxes), images.shape[1], size, size, dtype=torch.uint8, memory_format=torch.channels_last)
     for i, ((top, left, h, w), b, mirrored) in enumerate(zip(boxes, sample_index, flip)):
         crop = images[b : b + 1, :, top : top + h, left : left + w]
-        view = F.interpolate(crop, size=(size, size), mode=mode, antialias=True, align_corners=False)[0]
+        view = F.interpolate(crop, size=(size, size), mode=interpolation, antialias=True, align_corners=False)[0]
         out[i] = view.flip(-1) if mirrored else view
     return out
+
+
+def _crop_source(images: torch.Tensor, per_crop: bool) -> torch.Tensor:
+    """What :func:`_crops` resamples: on the CPU with ``per_crop``, the uint8 images channels-last (the per-crop
+    uint8 kernels are fastest on such slices); otherwise float images in [0, 1] for the vectorised resampler."""
+    if per_crop and images.device.type == "cpu":
+        return images.contiguous(memory_format=torch.channels_last)
+    return images.float().mul_(1.0 / 255.0)
 
 
 def _crops(
@@ -642,10 +649,7 @@ class BatchViews:
         b = images.shape[0]
         pdev = generator.device if generator is not None else images.device
         sparse = self.sparse if self.sparse is not None else images.device.type == "cpu"
-        if sparse and images.device.type == "cpu":  # per-crop uint8 kernels, fastest on channels-last slices
-            source = images.contiguous(memory_format=torch.channels_last)
-        else:  # the vectorised float resampler (GPU)
-            source = images.float().mul_(1.0 / 255.0)
+        source = _crop_source(images, per_crop=sparse)
         heights, widths = sizes[:, 0].to(pdev), sizes[:, 1].to(pdev)
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
         for key, recipes in self.groups.items():
@@ -708,7 +712,6 @@ def eval_views(
     b = images.shape[0]
     side = torch.minimum(sizes[:, 0], sizes[:, 1])
     boxes = torch.stack([(sizes[:, 0] - side) // 2, (sizes[:, 1] - side) // 2, side, side], dim=1)
-    cpu = images.device.type == "cpu"
-    source = images.contiguous(memory_format=torch.channels_last) if cpu else images.float().mul_(1.0 / 255.0)
+    source = _crop_source(images, per_crop=True)
     x = _crops(source, boxes, torch.arange(b, device=images.device), int(image_size), None, "bilinear")
     return normalize_(x, mean, std)
