@@ -187,7 +187,23 @@ def fit_tracked(trainer, spec: DictConfig, run_name: str, run_id: str):
         tracking.end_run(spec.tracking.uri, run_id, "FAILED")
         _raise_if_storage_failure(spec, run_name, result.error)
         raise result.error
+    prune_lost_checkpoints(result, spec.checkpoint.keep)
     return result
+
+
+def prune_lost_checkpoints(result, keep: int) -> None:
+    """Delete the checkpoints a lost worker group left behind (written, never registered), so that a finished run
+    holds only the ``checkpoint.keep`` newest that Ray Train kept; says which, once the run is done."""
+    from ssl_platform.run_checkpoints import prune_untracked_checkpoints
+
+    kept = [ckpt.path for ckpt, _ in (result.best_checkpoints or [])]
+    try:
+        removed = prune_untracked_checkpoints(result.path, result.filesystem, kept, keep)
+    except OSError as err:  # the run itself finished: its kept checkpoints are complete
+        print(f"[ssl_platform] warning: could not remove stale checkpoints under {result.path}: {err}", flush=True)
+        return
+    for uri in removed:
+        print(f"[ssl_platform] removed {uri}: a checkpoint of a lost worker group that Ray Train did not keep", flush=True)
 
 
 def _raise_if_storage_failure(spec: DictConfig, run_name: str, err: BaseException) -> None:

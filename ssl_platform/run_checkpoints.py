@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from methods.checkpoint_io import MANIFEST_FILE, CheckpointError, IncompleteCheckpointError
-from ssl_platform.uri_files import join_uri, read_text, resolve_uri
+from ssl_platform.uri_files import join_uri, read_text, resolve_uri, storage_uri
 
 
 def list_checkpoint_uris(run_uri: str, fs=None) -> list[str]:
@@ -71,3 +71,26 @@ def latest_complete_checkpoint_uri(run_uri: str, fs=None, *, check: Callable[[st
         except CheckpointError:
             continue
     return None
+
+
+def prune_untracked_checkpoints(run_path: str, fs, kept: list[str], keep: int) -> list[str]:
+    """Delete the ``checkpoint_*`` directories under ``run_path`` (a path on pyarrow filesystem ``fs``) that Ray
+    Train does not track and that are older than every one it ``kept``; return the URIs of those deleted.
+
+    After a worker group is lost, the restarted group keeps only the checkpoints that were registered: one the lost
+    group wrote (or half wrote) but never reported stays in storage, past ``checkpoint.keep`` -- at cluster scale a
+    full model + optimizer state per lost node. Called once a run has finished (nothing else writes to its
+    directory). Nothing is deleted unless Ray kept ``keep`` checkpoints, so the newest ``keep`` always stay.
+    Directory names sort by time (``checkpoint_<date>_<time>``).
+    """
+    from pyarrow.fs import FileSelector, FileType
+
+    names = {os.path.basename(k.rstrip("/")) for k in kept}
+    if len(names) < keep:
+        return []
+    infos = fs.get_file_info(FileSelector(run_path, allow_not_found=True, recursive=False))
+    stale = sorted(i.path for i in infos if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")
+                   and i.base_name not in names and i.base_name < min(names))
+    for path in stale:
+        fs.delete_dir(path)
+    return [storage_uri(fs, p) for p in stale]

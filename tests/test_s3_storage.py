@@ -20,7 +20,7 @@ from methods.mae import MAE
 from ssl_platform.chain import load_chain
 from ssl_platform.checkpoint_cache import download_checkpoint
 from ssl_platform.method_checkpoints import preflight_method_checkpoints
-from ssl_platform.run_checkpoints import latest_complete_checkpoint_uri, list_checkpoint_uris
+from ssl_platform.run_checkpoints import latest_complete_checkpoint_uri, list_checkpoint_uris, prune_untracked_checkpoints
 from ssl_platform.spec import SpecError, spec_from_dict
 from ssl_platform.uri_files import read_text, write_text
 from tests.conftest import ROOT, TINY_VIT, tiny_spec_dict
@@ -67,6 +67,42 @@ def test_download_verifies_and_finds_latest_complete(s3_server, tmp_path):
 
     with pytest.raises(IncompleteCheckpointError, match="no manifest.json"):
         download_checkpoint(f"{run}/checkpoint_000002", tmp_path / "cache")
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_checkpoints_a_lost_worker_group_left_are_pruned_keeping_the_tracked(s3_server, tmp_path, where):
+    """After a restart, Ray Train keeps the ``keep`` newest checkpoints it registered; older ones it never
+    registered (the lost group's, complete or not) are deleted, anything newer than the oldest kept stays."""
+    from ssl_platform.s3 import filesystem, fs_path
+
+    local, _ = _encoder_checkpoint(tmp_path / "src")
+    names = ["checkpoint_2026-01-01_10-00-00.000001",  # registered, deleted by Ray when it fell out of keep
+             "checkpoint_2026-01-01_10-00-05.000001",  # written by the lost group, never registered
+             "checkpoint_2026-01-01_10-00-06.000001",  # half written by the lost group (no manifest)
+             "checkpoint_2026-01-01_10-00-09.000001",  # kept
+             "checkpoint_2026-01-01_10-00-10.000001",  # untracked but newer than the oldest kept: left alone
+             "checkpoint_2026-01-01_10-00-12.000001"]  # kept
+    if where == "s3":
+        bucket = s3_server["bucket"]
+        for n in names[1:]:
+            _upload(local, bucket, f"runs/r2/{n}", skip=("manifest.json",) if n == names[2] else ())
+        run, fs = f"s3://{bucket}/runs/r2", filesystem()
+        path = fs_path(run)
+    else:
+        import shutil
+
+        from pyarrow.fs import LocalFileSystem
+
+        for n in names[1:]:
+            shutil.copytree(local, tmp_path / "run" / n)
+        run, fs, path = str(tmp_path / "run"), LocalFileSystem(), str(tmp_path / "run")
+    kept = [f"{path}/{names[3]}", f"{path}/{names[5]}"]
+
+    assert prune_untracked_checkpoints(path, fs, kept[:1], keep=2) == []  # fewer than keep tracked: nothing goes
+    removed = prune_untracked_checkpoints(path, fs, kept, keep=2)
+    assert removed == [f"{run}/{names[1]}", f"{run}/{names[2]}"]
+    assert list_checkpoint_uris(run) == [f"{run}/{n}" for n in names[3:]]
+    assert latest_complete_checkpoint_uri(run) == f"{run}/{names[5]}"
 
 
 def test_corrupt_upload_is_refused(s3_server, tmp_path):
