@@ -167,10 +167,14 @@ def setup_data(worker: Worker) -> WorkerData:
         num_train, num_classes = int(loop.num_train), int(loop.num_classes)
         per_worker = _batch_size_per_worker(spec, world, num_train)
         shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "eval_train", "eval_val")}
+        # An image folder's files (one image each) are already in a new random order every epoch; a shard holds
+        # its rows in order, so shards also go through a local shuffle buffer (whose filling delays each epoch's
+        # first step by `shuffle_buffer` decoded images)
+        shuffle_buffer = data.shuffle_buffer if data.name == "shards" else 0
 
         def train(epoch: int) -> Iterator[ImageBatch]:
             return streamed_batches(shards["train"], per_worker, prefetch_batches=data.prefetch_batches,
-                                    shuffle_buffer=data.shuffle_buffer, seed=spec.seed + 1000 * rank + epoch)
+                                    shuffle_buffer=shuffle_buffer, seed=spec.seed + 1000 * rank + epoch)
 
         def evaluation(split: str) -> Iterator[ImageBatch]:
             return streamed_batches(shards["eval_" + split], EVAL_BATCH_SIZE, prefetch_batches=data.prefetch_batches,
