@@ -192,18 +192,24 @@ def fit_tracked(trainer, spec: DictConfig, run_name: str, run_id: str):
 
 
 def prune_lost_checkpoints(result, keep: int) -> None:
-    """Delete the checkpoints a lost worker group left behind (written, never registered), so that a finished run
-    holds only the ``checkpoint.keep`` newest that Ray Train kept; says which, once the run is done."""
-    from ssl_platform.run_checkpoints import prune_untracked_checkpoints
+    """A finished run keeps ``checkpoint.keep`` checkpoints, also after a worker group was lost and restarted (see
+    :func:`~ssl_platform.run_checkpoints.prune_checkpoints_beyond_keep`); says which it deleted."""
+    from ssl_platform.run_checkpoints import prune_checkpoints_beyond_keep
+    from ssl_platform.uri_files import storage_uri
 
-    kept = [ckpt.path for ckpt, _ in (result.best_checkpoints or [])]
+    from pyarrow.fs import LocalFileSystem
+
+    if not (isinstance(result.filesystem, LocalFileSystem) or getattr(result.filesystem, "type_name", "") == "s3"):
+        return  # the storages the platform writes to (checkpoint.uri: a local path or s3://)
+    run_uri = storage_uri(result.filesystem, result.path)
+    tracked = [ckpt.path for ckpt, _ in (result.best_checkpoints or [])]
     try:
-        removed = prune_untracked_checkpoints(result.path, result.filesystem, kept, keep)
-    except OSError as err:  # the run itself finished: its kept checkpoints are complete
-        print(f"[ssl_platform] warning: could not remove stale checkpoints under {result.path}: {err}", flush=True)
+        removed = prune_checkpoints_beyond_keep(run_uri, keep, tracked, fs=result.filesystem)
+    except OSError as err:  # the run itself finished: its newest checkpoints are complete
+        print(f"[ssl_platform] warning: could not remove old checkpoints under {run_uri}: {err}", flush=True)
         return
     for uri in removed:
-        print(f"[ssl_platform] removed {uri}: a checkpoint of a lost worker group that Ray Train did not keep", flush=True)
+        print(f"[ssl_platform] removed {uri}: beyond checkpoint.keep={keep} (left by a restarted worker group)", flush=True)
 
 
 def _raise_if_storage_failure(spec: DictConfig, run_name: str, err: BaseException) -> None:

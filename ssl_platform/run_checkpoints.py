@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from methods.checkpoint_io import MANIFEST_FILE, CheckpointError, IncompleteCheckpointError
-from ssl_platform.uri_files import join_uri, read_text, resolve_uri, storage_uri
+from ssl_platform.uri_files import join_uri, read_text, resolve_uri
 
 
 def list_checkpoint_uris(run_uri: str, fs=None) -> list[str]:
@@ -73,24 +73,29 @@ def latest_complete_checkpoint_uri(run_uri: str, fs=None, *, check: Callable[[st
     return None
 
 
-def prune_untracked_checkpoints(run_path: str, fs, kept: list[str], keep: int) -> list[str]:
-    """Delete the ``checkpoint_*`` directories under ``run_path`` (a path on pyarrow filesystem ``fs``) that Ray
-    Train does not track and that are older than every one it ``kept``; return the URIs of those deleted.
+def prune_checkpoints_beyond_keep(run_uri: str, keep: int, tracked: list[str] = (), fs=None) -> list[str]:
+    """Delete the ``checkpoint_*`` directories of a finished run (local path or ``s3://``) except its ``keep`` newest
+    complete ones and those Ray Train tracks (``tracked``: paths or names); return the URIs of those deleted.
 
-    After a worker group is lost, the restarted group keeps only the checkpoints that were registered: one the lost
-    group wrote (or half wrote) but never reported stays in storage, past ``checkpoint.keep`` -- at cluster scale a
-    full model + optimizer state per lost node. Called once a run has finished (nothing else writes to its
-    directory). Nothing is deleted unless Ray kept ``keep`` checkpoints, so the newest ``keep`` always stay.
-    Directory names sort by time (``checkpoint_<date>_<time>``).
+    Ray Train deletes only the checkpoints it registered, and a worker group restarted after a node loss starts
+    with none: the checkpoints from before the loss, and one the lost group wrote (or half wrote) but never
+    reported, would stay in storage past ``checkpoint.keep`` -- at cluster scale a full model + optimizer state
+    each. Called once the run has finished, so nothing else writes to its directory. Directory names sort by time
+    (``checkpoint_<date>_<time>``); a complete one has its manifest and every listed file (:func:`remote_manifest`).
     """
-    from pyarrow.fs import FileSelector, FileType
-
-    names = {os.path.basename(k.rstrip("/")) for k in kept}
-    if len(names) < keep:
-        return []
-    infos = fs.get_file_info(FileSelector(run_path, allow_not_found=True, recursive=False))
-    stale = sorted(i.path for i in infos if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")
-                   and i.base_name not in names and i.base_name < min(names))
-    for path in stale:
-        fs.delete_dir(path)
-    return [storage_uri(fs, p) for p in stale]
+    names = [u.rsplit("/", 1)[1] for u in list_checkpoint_uris(run_uri, fs)]
+    newest_complete: list[str] = []
+    for name in reversed(names):
+        if len(newest_complete) == keep:
+            break
+        try:
+            remote_manifest(join_uri(run_uri, name), fs)
+            newest_complete.append(name)
+        except CheckpointError:
+            continue
+    kept = set(newest_complete) | {os.path.basename(t.rstrip("/")) for t in tracked}
+    stale = [join_uri(run_uri, n) for n in names if n not in kept]
+    for uri in stale:
+        f, path = resolve_uri(uri, fs)
+        f.delete_dir(path)
+    return stale

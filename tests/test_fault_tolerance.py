@@ -119,7 +119,10 @@ def test_worker_loss_restarts_from_last_checkpoint(ray_session, tiny_spec, capfd
     # at most one checkpoint interval lost: the restarted group resumed after epoch 1, it did not start over
     out, err = capfd.readouterr()
     assert "resumed from checkpoint at epoch 1 (step 4)" in out + err
-    assert load_training_checkpoint(latest_complete_checkpoint(Path(spec.checkpoint.uri) / name))["state"]["epoch"] == 4
+    # checkpoint.keep=2 after the restart too (here Ray Train's controller deleted epoch 1's itself; after a node
+    # loss on a cluster it may not, and the run prunes it once finished: test_cluster)
+    run_dir = Path(spec.checkpoint.uri) / name
+    assert [load_training_checkpoint(c)["state"]["epoch"] for c in list_checkpoints(run_dir)] == [3, 4]
 
 
 # ---- bad data / storage, refused before Ray starts -------------------------------------------------------

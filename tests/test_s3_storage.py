@@ -20,7 +20,7 @@ from methods.mae import MAE
 from ssl_platform.chain import load_chain
 from ssl_platform.checkpoint_cache import download_checkpoint
 from ssl_platform.method_checkpoints import preflight_method_checkpoints
-from ssl_platform.run_checkpoints import latest_complete_checkpoint_uri, list_checkpoint_uris, prune_untracked_checkpoints
+from ssl_platform.run_checkpoints import latest_complete_checkpoint_uri, list_checkpoint_uris, prune_checkpoints_beyond_keep
 from ssl_platform.spec import SpecError, spec_from_dict
 from ssl_platform.uri_files import read_text, write_text
 from tests.conftest import ROOT, TINY_VIT, tiny_spec_dict
@@ -70,38 +70,37 @@ def test_download_verifies_and_finds_latest_complete(s3_server, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["s3", "local"])
-def test_checkpoints_a_lost_worker_group_left_are_pruned_keeping_the_tracked(s3_server, tmp_path, where):
-    """After a restart, Ray Train keeps the ``keep`` newest checkpoints it registered; older ones it never
-    registered (the lost group's, complete or not) are deleted, anything newer than the oldest kept stays."""
-    from ssl_platform.s3 import filesystem, fs_path
+def test_a_finished_run_keeps_its_newest_complete_checkpoints_and_those_ray_tracks(s3_server, tmp_path, where):
+    """A worker group restarted after a node loss tracks only its own checkpoints: what came before the loss, and
+    what the lost group wrote (complete or not) but never reported, is deleted down to ``keep``."""
+    import shutil
 
     local, _ = _encoder_checkpoint(tmp_path / "src")
-    names = ["checkpoint_2026-01-01_10-00-00.000001",  # registered, deleted by Ray when it fell out of keep
-             "checkpoint_2026-01-01_10-00-05.000001",  # written by the lost group, never registered
-             "checkpoint_2026-01-01_10-00-06.000001",  # half written by the lost group (no manifest)
-             "checkpoint_2026-01-01_10-00-09.000001",  # kept
-             "checkpoint_2026-01-01_10-00-10.000001",  # untracked but newer than the oldest kept: left alone
-             "checkpoint_2026-01-01_10-00-12.000001"]  # kept
+    names = ["checkpoint_2026-01-01_10-00-00.000001",  # epoch 1, before the loss
+             "checkpoint_2026-01-01_10-00-05.000001",  # epoch 2, written by the lost group, never registered
+             "checkpoint_2026-01-01_10-00-06.000001",  # epoch 3, half written by the lost group (no manifest)
+             "checkpoint_2026-01-01_10-00-09.000001",  # epoch 2 again, after the restart
+             "checkpoint_2026-01-01_10-00-12.000001",  # epoch 3 again (no manifest: an interrupted last upload)
+             "checkpoint_2026-01-01_10-00-15.000001"]  # epoch 4, the last
+    incomplete = {names[2], names[4]}
     if where == "s3":
-        bucket = s3_server["bucket"]
-        for n in names[1:]:
-            _upload(local, bucket, f"runs/r2/{n}", skip=("manifest.json",) if n == names[2] else ())
-        run, fs = f"s3://{bucket}/runs/r2", filesystem()
-        path = fs_path(run)
+        run = f"s3://{s3_server['bucket']}/runs/r2"
+        for n in names:
+            _upload(local, s3_server["bucket"], f"runs/r2/{n}", skip=("manifest.json",) if n in incomplete else ())
     else:
-        import shutil
-
-        from pyarrow.fs import LocalFileSystem
-
-        for n in names[1:]:
+        run = str(tmp_path / "run")
+        for n in names:
             shutil.copytree(local, tmp_path / "run" / n)
-        run, fs, path = str(tmp_path / "run"), LocalFileSystem(), str(tmp_path / "run")
-    kept = [f"{path}/{names[3]}", f"{path}/{names[5]}"]
+            if n in incomplete:
+                (tmp_path / "run" / n / "manifest.json").unlink()
 
-    assert prune_untracked_checkpoints(path, fs, kept[:1], keep=2) == []  # fewer than keep tracked: nothing goes
-    removed = prune_untracked_checkpoints(path, fs, kept, keep=2)
-    assert removed == [f"{run}/{names[1]}", f"{run}/{names[2]}"]
-    assert list_checkpoint_uris(run) == [f"{run}/{n}" for n in names[3:]]
+    removed = prune_checkpoints_beyond_keep(run, 2, tracked=[f"{run}/{names[5]}"])
+    assert removed == [f"{run}/{n}" for n in names[:5] if n != names[3]]
+    assert list_checkpoint_uris(run) == [f"{run}/{names[3]}", f"{run}/{names[5]}"]
+    assert prune_checkpoints_beyond_keep(run, 2) == []  # nothing more to do
+    # a checkpoint Ray tracks stays, even beyond keep; so does a complete one within keep
+    assert prune_checkpoints_beyond_keep(run, 1, tracked=[names[3]]) == []
+    assert prune_checkpoints_beyond_keep(run, 1) == [f"{run}/{names[3]}"]
     assert latest_complete_checkpoint_uri(run) == f"{run}/{names[5]}"
 
 
