@@ -194,10 +194,10 @@ def fit_tracked(trainer, spec: DictConfig, run_name: str, run_id: str):
 def prune_lost_checkpoints(result, keep: int) -> None:
     """A finished run keeps ``checkpoint.keep`` checkpoints, also after a worker group was lost and restarted (see
     :func:`~ssl_platform.run_checkpoints.prune_checkpoints_beyond_keep`); says which it deleted."""
+    from pyarrow.fs import LocalFileSystem
+
     from ssl_platform.run_checkpoints import prune_checkpoints_beyond_keep
     from ssl_platform.uri_files import storage_uri
-
-    from pyarrow.fs import LocalFileSystem
 
     if not (isinstance(result.filesystem, LocalFileSystem) or getattr(result.filesystem, "type_name", "") == "s3"):
         return  # the storages the platform writes to (checkpoint.uri: a local path or s3://)

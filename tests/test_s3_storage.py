@@ -20,7 +20,11 @@ from methods.mae import MAE
 from ssl_platform.chain import load_chain
 from ssl_platform.checkpoint_cache import download_checkpoint
 from ssl_platform.method_checkpoints import preflight_method_checkpoints
-from ssl_platform.run_checkpoints import latest_complete_checkpoint_uri, list_checkpoint_uris, prune_checkpoints_beyond_keep
+from ssl_platform.run_checkpoints import (
+    latest_complete_checkpoint_uri,
+    list_checkpoint_uris,
+    prune_checkpoints_beyond_keep,
+)
 from ssl_platform.spec import SpecError, spec_from_dict
 from ssl_platform.uri_files import read_text, write_text
 from tests.conftest import ROOT, TINY_VIT, tiny_spec_dict
