@@ -91,7 +91,11 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., in_dim] -> [..., out_dim]`` (patch tokens ``[B, N, D]`` too: BatchNorm sees them as one batch)."""
-        return self.last_layer(_project(self.mlp, x))
+        return self.last_layer(self.bottleneck(x))
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in_dim] -> [..., bottleneck_dim]``: the L2-normalised input of the prototypes ``last_layer``."""
+        return _project(self.mlp, x)
 
 
 class iBOTHead(nn.Module):
@@ -121,10 +125,15 @@ class iBOTHead(nn.Module):
 
     def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``patches`` ``[B, N, D]`` or selected rows ``[M, D]``; the MLP runs once on all CLS and patch rows."""
+        cls_logits, z = self.cls_logits_and_patch_bottleneck(cls, patches)
+        return cls_logits, self.last_layer2(z)
+
+    def cls_logits_and_patch_bottleneck(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLS logits and the patches' L2-normalised bottleneck (the input of ``last_layer2``), shaped as ``patches``."""
         d = cls.shape[-1]
         z = _project(self.mlp, torch.cat([cls, patches.reshape(-1, d)], dim=0))
         b = cls.shape[0]
-        return self.last_layer(z[:b]), self.last_layer2(z[b:]).reshape(*patches.shape[:-1], -1)
+        return self.last_layer(z[:b]), z[b:].reshape(*patches.shape[:-1], -1)
 
 
 def cancel_gradients_last_layer(head: nn.Module) -> None:

@@ -84,16 +84,37 @@ class iBOTNet(nn.Module):
         ``patch_rows`` ``[B, N]`` (bool, optional): the patch head runs only on these tokens and the patch logits
         are ``[M, K']``, the rows in ``patch_rows.nonzero()`` order (the student: only masked patches enter the loss).
         """
-        x = V.embed_patches(self.backbone, images, mask, self.mask_token if mask is not None else None)
-        tokens = V.run_blocks(self.backbone, x)
-        emb = V.pooled_embedding(self.backbone, tokens)
-        patches = V.per_token_norm(self.backbone, tokens)[:, V.num_prefix_tokens(self.backbone) :]
+        emb, patches = self._embedding_and_patches(images, mask)
         if patch_rows is not None:
             patches = patches[patch_rows.bool()]
         if self.head is not None:
             cls_logits, patch_logits = self.head(emb, patches)
             return emb, cls_logits, patch_logits
         return emb, self.cls_head(emb), self.patch_head(patches)
+
+    def forward_patch_rows_and_mean(
+        self, images: torch.Tensor, patch_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's pass: ``(cls embedding, cls logits, patch logits at patch_rows [M, K'], mean patch logits [K'])``.
+
+        The patch head's MLP runs on every patch, its prototypes (a bias-free linear map ``W``) only on
+        ``patch_rows`` and on the mean bottleneck: ``mean_{b,n} W z_bn = W mean_{b,n} z_bn``, the mean over all
+        patches that the patch centre needs (equal up to float rounding).
+        """
+        emb, patches = self._embedding_and_patches(images, None)
+        if self.head is not None:
+            cls_logits, z = self.head.cls_logits_and_patch_bottleneck(emb, patches)
+            prototypes = self.head.last_layer2
+        else:
+            cls_logits, z = self.cls_head(emb), self.patch_head.bottleneck(patches)
+            prototypes = self.patch_head.last_layer
+        return emb, cls_logits, prototypes(z[patch_rows.bool()]), prototypes(z.mean(dim=(0, 1)))
+
+    def _embedding_and_patches(self, images: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = V.embed_patches(self.backbone, images, mask, self.mask_token if mask is not None else None)
+        tokens = V.run_blocks(self.backbone, x)
+        emb = V.pooled_embedding(self.backbone, tokens)
+        return emb, V.per_token_norm(self.backbone, tokens)[:, V.num_prefix_tokens(self.backbone) :]
 
 
 @register("ibot")
@@ -198,6 +219,9 @@ class iBOT(SelfDistillationMethod):
         self.student_head_on_masked_only = not any(
             isinstance(mod, nn.modules.batchnorm._BatchNorm) for head in net.heads() for mod in head.modules()
         )
+        # The teacher's patch logits enter the loss only at masked patches too, and its patch centre needs only
+        # their mean: its prototypes run on those rows and on the mean bottleneck (the MLP still sees every patch).
+        self.teacher_prototypes_on_masked_only = True
         self.cls_loss_fn = DINOLoss(n_cls_prototypes, self.center_momentum)
         self.patch_loss_fn = iBOTPatchLoss(n_patch_prototypes, self.center_momentum)
 
@@ -268,15 +292,22 @@ class iBOT(SelfDistillationMethod):
         m = torch.cat([mk.reshape(mk.shape[0], -1) for mk in masks], dim=0)
         rows = m if self.student_head_on_masked_only else None
         _, s_cls, s_patch = self.ts.forward_student(x, m, rows)
-        t_emb, t_cls, t_patch = self.ts.forward_teacher(x)
+        t_mean = None
+        if self.teacher_prototypes_on_masked_only:
+            with torch.no_grad():
+                t_emb, t_cls, t_patch, t_mean = self.ts.teacher.forward_patch_rows_and_mean(x, m)
+        else:
+            t_emb, t_cls, t_patch = self.ts.forward_teacher(x)
 
-        s_cls_v, t_cls_v = list(s_cls.chunk(n)), list(t_cls.chunk(n))
-        m_v, t_patch_v = list(m.chunk(n)), list(t_patch.chunk(n))
-        # student rows of view v: its masked patches (the rows of m are ordered view by view)
-        s_patch_v = list(s_patch.split([int(c) for c in m.reshape(n, -1).sum(dim=1).tolist()])) if rows is not None else list(s_patch.chunk(n))
+        s_cls_v, t_cls_v, m_v = list(s_cls.chunk(n)), list(t_cls.chunk(n)), list(m.chunk(n))
+        # rows of view v at its masked patches only (the rows of m are ordered view by view)
+        per_view = [int(c) for c in m.reshape(n, -1).sum(dim=1).tolist()] if rows is not None or t_mean is not None else []
+        s_patch_v = list(s_patch.split(per_view)) if rows is not None else list(s_patch.chunk(n))
+        t_patch_v = list(t_patch.split(per_view)) if t_mean is not None else list(t_patch.chunk(n))
         temp_s, temp_t = self.temperature_student, self.current_teacher_temperature
         loss_cls = self.cls_loss_fn(s_cls_v, t_cls_v, temp_s, temp_t)
-        loss_patch = self.patch_loss_fn(s_patch_v, t_patch_v, m_v, temp_s, temp_t, student_masked_only=rows is not None)
+        loss_patch = self.patch_loss_fn(s_patch_v, t_patch_v, m_v, temp_s, temp_t, student_masked_only=rows is not None,
+                                        teacher_mean=t_mean)
         loss = loss_cls + self.patch_loss_weight * loss_patch
         device = loss.device
         return iBOTOutput(

@@ -45,8 +45,12 @@ class _CentredLoss(nn.Module):
     def update_center(self, teacher_outputs: Sequence[torch.Tensor]) -> None:
         """``c <- m c + (1 - m) * mean(teacher outputs)``: the mean over views, every non-class dim and workers."""
         stacked = torch.cat([t.detach().float() for t in teacher_outputs], dim=0)
-        batch_center = stacked.mean(dim=tuple(range(stacked.ndim - 1)), keepdim=True).reshape(self.center.shape)
-        batch_center = all_reduce_mean(batch_center)
+        self.update_center_from_mean(stacked.mean(dim=tuple(range(stacked.ndim - 1))))
+
+    @torch.no_grad()
+    def update_center_from_mean(self, teacher_mean: torch.Tensor) -> None:
+        """The same update from this worker's mean teacher output ``[K]`` (averaged over the workers here)."""
+        batch_center = all_reduce_mean(teacher_mean.detach().float().reshape(self.center.shape))
         self.center.mul_(self.center_momentum).add_(batch_center * (1.0 - self.center_momentum))
 
 
@@ -112,25 +116,30 @@ class iBOTPatchLoss(_CentredLoss):
         temperature_teacher: float,
         update_center: bool = True,
         student_masked_only: bool = False,
+        teacher_mean: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per view ``v``: student ``[B, N, K]`` (masked input), teacher ``[B, N, K]``, mask ``[B, N]`` (1 = masked).
 
         ``L = mean_v mean_b [ sum_n m_bn * CE(P_t[b, n], P_s[b, n]) / max(sum_n m_bn, 1) ]``.
 
         ``student_masked_only``: each student view is ``[M_v, K]``, its logits at the masked patches only (rows in
-        ``mask.nonzero()`` order); the same loss, computed on those rows alone.
+        ``mask.nonzero()`` order); the same loss, computed on those rows alone. ``teacher_mean`` ``[K]``: the
+        teacher's mean logits over every patch of every view (the centre's update); each teacher view is then
+        ``[M_v, K]``, its masked rows only, as the student's may be.
         """
         if not (len(student_patches) == len(teacher_patches) == len(masks)) or len(masks) == 0:
             raise ValueError(
                 "iBOTPatchLoss needs as many student views, teacher views and masks (at least one)"
             )
         total = student_patches[0].new_zeros((), dtype=torch.float32)
+        teacher_masked_only = teacher_mean is not None
         for s, t, m in zip(student_patches, teacher_patches, masks):
-            m = m.reshape(t.shape[:-1]).bool()
+            m = m.reshape(m.shape[0], -1).bool()
             counts = m.sum(dim=-1).clamp(min=1).float()  # [B]
-            if student_masked_only:
-                q = F.softmax((t.detach()[m].float() - self.center.reshape(1, -1)) / temperature_teacher, dim=-1)
-                logp = F.log_softmax(s.float() / temperature_student, dim=-1)
+            if student_masked_only or teacher_masked_only:
+                t_rows = t.detach() if teacher_masked_only else t.detach()[m]
+                q = F.softmax((t_rows.float() - self.center.reshape(1, -1)) / temperature_teacher, dim=-1)
+                logp = F.log_softmax((s if student_masked_only else s[m]).float() / temperature_student, dim=-1)
                 ce = torch.sum(-q * logp, dim=-1)  # [M]
                 image_of_row = m.nonzero()[:, 0]
                 per_image = torch.zeros_like(counts).index_add_(0, image_of_row, ce) / counts
@@ -141,5 +150,5 @@ class iBOTPatchLoss(_CentredLoss):
                 per_image = (per_patch * m.float()).sum(dim=-1) / counts
             total = total + per_image.mean()
         if update_center:
-            self.update_center(teacher_patches)
+            self.update_center(teacher_patches) if teacher_mean is None else self.update_center_from_mean(teacher_mean)
         return total / len(masks)

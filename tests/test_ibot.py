@@ -194,28 +194,42 @@ def test_eval_embedding_zero_loss_and_export():
         iBOT(image_size=32, encoder_kwargs={"img_size": 16})
 
 
+@pytest.mark.parametrize("head_sharing", ["none", "mlp"])
+@pytest.mark.parametrize("student, teacher", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("uneven", [False, True])
-def test_student_patch_head_on_masked_patches_only_gives_the_same_loss_and_gradients(uneven):
-    """The student's patch logits enter the loss only at masked patches, so its patch head runs on those rows
-    only: loss, centres and every gradient equal those of the head over all patches (the previous computation)."""
+def test_patch_heads_on_masked_patches_only_give_the_same_loss_centre_and_gradients(uneven, student, teacher, head_sharing):
+    """The patch logits enter the loss only at masked patches, so the student's patch head and the teacher's
+    prototypes run on those rows only (the teacher's centre from its mean bottleneck): loss, centres and every
+    gradient equal those of the heads over all patches (the previous computation)."""
     import copy
 
-    model = tiny_ibot().train()
-    assert model.student_head_on_masked_only
+    model = tiny_ibot(head_sharing=head_sharing).train()
+    assert model.student_head_on_masked_only and model.teacher_prototypes_on_masked_only
+    model.student_head_on_masked_only, model.teacher_prototypes_on_masked_only = student, teacher
     full = copy.deepcopy(model)
-    full.student_head_on_masked_only = False
+    full.student_head_on_masked_only = full.teacher_prototypes_on_masked_only = False
+    model.patch_loss_fn.center.normal_()  # a non-zero centre (the loss subtracts it)
+    full.patch_loss_fn.center.copy_(model.patch_loss_fn.center)
+    c0 = model.patch_loss_fn.center.clone()
     g = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)]
     n = (32 // 8) ** 2
     gen = torch.Generator().manual_seed(1)
     masks = [torch.rand(3, n, generator=gen) < (torch.rand(3, 1, generator=gen) if uneven else 0.3) for _ in range(2)]
     masks[1][0] = False  # an image without a masked patch (its per-image term is 0)
     rows = []
-    model.student.patch_head.register_forward_pre_hook(lambda mod, a: rows.append(a[0].shape[0]))
+    net = model.student
+    prototypes = net.head.last_layer2 if net.head is not None else net.patch_head.last_layer
+    teacher_prototypes = model.ts.teacher.head.last_layer2 if net.head is not None else model.ts.teacher.patch_head.last_layer
+    prototypes.register_forward_pre_hook(lambda mod, a: rows.append(("student", a[0].shape[:-1].numel())))
+    teacher_prototypes.register_forward_pre_hook(lambda mod, a: rows.append(("teacher", a[0].shape[:-1].numel())))
     out, ref = model(global_views=g, masks=masks), full(global_views=g, masks=masks)
-    assert rows == [int(sum(mk.sum() for mk in masks))]
+    masked, total = int(sum(mk.sum() for mk in masks)), 2 * 3 * n
+    assert rows[0] == ("student", masked if student else total)
+    assert rows[1:] == ([("teacher", masked), ("teacher", 1)] if teacher else [("teacher", total)])  # 1: the mean
     assert float(out.loss_patch) == pytest.approx(float(ref.loss_patch), rel=1e-5)
     assert float(out.loss) == pytest.approx(float(ref.loss), rel=1e-5)
-    assert torch.allclose(model.patch_loss_fn.center, full.patch_loss_fn.center)
+    assert torch.allclose(model.patch_loss_fn.center, full.patch_loss_fn.center, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(model.patch_loss_fn.center, c0)  # updated (by the mean of the teacher's patch logits)
     out.loss.backward()
     ref.loss.backward()
     for (name, p), q in zip(model.named_parameters(), full.parameters()):
