@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from methods.checkpoint_io import MANIFEST_FILE, CheckpointError, IncompleteCheckpointError
@@ -73,7 +73,7 @@ def latest_complete_checkpoint_uri(run_uri: str, fs=None, *, check: Callable[[st
     return None
 
 
-def prune_checkpoints_beyond_keep(run_uri: str, keep: int, tracked: list[str] = (), fs=None) -> list[str]:
+def prune_checkpoints_beyond_keep(run_uri: str, keep: int, tracked: Sequence[str] = (), fs=None) -> list[str]:
     """Delete the ``checkpoint_*`` directories of a finished run (local path or ``s3://``) except its ``keep`` newest
     complete ones and those Ray Train tracks (``tracked``: paths or names); return the URIs of those deleted.
 
