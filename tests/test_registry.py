@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_VIT
+from conftest import TINY_VIT, mlflow_store_uri
 
 from ssl_platform import registry
 
@@ -44,7 +44,7 @@ def _make_run(uri: str, value: float | None, *, parent: str | None = None, seed:
 
 @pytest.fixture
 def store(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return mlflow_store_uri(tmp_path)
 
 
 def test_promote_moves_alias_only_for_better_version_and_loads_by_alias(store):

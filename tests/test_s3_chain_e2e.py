@@ -17,7 +17,7 @@ from ssl_platform.hooks import PoisonLoss
 from ssl_platform.run import run_experiment
 from ssl_platform.run_checkpoints import latest_complete_checkpoint_uri, list_checkpoint_uris
 from ssl_platform.storage import load_training_checkpoint
-from tests.conftest import tiny_spec_dict
+from tests.conftest import mlflow_store_uri, tiny_spec_dict
 from tests.test_s3_storage import SALT_TINY
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def _chain_file(tmp_path, bucket: str) -> str:
         del s["checkpoint"]["uri"], s["tracking"]
         s["eval"] = {"knn": {"enabled": False}}
     chain = {"name": "tiny-chain", "checkpoint": {"uri": f"s3://{bucket}/chains"},
-             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "chains"},
+             "tracking": {"uri": mlflow_store_uri(tmp_path), "experiment": "chains"},
              "stages": {"stage1": stage1, "stage2": stage2}}
     path = tmp_path / "chain.yaml"
     path.write_text(yaml.safe_dump(chain, sort_keys=False))
@@ -89,7 +89,7 @@ def test_chain_s3_teacher_bit_exact_and_resume_after_stage2_failure(ray_session,
 
     assert res.stages["stage1"]["skipped"] and not res.stages["stage2"]["skipped"]
     assert _keys(bucket, "chains/tiny-chain-stage1/") == stage1_keys  # stage 1 was not rerun
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = mlflow_store_uri(tmp_path)
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name("chains").experiment_id
     stage1_runs = client.search_runs([exp], "tags.`ssl.chain_stage` = 'stage1'")
