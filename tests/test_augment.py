@@ -210,6 +210,9 @@ def test_crop_resize_is_torchvisions_antialiased_resized_crop(interpolation):
                                               antialias=True) for i, box in zip(index.tolist(), boxes)])  # fmt: skip
         assert u8.dtype == torch.uint8
         assert torch.equal(u8, torch.where(flip.view(-1, 1, 1, 1), ref_u8.flip(-1), ref_u8))
+        as_float = A.crop_resize_uint8(images, boxes.tolist(), index.tolist(), size, flip.tolist(), interpolation, True)
+        assert as_float.dtype == torch.float32 and as_float.is_contiguous()
+        assert torch.equal(as_float, u8.float() * (1.0 / 255.0))
         # quantised after each pass as the uint8 kernel (whose weights are fixed-point), the float resampler is
         # within two levels of it (one, plus one from the first pass through bicubic's lobes), mostly equal
         levels = (A.crop_resize(images.float() / 255, boxes, index, size, flip, interpolation, quantize=True) * 255
