@@ -170,6 +170,33 @@ def test_gaussian_blur_matches_torchvision_per_row():
     for i in range(3):
         torch.testing.assert_close(out[i], TF.gaussian_blur(x[i], [9, 9], [float(sigma[i])] * 2), atol=1e-6, rtol=0)
     torch.testing.assert_close(out[3], x[3], atol=0, rtol=0)
+    into = x.clone()
+    assert A.gaussian_blur(into, sigma, apply, 9, out=into) is into  # written in place, same values
+    torch.testing.assert_close(into, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mask,runs", [
+    ([0, 1, 1, 0, 0, 1, 1, 1], [(1, 3), (5, 8)]),  # few runs: slices in place
+    ([1, 0, 1, 0, 1, 0, 1, 1], [(0, 1), (2, 3), (4, 5), (6, 8)]),  # many runs: gathered rows
+    ([0] * 8, []),
+    ([1] * 8, [(0, 8)]),
+])  # fmt: skip
+@pytest.mark.parametrize("in_place", [False, True])
+def test_sparse_steps_touch_only_the_masked_rows(mask, runs, in_place):
+    """Few runs of masked rows are processed in place as slices, many runs on gathered rows: same result, and the
+    per-row parameters are indexed consistently either way."""
+    assert A._true_runs([bool(v) for v in mask]) == runs
+    x = torch.rand(8, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    param = torch.arange(8, dtype=torch.float32) + 2.0
+
+    def scale(rows, _apply, sel):
+        factor = param[sel].view(-1, 1, 1, 1)
+        return rows.mul_(factor) if in_place else rows * factor
+
+    m = torch.tensor(mask, dtype=torch.bool)
+    out = BatchViews._apply(x.clone(), m, True, scale)
+    expected = torch.where(m.view(-1, 1, 1, 1), x * param.view(-1, 1, 1, 1), x)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
 def test_grayscale_and_solarize_match_torchvision():
