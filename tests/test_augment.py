@@ -134,6 +134,16 @@ def test_hue_shift_matches_torchvision_adjust_hue():
     torch.testing.assert_close(A.hue_shift(x, shifts), ref, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("op", [0, 1, 2])
+def test_single_adjustments_match_torchvision(op):
+    """The CPU path's brightness / contrast / saturation steps (one op on a run of rows), per-row factors."""
+    x = torch.rand(5, 3, 9, 11, generator=torch.Generator().manual_seed(op))
+    alpha = torch.tensor([0.6, 0.9, 1.0, 1.2, 1.4])
+    tv = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation][op]
+    ref = torch.stack([tv(x[i], float(alpha[i])) for i in range(5)])
+    torch.testing.assert_close(A._ADJUST_BY_OP[op](x.clone(), alpha), ref, atol=2e-7, rtol=0)
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_color_jitter_applies_each_rows_order_like_torchvision(sparse):
     """Every row has its own factors and its own order of the four ops (all 24 orders appear)."""
