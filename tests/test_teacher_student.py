@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from methods.heads import DINOHead, cancel_gradients_last_layer
+from methods.heads import DINOHead, NormalizedLinear, cancel_gradients_last_layer
 from methods.losses import DINOLoss, iBOTPatchLoss
 from methods.schedules import cosine_ema_momentum, teacher_temperature
 from methods.teacher_student import TeacherStudent
@@ -137,6 +137,38 @@ def test_center_identical_across_two_gloo_processes():
     m0, m1 = result["local_means"]
     assert not torch.allclose(m0, m1)  # the ranks did see different data
     torch.testing.assert_close(c0, 0.1 * (m0 + m1) / 2)
+
+
+@pytest.mark.parametrize("learn_gain", [False, True])
+@pytest.mark.parametrize("shape", [(7, 16), (3, 5, 16)])
+def test_normalized_linear_scales_outputs_as_normalising_the_weight(learn_gain, shape):
+    """``(x V^T) * g / ||V||`` with its closed-form backward equals ``F.linear(x, g * V / ||V||)`` (float64, to
+    rounding), passes gradcheck, and keeps autocast's dtype."""
+    torch.manual_seed(0)
+    layer = NormalizedLinear(16, 33, learn_gain=learn_gain).double()
+    if learn_gain:
+        with torch.no_grad():
+            layer.weight_g.uniform_(0.5, 2.0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    inputs = (x, layer.weight_v) + ((layer.weight_g,) if learn_gain else ())
+    y, ref = layer(x), layer.reference_forward(x)
+    torch.testing.assert_close(y, ref, atol=1e-13, rtol=0)
+    g = torch.randn_like(y)
+    for ours, theirs in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda x, *params: layer(x), inputs)
+    layer = layer.float()
+    xb = x.detach().float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = layer(xb), layer.reference_forward(xb)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    g = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (xb, layer.weight_v), g)
+    theirs = torch.autograd.grad(ref, (xb, layer.weight_v), g)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
 
 
 def test_norm_last_layer_false_trains_the_weight_norm_gain():
