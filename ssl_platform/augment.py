@@ -75,6 +75,7 @@ BLUR_SIGMA = (0.1, 2.0)
 CPU_BLOCK_VALUES = 1 << 20  # values per block of rows processed together on the CPU (4 MiB of float32)
 CPU_JITTER_CHUNK_VALUES = 1 << 18  # values per chunk of rows jittered together on the CPU (1 MiB of float32)
 CPU_BLUR_CHUNK_VALUES = 1 << 19  # values per blur call on the CPU
+CPU_PER_ROW_MIN_VALUES = 1 << 14  # smaller rows: per-row / per-run Python loops cost more than the passes they save
 MAX_RUNS = 3  # a sparse step runs on up to this many contiguous ranges of rows in place, else on gathered rows
 # torchvision's hsv -> rgb as min + chroma * f_c(6 h), f_c(u) = clamp(sign_c * |u - centre_c| + offset_c, 0, 1)
 _HUE_CENTRE = (3.0, 2.0, 4.0)
@@ -405,7 +406,7 @@ def color_jitter_(x: torch.Tensor, s: JitterSchedule, sparse: bool = False) -> t
     dependent shapes: for GPUs, no host synchronisation). ``sparse=True`` (CPU): the rows must be sorted by
     ``s.key``; each slot then runs on the contiguous rows that use it, hue only on jittered rows, and each run of
     rows with the same op in a slot gets that op alone (brightness 4x, contrast and saturation 1.1-1.2x faster
-    than the general blend, measured).
+    than the general blend, measured; rows under ``CPU_PER_ROW_MIN_VALUES`` values: only where a range has one op).
     """
     if not sparse:
         for slot in range(6):
@@ -415,6 +416,7 @@ def color_jitter_(x: torch.Tensor, s: JitterSchedule, sparse: bool = False) -> t
         return x
     c = [int((s.key < v).sum()) for v in range(5)]  # c[v]: rows with key < v (key sorted)
     ops = (s.to_gray_mean + 2.0 * s.to_gray).long().tolist()  # [N][6] op per slot: 0 brightness, 1 contrast, 2 sat.
+    per_op = x[0].numel() >= CPU_PER_ROW_MIN_VALUES  # small rows: a mixed range is one general blend (fewer calls)
     # all seven steps on a chunk of rows that stays in the core's L2 cache before the next chunk: the hue's
     # temporaries overflow it for a whole block (hue 2.2x / 2.1x faster at 224 / 96 px in chunks, measured)
     chunk = max(1, CPU_JITTER_CHUNK_VALUES // max(1, x[0].numel()))
@@ -423,6 +425,9 @@ def color_jitter_(x: torch.Tensor, s: JitterSchedule, sparse: bool = False) -> t
         for slot in range(6):
             lo, hi = (c[3 - slot], c[4]) if slot < 3 else (0, c[6 - slot])
             lo, hi = max(lo, first), min(hi, last)
+            if hi > lo and not per_op and len({ops[i][slot] for i in range(lo, hi)}) > 1:
+                blend_(x[lo:hi], s.alpha[lo:hi, slot], s.to_gray_mean[lo:hi, slot], s.to_gray[lo:hi, slot])
+                lo = hi
             while lo < hi:  # every row here has an op in this slot; runs of the same op
                 end = lo + 1
                 while end < hi and ops[end][slot] == ops[lo][slot]:
@@ -725,10 +730,10 @@ class BatchViews:
         """Views of one output key: one ``[B, 3, S, S]`` tensor per recipe (row ``v * B + i`` of the parameters =
         view ``v`` of sample ``i``).
 
-        One output tensor per view rather than one for all views: glibc serves allocations above 32 MiB (64 global
-        views at 224 px are 38.5 MB) with a fresh ``mmap`` every call, and first-touching its pages cost 17 ms
-        per batch on this CPU (26.5 vs 9.5 ms to fill 38.5 MB fresh vs as two reused 19 MB halves, measured);
-        per-view tensors come back from the heap."""
+        On the CPU with rows of at least ``CPU_PER_ROW_MIN_VALUES`` values, one output tensor per view rather than
+        one for all views: glibc serves allocations above 32 MiB (64 global views at 224 px are 38.5 MB) with a
+        fresh ``mmap`` every call, and first-touching its pages cost 17 ms per batch on this CPU (26.5 vs 9.5 ms to
+        fill 38.5 MB fresh vs as two reused 19 MB halves, measured); per-view tensors come back from the heap."""
         device = source.device
         size = recipes[0].size
         n = len(recipes) * b
@@ -743,9 +748,10 @@ class BatchViews:
         order = torch.argsort(sort_key, stable=True) if sparse else torch.arange(n, device=device)
         # On the CPU, blocks of rows that fit in cache (every op is a pass over memory); one block on a GPU.
         step = max(1, CPU_BLOCK_VALUES // (3 * size * size)) if device.type == "cpu" else n
-        if sparse:
+        per_row_copies = sparse and 3 * size * size >= CPU_PER_ROW_MIN_VALUES
+        if per_row_copies:
             views = [torch.empty(b, 3, size, size, device=device) for _ in recipes]
-        elif step < n:  # dense on the CPU (tests): blocks in row order
+        elif step < n or sparse:  # blocks (CPU): written into one tensor
             flat = torch.empty(n, 3, size, size, device=device)
             views = list(flat.split(b))
         for start in range(0, n, step):
@@ -761,9 +767,11 @@ class BatchViews:
             if has["solarize_p"]:
                 x = self._apply(x, p.solarize[rows], sparse, lambda y, m, _: solarize(y, m))
             x = normalize_(x, self.mean, self.std)
-            if sparse:  # rows in jitter order: one contiguous copy per row (2x faster than index_copy_ here)
+            if per_row_copies:  # rows in jitter order: one contiguous copy per row (2x faster than index_copy_)
                 for j, r in enumerate(rows.tolist()):
                     views[r // b][r % b].copy_(x[j])
+            elif sparse:  # small rows in jitter order: one call
+                flat.index_copy_(0, rows, x)
             elif step >= n:  # one block in row order (GPUs): the block is the output
                 return list(x.split(b))
             else:

@@ -144,9 +144,12 @@ def test_single_adjustments_match_torchvision(op):
     torch.testing.assert_close(A._ADJUST_BY_OP[op](x.clone(), alpha), ref, atol=2e-7, rtol=0)
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_color_jitter_applies_each_rows_order_like_torchvision(sparse):
-    """Every row has its own factors and its own order of the four ops (all 24 orders appear)."""
+@pytest.mark.parametrize("sparse,per_row_min", [(False, None), (True, None), (True, 0)])
+def test_color_jitter_applies_each_rows_order_like_torchvision(sparse, per_row_min, monkeypatch):
+    """Every row has its own factors and its own order of the four ops (all 24 orders appear). ``per_row_min=0``:
+    the CPU path for large rows (each run of one op in a slot gets that op alone) on these small rows."""
+    if per_row_min is not None:
+        monkeypatch.setattr(A, "CPU_PER_ROW_MIN_VALUES", per_row_min)
     g = torch.Generator().manual_seed(0)
     n = 48
     x = torch.rand(n, 3, 9, 11, generator=g)
@@ -331,10 +334,14 @@ def test_generator_makes_views_reproducible():
     assert not torch.equal(a["global_views"][0], c["global_views"][0])
 
 
-def test_sparse_cpu_path_equals_dense_device_path():
+@pytest.mark.parametrize("per_row_min", [None, 0])
+def test_sparse_cpu_path_equals_dense_device_path(per_row_min, monkeypatch):
     """The CPU's path (uint8 crops; random steps only on the rows that draw them, rows sorted by jitter order) and
     the GPU's path (float crops; every step on every row, identity parameters elsewhere) give the same views up to
-    the uint8 kernels' rounding."""
+    the uint8 kernels' rounding. ``per_row_min=0``: the CPU path for large rows (per-view outputs written row by
+    row, one op per run of rows) on these small rows."""
+    if per_row_min is not None:
+        monkeypatch.setattr(A, "CPU_PER_ROW_MIN_VALUES", per_row_min)
     images = _canvases(12, 40)
     sizes = torch.tensor([[40, 40], [30, 40], [40, 25]] * 4)
     recipes = dino_recipes(24, 12, n_local=3)
