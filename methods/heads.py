@@ -28,7 +28,8 @@ class _RowScaledLinear(torch.autograd.Function):
     ``dL/dx = (G * s) V``, ``dL/dv_k = ((G * s)^T x)_k - q_k s_k / n_k^2 v_k`` (``ds_k / dv_k = -s_k v_k / n_k^2``),
     ``dL/dg_k = q_k / n_k``: one pass over ``V`` for the norms and one for the gradient term, where autograd
     through ``F.normalize`` made about ten passes over the weight (DINO's 65,536 x 256 prototypes). Under autocast
-    the products run in the dtype autocast gave ``x V^T`` (bf16 on GPUs), as ``F.linear``'s would.
+    the products run in the dtype autocast gave ``x V^T`` (bf16 on GPUs), as ``F.linear``'s would. It keeps
+    ``x V^T`` for the backward (the size of the output) where the reference kept the normalised ``[K, D]`` weight.
     """
 
     @staticmethod
