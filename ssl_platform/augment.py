@@ -38,8 +38,10 @@ Every random parameter is a tensor of one value per view and sample, drawn from 
 the generator's device. On a GPU no Python loop runs over samples: every step runs on every row with identity
 parameters where a row did not draw it, and nothing is read back to the host (no CUDA synchronisation). On the
 CPU (``sparse``) the crops are one uint8 kernel call each, the randomly applied steps run only on the rows that
-drew them, and rows are processed in cache-sized blocks; both paths give the same views up to the uint8 kernels'
-rounding (tested).
+drew them (rows sorted by jitter order, then blur, so that each step covers a few contiguous ranges), rows are
+processed in blocks and the colour steps and blur in chunks that stay in the core's L2 cache, and each run of rows
+sharing a brightness / contrast / saturation step gets that formula alone; both paths give the same views up to
+the uint8 kernels' rounding (tested).
 
 **Why not a library pipeline** (measured, ``benchmarks/README.md``): kornia 0.9's ``RandomResizedCrop`` samples
 crops relative to the whole tensor (no per-sample valid region in a padded batch), does not antialias
