@@ -74,26 +74,36 @@ def latest_complete_checkpoint_uri(run_uri: str, fs=None, *, check: Callable[[st
 
 
 def prune_checkpoints_beyond_keep(run_uri: str, keep: int, tracked: Sequence[str] = (), fs=None) -> list[str]:
-    """Delete the ``checkpoint_*`` directories of a finished run (local path or ``s3://``) except its ``keep`` newest
-    complete ones and those Ray Train tracks (``tracked``: paths or names); return the URIs of those deleted.
+    """Delete the ``checkpoint_*`` directories of a finished run (local path or ``s3://``) except those Ray Train
+    tracks (``tracked``: paths or names), its newest complete one, and the next-newest complete ones while fewer
+    than ``keep`` are kept; return the URIs of those deleted.
 
-    Ray Train deletes only the checkpoints it registered, and a worker group restarted after a node loss starts
-    with none: the checkpoints from before the loss, and one the lost group wrote (or half wrote) but never
-    reported, would stay in storage past ``checkpoint.keep`` -- at cluster scale a full model + optimizer state
-    each. Called once the run has finished, so nothing else writes to its directory. Directory names sort by time
+    Ray's tracked checkpoints always stay: Ray Train refuses to restore a run directory whose snapshot names a
+    checkpoint that is gone (``CheckpointManagerInitializationError``). After a node loss Ray may still track one
+    from before the loss; then a newer one the lost group completed but never reported is what goes (seen on the
+    two-node test: 3 checkpoints with ``keep: 2`` while newer-first counting kept the unreported one).
+
+    Ray Train deletes only the checkpoints it registered: after a node loss, ones the lost group wrote (or half
+    wrote) but never reported, and ones from before the loss that Ray no longer tracks, would stay in storage past
+    ``checkpoint.keep`` -- at cluster scale a full model + optimizer state each. Called once the run has finished, so nothing else writes to its directory. Directory names sort by time
     (``checkpoint_<date>_<time>``); a complete one has its manifest and every listed file (:func:`remote_manifest`).
     """
     names = [u.rsplit("/", 1)[1] for u in list_checkpoint_uris(run_uri, fs)]
-    newest_complete: list[str] = []
-    for name in reversed(names):
-        if len(newest_complete) == keep:
+    kept = {os.path.basename(t.rstrip("/")) for t in tracked}
+    newest = True
+    for name in reversed(names):  # the newest complete one, then newer before older until `keep` are kept
+        if len(kept) >= keep and not newest:
             break
+        if name in kept:
+            newest = False
+            continue
         try:
             remote_manifest(join_uri(run_uri, name), fs)
-            newest_complete.append(name)
         except CheckpointError:
             continue
-    kept = set(newest_complete) | {os.path.basename(t.rstrip("/")) for t in tracked}
+        if newest or len(kept) < keep:
+            kept.add(name)
+        newest = False
     stale = [join_uri(run_uri, n) for n in names if n not in kept]
     for uri in stale:
         f, path = resolve_uri(uri, fs)
