@@ -427,15 +427,13 @@ def color_jitter_(x: torch.Tensor, s: JitterSchedule, sparse: bool = False) -> t
         for slot in range(6):
             lo, hi = (c[3 - slot], c[4]) if slot < 3 else (0, c[6 - slot])
             lo, hi = max(lo, first), min(hi, last)
-            if hi > lo and not per_op and len({ops[i][slot] for i in range(lo, hi)}) > 1:
+            # every row here has an op in this slot; runs of rows with the same op
+            runs = _runs([ops[i][slot] for i in range(lo, hi)], offset=lo)
+            if len(runs) > 1 and not per_op:
                 blend_(x[lo:hi], s.alpha[lo:hi, slot], s.to_gray_mean[lo:hi, slot], s.to_gray[lo:hi, slot])
-                lo = hi
-            while lo < hi:  # every row here has an op in this slot; runs of the same op
-                end = lo + 1
-                while end < hi and ops[end][slot] == ops[lo][slot]:
-                    end += 1
-                _ADJUST_BY_OP[ops[lo][slot]](x[lo:end], s.alpha[lo:end, slot])
-                lo = end
+            else:
+                for start, end, op in runs:
+                    _ADJUST_BY_OP[op](x[start:end], s.alpha[start:end, slot])
             if slot == 2:
                 hue_shift(x[first:last], s.shift[first:last], out=x[first:last])
     return x
@@ -800,16 +798,20 @@ class BatchViews:
         return x
 
 
+def _runs(values: list, offset: int = 0) -> list[tuple[int, int, object]]:
+    """``(lo, hi, value)`` of each run of equal consecutive values, indices shifted by ``offset``."""
+    runs: list[tuple[int, int, object]] = []
+    for i, v in enumerate(values):
+        if runs and runs[-1][2] == v:
+            runs[-1] = (runs[-1][0], offset + i + 1, v)
+        else:
+            runs.append((offset + i, offset + i + 1, v))
+    return runs
+
+
 def _true_runs(flags: list[bool]) -> list[tuple[int, int]]:
     """``[lo, hi)`` of each run of consecutive True values."""
-    runs, lo = [], None
-    for i, f in enumerate(flags + [False]):
-        if f and lo is None:
-            lo = i
-        elif not f and lo is not None:
-            runs.append((lo, i))
-            lo = None
-    return runs
+    return [(lo, hi) for lo, hi, v in _runs(flags) if v]
 
 
 def eval_views(

@@ -85,8 +85,9 @@ def prune_checkpoints_beyond_keep(run_uri: str, keep: int, tracked: Sequence[str
 
     Ray Train deletes only the checkpoints it registered: after a node loss, ones the lost group wrote (or half
     wrote) but never reported, and ones from before the loss that Ray no longer tracks, would stay in storage past
-    ``checkpoint.keep`` -- at cluster scale a full model + optimizer state each. Called once the run has finished, so nothing else writes to its directory. Directory names sort by time
-    (``checkpoint_<date>_<time>``); a complete one has its manifest and every listed file (:func:`remote_manifest`).
+    ``checkpoint.keep`` -- at cluster scale a full model + optimizer state each. Called once the run has finished,
+    so nothing else writes to its directory. Directory names sort by time (``checkpoint_<date>_<time>``); a
+    complete one has its manifest and every listed file (:func:`remote_manifest`).
     """
     names = [u.rsplit("/", 1)[1] for u in list_checkpoint_uris(run_uri, fs)]
     kept = {os.path.basename(t.rstrip("/")) for t in tracked}
