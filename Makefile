@@ -62,7 +62,7 @@ cluster-status:
 clean:
 	rm -rf mlruns mlruns.db checkpoints ray_results outputs .pytest_cache .ruff_cache
 
-# Cluster submission and registry (ssl_platform/jobs.py, ssl_platform/registry.py).
+# Cluster submission and registry (ssl_platform/launch/jobs.py, ssl_platform/tracking/model_registry.py).
 .PHONY: submit promote models
 ADDRESS ?= $(or $(RAY_API_SERVER_ADDRESS),http://127.0.0.1:8265)
 MODEL ?= ssl-encoder

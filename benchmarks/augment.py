@@ -1,4 +1,4 @@
-"""Batched device-side augmentation (``ssl_platform.augment.BatchViews``) against the per-sample path it replaces
+"""Batched device-side augmentation (``ssl_platform.data.augment.BatchViews``) against the per-sample path it replaces
 (``views_multicrop.MultiCropTransform`` per image + ``multicrop_collate``), DINO multi-crop, side by side.
 
 Both get the same decoded uint8 images: the per-sample path one ``[3, h, w]`` tensor per image (as a loader would
@@ -84,7 +84,7 @@ def resample_difference(canvases: torch.Tensor, sizes: torch.Tensor, setting: Au
     import torchvision.transforms.v2.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    from ssl_platform import augment as A
+    from ssl_platform.data import augment as A
 
     g = torch.Generator().manual_seed(0)
     image = canvases.float() / 255.0
@@ -107,9 +107,9 @@ def resample_difference(canvases: torch.Tensor, sizes: torch.Tensor, setting: Au
 
 def measure_setting(s: AugmentSetting, device: str, repeats: int) -> dict[str, Any]:
     """Images/s and views/s of both paths for one setting, round-robin, and their paired ratio."""
-    from ssl_platform.augment import BatchViews, dino_recipes
-    from ssl_platform.data import MEAN, STD
-    from ssl_platform.views_multicrop import MultiCropTransform, multicrop_collate
+    from benchmarks.per_sample_views import MultiCropTransform, multicrop_collate
+    from ssl_platform.data.augment import BatchViews, dino_recipes
+    from ssl_platform.data.small_sets import MEAN, STD
 
     dev = torch.device(device)
     canvases, sizes = digits_canvases(s.batch, s.canvas) if s.name == "digits" else natural_canvases(s.batch, s.canvas)

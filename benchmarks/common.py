@@ -158,7 +158,7 @@ _SPLITS: dict[Any, Any] = {}
 
 def train_split(spec):
     """The training split of a spec's data section (cached: every method uses the same images)."""
-    from ssl_platform.data import load_split
+    from ssl_platform.data.small_sets import load_split
 
     key = (spec.data.name, spec.data.image_size, spec.data.test_fraction)
     if key not in _SPLITS:
@@ -188,15 +188,15 @@ class Prepared:
 def prepare(method: str, cfg: BenchConfig, workdir: Path, seed: int = 0, optimizer_kwargs: dict | None = None) -> Prepared:
     from torch.utils.data import default_collate
 
-    from ssl_platform.data import ViewDataset, build_view_transform
-    from ssl_platform.optim import build_optimizer, build_scheduler, param_groups
-    from ssl_platform.train import build_method_from_spec, seed_everything
+    from benchmarks.per_sample_views import ViewDataset, build_view_transform
+    from ssl_platform.training.optim import build_optimizer, build_scheduler, param_groups
+    from ssl_platform.training.trainer import build_method_from_spec, seed_everything
 
     teacher = fresh_teacher(cfg, workdir / f"teacher-{cfg.name}") if method == "salt" else None
     spec = method_spec(method, cfg, teacher)
     device = torch.device(cfg.device)
     seed_everything(seed)
-    model = build_method_from_spec(spec).to(device)
+    model = build_method_from_spec(spec.method).to(device)
     split = train_split(spec)
     ds = ViewDataset(split, build_view_transform(model.view_kind, spec.data))
     batch = to_device(default_collate([ds[i] for i in range(cfg.batch_size)]), device)
@@ -211,7 +211,7 @@ def prepare(method: str, cfg: BenchConfig, workdir: Path, seed: int = 0, optimiz
 
 
 def train_step(p: Prepared) -> torch.Tensor:
-    """One training step as ``ssl_platform.train`` runs it: schedules hook, forward (bf16 autocast on CUDA),
+    """One training step as ``ssl_platform.training.trainer`` runs it: schedules hook, forward (bf16 autocast on CUDA),
     backward, hook, gradient clipping, AdamW, LR schedule, EMA hook. No host synchronisation."""
     i = p.step_index
     epoch = 1.0 + i / 1000.0  # past DINO/iBOT's first epoch (last-layer freezing), as in most of a run
@@ -221,7 +221,7 @@ def train_step(p: Prepared) -> torch.Tensor:
     p.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     p.method.before_optimizer_step(epoch)
-    from ssl_platform.optim import clip_gradients
+    from ssl_platform.training.optim import clip_gradients
 
     clip_gradients(p.method, p.spec.optim)
     p.optimizer.step()

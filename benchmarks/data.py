@@ -1,7 +1,7 @@
 """The data path at dataset scale (``--only data``), on generated ImageFolder trees of ~500x375 JPEGs.
 
 * **CPU throughput**, side by side, round-robin over ``repeats`` rounds, on the same files and cores:
-  the platform's CPU side (Ray Data ``read_binary_files`` -> :func:`ssl_platform.streaming.decode_batch` into
+  the platform's CPU side (the listing as Ray Data blocks -> :func:`ssl_platform.data.streaming.decode_batch` into
   304 px canvases, all cores) against a torch ``DataLoader`` (``num_workers`` = cores) over torchvision's
   ``ImageFolder`` with (a) the per-sample DINO multi-crop the platform used to run on the CPU and (b) only a
   decode + resize (the same CPU work as the platform's). Reported as images/s per core.
@@ -25,8 +25,8 @@ from typing import Any
 
 from benchmarks.common import summarize, usable_cores
 from benchmarks.image_tree import write_image_tree
-from ssl_platform.hooks import StepHook, StepInfo
-from ssl_platform.streaming import ImageBatch
+from ssl_platform.data.streaming import ImageBatch
+from ssl_platform.training.hooks import StepHook, StepInfo
 
 CACHE = Path(os.environ.get("SSL_PLATFORM_BENCH_CACHE", Path.home() / ".cache" / "ssl_platform_bench"))
 CANVAS = 304  # the platform's default canvas for image_size 224
@@ -45,27 +45,29 @@ def image_tree(n: int, log: Callable[[str], None], mean_size: tuple[int, int] = 
 
 # ---- CPU throughput -------------------------------------------------------------------------------------
 def _platform_pass(root: Path) -> tuple[int, float]:
-    from functools import partial
+    from pyarrow.fs import LocalFileSystem
 
-    import ray.data
-
-    from ssl_platform.sources import list_image_folder
-    from ssl_platform.streaming import decode_batch
+    from ssl_platform.data.sources import list_image_folder
+    from ssl_platform.data.streaming import _decoded, _listing_dataset
 
     listing = list_image_folder(str(root))
-    ds = ray.data.read_binary_files(str(root), include_paths=True, file_extensions=["jpg"])
-    ds = ds.map_batches(partial(decode_batch, canvas=CANVAS, root=listing.path,
-                                class_index={c: i for i, c in enumerate(listing.classes)}), batch_format="numpy", batch_size=32)
+    ds = _decoded(_listing_dataset(listing, 0, shuffle=True), _canvas_data(), LocalFileSystem())
     t0 = time.perf_counter()
     n = sum(int(b["ok"].sum()) for b in ds.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=4))
     return n, time.perf_counter() - t0
+
+
+def _canvas_data():
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"decode_size": CANVAS, "image_size": CANVAS, "num_workers": 0})
 
 
 def _dataloader_pass(root: Path, transform, workers: int) -> tuple[int, float]:
     from torch.utils.data import DataLoader
     from torchvision import datasets
 
-    from ssl_platform.views_multicrop import multicrop_collate
+    from benchmarks.per_sample_views import multicrop_collate
 
     ds = datasets.ImageFolder(str(root), transform=transform)
     collate = multicrop_collate if not hasattr(transform, "size_only") else None
@@ -94,7 +96,7 @@ class _DecodeResize:
 
 
 def cpu_throughput(root: Path, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
-    from ssl_platform.views_multicrop import MultiCropTransform
+    from benchmarks.per_sample_views import MultiCropTransform
 
     cores = usable_cores()
     multicrop = MultiCropTransform(224, 96, n_global=2, n_local=6)
@@ -142,7 +144,7 @@ class FirstSteps(StepHook):
 
 
 def first_step(root: Path, work: Path, batch_size: int = 32) -> dict[str, float]:
-    from ssl_platform.run import run_experiment
+    from ssl_platform.launch.run import run_experiment
     from ssl_platform.spec import read_yaml, spec_from_dict
 
     raw = read_yaml(Path(__file__).resolve().parents[1] / "experiments" / "mae_vit_tiny_digits.yaml")
@@ -184,12 +186,130 @@ def scale(sizes: tuple[int, ...], repeats: int, work: Path, log: Callable[[str],
     return out
 
 
-def run_data(work: Path, repeats: int, sizes: tuple[int, ...], throughput_images: int,
-             log: Callable[[str], None] = print, mean_size: tuple[int, int] = (375, 500),
-             with_scale: bool = True) -> dict[str, Any]:  # fmt: skip
+# ---- start-up and memory against the number of files (hard-linked trees) -------------------------------
+def hardlinked_tree(sources: list[Path], dest: Path, n: int, classes: int = 1000, log: Callable[[str], None] = print) -> Path:
+    """``dest/class_XXXX/img_N.jpg``: ``n`` hard links to ``sources`` (cycled) in ``classes`` folders. A million
+    files in seconds and no data written (``os.link``); kept under ``dest`` for later runs."""
+    done = dest / ".complete"
+    if done.exists():
+        return dest
+    t0 = time.perf_counter()
+    for c in range(classes):
+        (dest / f"class_{c:04d}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        target = dest / f"class_{i % classes:04d}" / f"img_{i:07d}.jpg"
+        if not target.exists():
+            os.link(sources[i % len(sources)], target)
+    done.write_text("ok")
+    log(f"data: {n} hard links under {dest} in {time.perf_counter() - t0:.1f} s")
+    return dest
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(root_pid: int) -> list[int]:
+    """``root_pid`` and every process below it (Ray's raylet, GCS, dashboard, workers, Ray Data tasks)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+@dataclass
+class FirstStepMemory(StepHook):
+    """At the first step: the wall-clock time and the summed PSS of the driver ``driver_pid`` and every process
+    below it (RSS would count the object store's shared pages once per process); then stops the run."""
+
+    path: str
+    driver_pid: int
+
+    def before_step(self, info: StepInfo, batch: ImageBatch) -> None:
+        if info.global_step != 0:
+            return
+        pids = descendants(self.driver_pid)
+        pss = {pid: _pss_kb(pid) for pid in pids}
+        Path(self.path).write_text(json.dumps({
+            "first_step_at": time.time(), "summed_pss_mb": sum(pss.values()) / 1024,
+            "driver_pss_mb": pss.get(self.driver_pid, 0) / 1024, "largest_process_pss_mb": max(pss.values()) / 1024,
+            "processes": len(pids)}))
+        raise StopBenchmark("measured the first step")
+
+
+def first_step_memory(root: Path, work: Path, labels: str = "folders") -> dict[str, float]:
+    """Time to the first step and summed PSS there, for a streamed MAE run over ``root`` (as :func:`first_step`)."""
+    from ssl_platform.launch.run import run_experiment
+    from ssl_platform.spec import read_yaml, spec_from_dict
+
+    raw = read_yaml(Path(__file__).resolve().parents[1] / "experiments" / "mae_vit_tiny_digits.yaml")
+    raw["data"] = {"name": "image_folder", "labels": labels, "root": str(root), "image_size": 64, "batch_size": 16,
+                   "test_fraction": 0.1}
+    raw["method"]["encoder_kwargs"].update(img_size=64, patch_size=8)
+    raw["optim"].update(epochs=1, warmup_epochs=0)
+    raw["scaling"]["cpus_per_worker"] = 1
+    raw["checkpoint"] = {"uri": str(work / "ckpt"), "every_epochs": 1, "keep": 1}
+    raw["tracking"] = {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "bench-files"}
+    raw["eval"] = {"knn": {"enabled": False}, "linear": {"enabled": False}, "random_init_baseline": False}
+    spec = spec_from_dict(raw, source="benchmarks/data.py")
+    record = work / "first.json"
+    t0 = time.time()
+    try:
+        run_experiment(spec, run_name=f"bench-files-{os.getpid()}-{int(t0)}",
+                       step_hooks=[FirstStepMemory(str(record), os.getpid())])
+    except Exception as err:  # noqa: BLE001 -- the hook stops the run once it has measured
+        if "measured" not in str(err) and "StopBenchmark" not in repr(err):
+            raise
+    data = json.loads(record.read_text())
+    data["time_to_first_step_s"] = data.pop("first_step_at") - t0
+    return data
+
+
+def file_count_scale(sizes: tuple[int, ...], repeats: int, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Each size in a fresh Ray instance, sizes alternated over ``repeats`` rounds: time to the first step and
+    summed PSS at 2k and 1M files (1,000 class folders of hard links to 1,000 small JPEGs)."""
     import ray
 
-    from ssl_platform.run import init_ray
+    sources = sorted(image_tree(1000, log, (96, 128)).rglob("*.jpg"))
+    roots = {n: hardlinked_tree(sources, work / f"links-{n}", n, log=log) for n in sizes}
+    runs: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
+    for r in range(repeats):
+        for n, root in roots.items():
+            ray.shutdown()
+            res = first_step_memory(root, work / f"files-{n}-{r}")
+            runs[n].append(res)
+            log(f"data: {n} files, round {r + 1}: first step after {res['time_to_first_step_s']:.1f} s, summed PSS "
+                f"{res['summed_pss_mb']:.0f} MB ({res['processes']} processes), driver {res['driver_pss_mb']:.0f} MB")
+    ray.shutdown()
+    out: dict[str, Any] = {str(n): {k: summarize([x[k] for x in v]) for k in v[0]} for n, v in runs.items()}
+    small, large = min(sizes), max(sizes)
+    for key in ("time_to_first_step_s", "summed_pss_mb", "driver_pss_mb"):
+        out[f"{key}_ratio_{large}_vs_{small}"] = round(
+            statistics.median(x[key] for x in runs[large]) / statistics.median(x[key] for x in runs[small]), 3)
+    return out
+
+
+def run_data(work: Path, repeats: int, sizes: tuple[int, ...], throughput_images: int,
+             log: Callable[[str], None] = print, mean_size: tuple[int, int] = (375, 500),
+             with_scale: bool = True, file_counts: tuple[int, ...] = ()) -> dict[str, Any]:  # fmt: skip
+    import ray
+
+    from ssl_platform.training.ray_runtime import init_ray
 
     started = not ray.is_initialized()
     init_ray()
@@ -197,6 +317,8 @@ def run_data(work: Path, repeats: int, sizes: tuple[int, ...], throughput_images
         out = {"throughput": cpu_throughput(image_tree(throughput_images, log, mean_size), repeats, log)}
         if with_scale:
             out["scale"] = scale(sizes, max(1, repeats - 1), work, log)
+        if file_counts:
+            out["file_count_scale"] = file_count_scale(file_counts, max(1, repeats - 1), work, log)
         return out
     finally:
         if started:

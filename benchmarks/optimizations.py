@@ -40,7 +40,7 @@ def _round_robin(fns: dict[str, Callable[[], Any]], repeats: int, calls: int, de
 
 
 def adamw(cfg: BenchConfig, workdir: Path, repeats: int, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from ssl_platform.optim import param_groups
+    from ssl_platform.training.optim import param_groups
 
     p = prepare("mae", cfg, workdir)
     train_step(p)  # gradients to step with
@@ -61,7 +61,7 @@ def adamw(cfg: BenchConfig, workdir: Path, repeats: int, log: Callable[[str], No
     res["default_without_fused"] = base
     if "fused" in times:
         res["fused_vs_default_time"] = paired_ratio(times["fused"], times[base])
-    res["platform_uses"] = "fused (ssl_platform.optim.build_optimizer)"
+    res["platform_uses"] = "fused (ssl_platform.training.optim.build_optimizer)"
     log("[opt] AdamW step ms: " + ", ".join(f"{k} {res[f'{k}_ms']['median']:.1f}" for k in times))
     return res
 

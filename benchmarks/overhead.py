@@ -8,7 +8,7 @@ hooks and clipping. Compared:
   dropped as warm-up); target <= 1.10x;
 * per run: ``trainer.fit()`` wall time (worker start, data, model build, reports, checkpoint) against the bare
   loop's wall time including its own set-up;
-* Ray start-up (``ssl_platform.run.init_ray``: local instance with dashboard) and shutdown, separately.
+* Ray start-up (``ssl_platform.training.ray_runtime.init_ray``: local instance with dashboard) and shutdown, separately.
 
 The bare loop runs in a Python thread, as Ray Train V2 runs the loop in a thread of its worker actor, before
 Ray starts and again after Ray has shut down (bracketing slow drifts of a shared machine); Ray's daemons are
@@ -50,8 +50,8 @@ def overhead_spec(epochs: int, batch_size: int, test_fraction: float, storage: P
 
 def bare_loop(spec, device: torch.device, threads: int | None) -> dict[str, Any]:
     """What ``train_loop_per_worker`` does for 1 worker, without Ray: the same seeds, uint8 batches, device-side
-    views and the platform's own :func:`ssl_platform.train.train_step`, with the loss read once per epoch."""
-    from ssl_platform.train import local_worker, train_step
+    views and the platform's own :func:`ssl_platform.training.trainer.train_step`, with the loss read once per epoch."""
+    from ssl_platform.training.trainer import local_worker, train_step
 
     t_start = time.perf_counter()
     if threads:
@@ -90,8 +90,8 @@ def run_overhead(epochs: int, batch_size: int, test_fraction: float, device: str
                  log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     import ray
 
-    from ssl_platform.run import init_ray
-    from ssl_platform.train import build_trainer
+    from ssl_platform.training.ray_runtime import init_ray
+    from ssl_platform.training.trainer import build_trainer
 
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         storage = Path(tmp)

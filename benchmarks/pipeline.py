@@ -70,9 +70,9 @@ def run_pipeline(
     model_images_per_s: dict[str, float] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
+    from benchmarks.per_sample_views import ViewDataset, build_view_transform
     from methods import vit as V
     from methods.masks import MultiBlockMaskGenerator
-    from ssl_platform.data import ViewDataset, build_view_transform
 
     n = min(samples_per_call, cfg.batch_size)
     cores = usable_cores()

@@ -42,11 +42,12 @@ def step_flops_per_image(spec, count_batch: int = 2) -> float:
     """Counted FLOPs of one training step divided by its batch (the recipe's model and views)."""
     from torch.utils.data import default_collate
 
-    from ssl_platform.data import ViewDataset, build_view_transform, make_synthetic_split
-    from ssl_platform.train import build_method_from_spec, seed_everything
+    from benchmarks.per_sample_views import ViewDataset, build_view_transform
+    from ssl_platform.data.small_sets import make_synthetic_split
+    from ssl_platform.training.trainer import build_method_from_spec, seed_everything
 
     seed_everything(0)
-    method = build_method_from_spec(spec).train()
+    method = build_method_from_spec(spec.method).train()
     split = make_synthetic_split(max(8, 4 * count_batch), 2, spec.data.image_size, 0.2).train
     ds = ViewDataset(split, build_view_transform(method.view_kind, spec.data))
     batch = default_collate([ds[i] for i in range(count_batch)])
@@ -73,7 +74,7 @@ def recipe_cost(spec, train_images: int, mfus: list[float] | None = None, count_
 
 def specs_of(path: str, overrides: list[str]) -> list:
     """The run specs of a run spec or of every stage of a chain (a SALT teacher replaced by a fresh encoder)."""
-    from ssl_platform.chain import load_chain, stage_spec_for
+    from ssl_platform.launch.chain import load_chain, stage_spec_for
     from ssl_platform.spec import load_spec, read_yaml
 
     if "stages" not in read_yaml(path):

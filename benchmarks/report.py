@@ -166,7 +166,7 @@ def render_machine(data: dict[str, Any], plot_name: str | None = None) -> str:
     aug = sec.get("augment")
     if aug:
         out += ["#### Batched augmentation on the device vs per-sample transforms (DINO multi-crop)", ""]
-        out += [f"`ssl_platform.augment.BatchViews` on a uint8 canvas batch against `MultiCropTransform` per image + "
+        out += [f"`ssl_platform.data.augment.BatchViews` on a uint8 canvas batch against `MultiCropTransform` per image + "
                 f"`multicrop_collate` on the CPU, same decoded images; {aug['order']}; {aug['torch_threads']} torch "
                 "thread(s).", ""]  # fmt: skip
         out += _header(["setting", "views (global + local, px)", "batched device", "batched views/s",

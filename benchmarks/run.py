@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.tiny:  # checks the code: a few small JPEGs, no Ray Train runs
                 record("data", lambda: run_data(work, 2, (), 40, log, mean_size=(48, 64), with_scale=False))
             else:
-                record("data", lambda: run_data(work, 2 if quick else 3, (1000, 8000), 2000, log))
+                record("data", lambda: run_data(work, 2 if quick else 3, (1000, 8000), 2000, log,
+                                                file_counts=(2000, 1_000_000)))
         if "peer" in sections:
             from benchmarks import peer as P
 

@@ -1,7 +1,7 @@
 """Sharded datasets (``prepare-data``): write and read images/s of the Parquet shards on a generated ImageFolder
 tree of JPEGs around 500x375 (mixed sizes and orientations, ~ImageNet's bytes per image), and the format choice.
 
-* **write** = ``ssl_platform.shards.prepare_shards`` end to end (listing, parallel read + PIL check of every
+* **write** = ``ssl_platform.data.shards.prepare_shards`` end to end (listing, parallel read + PIL check of every
   file, Parquet encoding, SHA-256, atomic rename, progress file, manifest) into a fresh local DEST.
 * **read** = every shard's encoded images and labels back as Python ``bytes`` / ints, warm page cache, one
   process: Parquet with pyarrow (``ParquetFile.iter_batches``, column projection ``image, label``: what a Ray Data
@@ -53,7 +53,7 @@ def make_jpeg_tree(root: Path, num_images: int, num_classes: int = 10, seed: int
 
 def write_tar_shards(manifest, directory: Path) -> list[Path]:
     """The rows of a Parquet shard dataset as WebDataset-style tar shards (same shards, same row order)."""
-    from ssl_platform.shards import iter_shard_rows
+    from ssl_platform.data.shards import iter_shard_rows
 
     directory.mkdir(parents=True, exist_ok=True)
     rows = iter_shard_rows(manifest)
@@ -117,7 +117,7 @@ def _decode_rate(files: list[Path]) -> float:
 
 def run_shards(work: Path, num_images: int, repeats: int, log: Callable[[str], None], shard_size: int = 250,
                write_repeats: int = 2, image_size: tuple[int, int] = (500, 375)) -> dict[str, Any]:  # fmt: skip
-    from ssl_platform.shards import DEFAULT_WORKERS, prepare_shards
+    from ssl_platform.data.shards import DEFAULT_WORKERS, prepare_shards
 
     root = work / "shards-src"
     log(f"shards: generating {num_images} JPEGs around {image_size[0]}x{image_size[1]}")

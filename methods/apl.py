@@ -108,6 +108,37 @@ class APLOutput(MethodOutput):
     loss_mask: torch.Tensor | None = None
 
 
+def _checked_patch_side(grid_size: int, crop: int, image_size: int, encoder: str, block: str) -> int:
+    """The patch side ``S = image_size // grid_size``, after checking ``block``, ``encoder`` and the grid geometry."""
+    if block not in APL_BLOCKS:
+        raise ValueError(f"block must be one of {APL_BLOCKS}, got {block!r}")
+    if encoder not in APL_ENCODERS:
+        raise ValueError(f"encoder must be one of {APL_ENCODERS}, got {encoder!r}")
+    side = image_size // grid_size
+    if grid_size < 2 or side < 1 or not 0 <= crop < side:
+        raise ValueError(
+            f"need grid_size >= 2 and 0 <= crop < image_size // grid_size, got grid_size={grid_size}, "
+            f"crop={crop}, image_size={image_size} (patch side {side})"
+        )
+    return side
+
+
+def _build_blocks(
+    block: str, width: int, heads: int, hidden_mult: float, dropout: float, n_blocks: int
+) -> tuple[nn.ModuleList, nn.Module]:
+    """The ``n_blocks`` transformer blocks and the final norm (``nn.Identity`` for the reference blocks)."""
+    if block == "reference":  # post-LN, ReLU, e^(1/4)-scaled Q/K/V, no final norm
+        return nn.ModuleList(ReferenceBlock(width, heads, hidden_mult, dropout) for _ in range(n_blocks)), nn.Identity()
+    blocks = nn.ModuleList(
+        nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=int(hidden_mult * width), dropout=dropout,
+            activation="gelu", batch_first=True, norm_first=True,
+        )  # fmt: skip
+        for _ in range(n_blocks)
+    )
+    return blocks, nn.LayerNorm(width)
+
+
 class APLEncoder(nn.Module):
     """Patch encoder + transformer (no positions): ``images [B, C, H, W] -> tokens [B, T, D]`` in grid order."""
 
@@ -129,16 +160,7 @@ class APLEncoder(nn.Module):
         block: str = "pre_ln",
     ):
         super().__init__()
-        if block not in APL_BLOCKS:
-            raise ValueError(f"block must be one of {APL_BLOCKS}, got {block!r}")
-        if encoder not in APL_ENCODERS:
-            raise ValueError(f"encoder must be one of {APL_ENCODERS}, got {encoder!r}")
-        side = image_size // grid_size
-        if grid_size < 2 or side < 1 or not 0 <= crop < side:
-            raise ValueError(
-                f"need grid_size >= 2 and 0 <= crop < image_size // grid_size, got grid_size={grid_size}, "
-                f"crop={crop}, image_size={image_size} (patch side {side})"
-            )
+        side = _checked_patch_side(grid_size, crop, image_size, encoder, block)
         self.config = {
             "grid_size": grid_size, "crop": crop, "image_size": image_size, "in_chans": in_chans,
             "encoder": encoder, "project_patch_emb": project_patch_emb, "embed_dim": embed_dim,
@@ -152,44 +174,35 @@ class APLEncoder(nn.Module):
         self.num_patches = grid_size * grid_size
         self.patch_dim = in_chans * self.crop_side**2
 
-        if encoder == "LEARNED":
-            width = embed_dim or self.patch_dim
-            self.patch_encoder: nn.Module = nn.Sequential(
-                nn.Conv2d(in_chans, 32, 3, padding=1),
-                nn.GELU(),
-                nn.Conv2d(32, 32, 3, padding=1),
-                nn.GELU(),
-                nn.Flatten(),
-                nn.Linear(32 * self.crop_side**2, width),
-            )
-        elif project_patch_emb:
-            width = embed_dim or self.patch_dim
-            self.patch_encoder = nn.Sequential(nn.Flatten(), nn.Linear(self.patch_dim, width))
-        else:
-            if embed_dim not in (None, self.patch_dim):
-                raise ValueError(
-                    f"MECHANICAL encoding without project_patch_emb has dim C*(S-K)^2 = {self.patch_dim}; "
-                    f"embed_dim={embed_dim} needs project_patch_emb=True"
-                )
-            width = self.patch_dim
-            self.patch_encoder = nn.Flatten()
+        self.patch_encoder, width = self._build_patch_encoder(encoder, project_patch_emb, embed_dim)
         if width % heads != 0:
             raise ValueError(f"APL token dim {width} is not divisible by heads={heads}")
         self.embed_dim = width
         self.encoder_drop = nn.Dropout(encoder_dropout)
         self.emb_drop = nn.Dropout(emb_dropout)
-        if block == "reference":  # post-LN, ReLU, e^(1/4)-scaled Q/K/V, no final norm
-            self.blocks = nn.ModuleList(ReferenceBlock(width, heads, hidden_mult, dropout) for _ in range(n_blocks))
-            self.norm: nn.Module = nn.Identity()
-        else:
-            self.blocks = nn.ModuleList(
-                nn.TransformerEncoderLayer(
-                    width, heads, dim_feedforward=int(hidden_mult * width), dropout=dropout,
-                    activation="gelu", batch_first=True, norm_first=True,
-                )  # fmt: skip
-                for _ in range(n_blocks)
+        self.blocks, self.norm = _build_blocks(block, width, heads, hidden_mult, dropout, n_blocks)
+
+    def _build_patch_encoder(self, encoder: str, project_patch_emb: bool, embed_dim: int | None) -> tuple[nn.Module, int]:
+        """The per-patch encoder ``[B*T, C, k, k] -> [B*T, width]`` and its token width (needs ``patch_dim``)."""
+        if encoder == "LEARNED":
+            width = embed_dim or self.patch_dim
+            return nn.Sequential(
+                nn.Conv2d(self.in_chans, 32, 3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(32, 32, 3, padding=1),
+                nn.GELU(),
+                nn.Flatten(),
+                nn.Linear(32 * self.crop_side**2, width),
+            ), width
+        if project_patch_emb:
+            width = embed_dim or self.patch_dim
+            return nn.Sequential(nn.Flatten(), nn.Linear(self.patch_dim, width)), width
+        if embed_dim not in (None, self.patch_dim):
+            raise ValueError(
+                f"MECHANICAL encoding without project_patch_emb has dim C*(S-K)^2 = {self.patch_dim}; "
+                f"embed_dim={embed_dim} needs project_patch_emb=True"
             )
-            self.norm = nn.LayerNorm(width)
+        return nn.Flatten(), self.patch_dim
 
     def patches(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W] -> [B, T, C, S-K, S-K]``: row-major G x G grid, each patch centre-cropped by K."""

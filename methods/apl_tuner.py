@@ -90,12 +90,7 @@ def fit_tuner(
     torch.manual_seed(seed)
     device = train_images.device
     encoder = copy.deepcopy(encoder_module).to(device)
-    with torch.no_grad():
-        was = encoder.training
-        encoder.eval()
-        probe = encoder(train_images[:1])
-        encoder.train(was)
-    embed_dim = probe.shape[-1]
+    embed_dim = _probe_embed_dim(encoder, train_images[:1])
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     model = TunerModel(encoder, embed_dim, num_classes, dropout, patch_dropout).to(device)
     if freeze_encoder:
@@ -104,17 +99,45 @@ def fit_tuner(
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
     idx = select_per_class(train_labels, samples_per_class, seed).to(device)
-    x_train, y_train = train_images[idx], train_labels[idx].long()
-    steps_per_epoch = math.ceil(len(idx) / batch_size)
-    total = max(1, epochs * steps_per_epoch)
+    _train_tuner(model, optimizer, train_images[idx], train_labels[idx].long(), epochs, batch_size, freeze_encoder, seed)
+    return _test_accuracy(model, test_images, test_labels, batch_size)
+
+
+def _probe_embed_dim(encoder: nn.Module, probe_images: torch.Tensor) -> int:
+    """The encoder's output width, from one eval-mode pass (its train/eval mode is restored)."""
+    with torch.no_grad():
+        was = encoder.training
+        encoder.eval()
+        probe = encoder(probe_images)
+        encoder.train(was)
+    return probe.shape[-1]
+
+
+def _train_tuner(
+    model: TunerModel,
+    optimizer: torch.optim.Optimizer,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    freeze_encoder: bool,
+    seed: int,
+) -> None:
+    """``epochs`` shuffled passes (order drawn from a generator seeded with ``seed``), warm-up + cosine schedule.
+
+    A frozen encoder stays in eval mode (no dropout / patch dropout inside it).
+    """
+    device = x_train.device
+    n = len(x_train)
+    total = max(1, epochs * math.ceil(n / batch_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: tuner_lr_factor(s, total))
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         model.train()
         if freeze_encoder:
-            encoder.eval()
-        order = torch.randperm(len(idx), generator=g).to(device)
-        for start in range(0, len(idx), batch_size):
+            model.encoder.eval()
+        order = torch.randperm(n, generator=g).to(device)
+        for start in range(0, n, batch_size):
             batch = order[start : start + batch_size]
             loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
             optimizer.zero_grad(set_to_none=True)
@@ -122,6 +145,9 @@ def fit_tuner(
             optimizer.step()
             scheduler.step()
 
+
+def _test_accuracy(model: nn.Module, test_images: torch.Tensor, test_labels: torch.Tensor, batch_size: int) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) on the test images, in batches of ``batch_size``."""
     model.eval()
     correct = 0
     with torch.no_grad():

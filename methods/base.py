@@ -38,6 +38,7 @@ from torch import nn
 
 from methods.checkpoint_io import load_encoder_file, load_state_dict_strict
 from methods.constraints import Constraint
+from methods.vit import create_vit
 
 
 @dataclass
@@ -141,7 +142,6 @@ class SSLMethod(nn.Module):
         """The exported encoder rebuilt from ``encoder_config()`` and ``encoder_state_dict()`` as a module that maps
         images ``[B, C, H, W]`` to embeddings ``[B, D]`` (what a model registry serves), and the ``(C, H, W)`` it
         takes. Default: the timm ViT (``num_classes=0``: its forward is the pooled embedding)."""
-        from methods.vit import create_vit
 
         name, kwargs = encoder_config["encoder_name"], dict(encoder_config.get("encoder_kwargs") or {})
         model = create_vit(name, kwargs)

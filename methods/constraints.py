@@ -38,6 +38,10 @@ def _fmt(bound: float) -> str:
     return f"{bound:g}" if float(bound).is_integer() else f"{bound}"
 
 
+def _with_note(text: str, note: str) -> str:
+    return f"{text} ({note})" if note else text
+
+
 class Constraint:
     """One rule on keyword arguments; ``params`` names those it reads (by default its one ``param``)."""
 
@@ -58,6 +62,8 @@ class InRange(Constraint):
 
     Expected forms: ``a number in (0, 1)``, ``a number in [0, 1]``, ``a number > 0``, ``an integer >= 1``.
     ``optional``: None is allowed (meaning "derive it", e.g. a width taken from another setting).
+    ``kind`` replaces the leading "a number" / "an integer" (e.g. ``"a probability"``); ``note`` is appended in
+    parentheses (e.g. ``"0: no cap"``).
     """
 
     param: str
@@ -67,25 +73,33 @@ class InRange(Constraint):
     high_open: bool = False
     integer: bool = False
     optional: bool = False
+    kind: str = ""
+    note: str = ""
 
     def expected(self) -> str:
-        kind = "an integer" if self.integer else "a number"
+        kind = self.kind or ("an integer" if self.integer else "a number")
         if self.low is not None and self.high is not None:
-            return f"{kind} in {'(' if self.low_open else '['}{_fmt(self.low)}, {_fmt(self.high)}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f"{kind} {'>' if self.low_open else '>='} {_fmt(self.low)}"
-        return f"{kind} {'<' if self.high_open else '<='} {_fmt(self.high)}"
+            text = f"{kind} in {'(' if self.low_open else '['}{_fmt(self.low)}, {_fmt(self.high)}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{kind} {'>' if self.low_open else '>='} {_fmt(self.low)}"
+        else:
+            text = f"{kind} {'<' if self.high_open else '<='} {_fmt(self.high)}"
+        return _with_note(text, self.note)
 
-    def check(self, kwargs: Mapping[str, Any], prefix: str = "") -> None:
-        value = kwargs.get(self.param)
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` satisfies the rule."""
         if value is None and self.optional:
-            return
+            return True
         ok = _is_number(value) and (not self.integer or isinstance(value, numbers.Integral))
         if ok and self.low is not None:
             ok = value > self.low if self.low_open else value >= self.low
         if ok and self.high is not None:
             ok = value < self.high if self.high_open else value <= self.high
-        if not ok:
+        return ok
+
+    def check(self, kwargs: Mapping[str, Any], prefix: str = "") -> None:
+        value = kwargs.get(self.param)
+        if not self.accepts(value):
             raise ConstraintError(prefix + self.param, self.expected(), value)
 
 
@@ -127,23 +141,30 @@ class RangePair(Constraint):
 
 @dataclass(frozen=True)
 class OneOf(Constraint):
-    """``param`` is one of ``choices``."""
+    """``param`` is one of ``choices``; ``note`` is appended to the expected form in parentheses."""
 
     param: str
     choices: tuple[Any, ...]
+    note: str = ""
 
     def check(self, kwargs: Mapping[str, Any], prefix: str = "") -> None:
         value = kwargs.get(self.param)
         if value not in self.choices:
-            raise ConstraintError(prefix + self.param, f"one of {list(self.choices)}", value)
+            raise ConstraintError(prefix + self.param, _with_note(f"one of {list(self.choices)}", self.note), value)
 
 
 @dataclass(frozen=True)
 class NotBelow(Constraint):
-    """``param`` >= ``other`` (e.g. the final EMA momentum is not below the first); the error names ``param``."""
+    """``param`` >= ``other`` (e.g. the final EMA momentum is not below the first); the error names ``param``.
+
+    ``exempt``: values of ``param`` always allowed (e.g. 0 for "auto"). ``expected`` may name ``{other}`` (its key
+    in the caller's namespace) and ``{bound}`` (its value).
+    """
 
     param: str
     other: str
+    exempt: tuple[Any, ...] = ()
+    expected: str = ">= {other} ({bound})"
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -151,8 +172,111 @@ class NotBelow(Constraint):
 
     def check(self, kwargs: Mapping[str, Any], prefix: str = "") -> None:
         value, other = kwargs.get(self.param), kwargs.get(self.other)
-        if _is_number(value) and _is_number(other) and value < other:
-            raise ConstraintError(prefix + self.param, f">= {prefix}{self.other} ({other})", value)
+        if _is_number(value) and _is_number(other) and value < other and value not in self.exempt:
+            raise ConstraintError(prefix + self.param, self.expected.format(other=prefix + self.other, bound=other), value)
+
+
+@dataclass(frozen=True)
+class BoundedBy(Constraint):
+    """``param`` is a number in [``low``, the value of ``bound``] (e.g. warm-up epochs within the epochs).
+
+    ``optional``: None is allowed; ``note`` is appended to the expected form in parentheses.
+    """
+
+    param: str
+    bound: str
+    low: float = 0.0
+    optional: bool = False
+    note: str = ""
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return (self.param, self.bound)
+
+    def check(self, kwargs: Mapping[str, Any], prefix: str = "") -> None:
+        value, bound = kwargs.get(self.param), kwargs.get(self.bound)
+        if (value is None and self.optional) or not _is_number(bound):
+            return
+        if not (_is_number(value) and self.low <= value <= bound):
+            expected = f"a number in [{_fmt(self.low)}, {prefix}{self.bound}={bound}]"
+            raise ConstraintError(prefix + self.param, _with_note(expected, self.note), value)
+
+
+@dataclass(frozen=True)
+class ListOf(Constraint):
+    """``param`` is a list (or tuple) of ``length`` items that each satisfy ``item``; ``expected`` is the text."""
+
+    param: str
+    length: int
+    item: InRange
+    expected: str
+
+    def check(self, kwargs: Mapping[str, Any], prefix: str = "") -> None:
+        value = kwargs.get(self.param)
+        ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) == self.length
+        if not (ok and all(self.item.accepts(v) for v in value)):
+            raise ConstraintError(prefix + self.param, self.expected, value)
+
+
+@dataclass(frozen=True)
+class StorageUri(Constraint):
+    """``param`` is a local path or ``s3://bucket/prefix`` (any other ``scheme://`` is refused).
+
+    ``required``: it must be a non-empty string; otherwise an unset value (None, "") passes.
+    """
+
+    param: str
+    required: bool = False
+
+    def check(self, kwargs: Mapping[str, Any], prefix: str = "") -> None:
+        value = kwargs.get(self.param)
+        ok = isinstance(value, str) and value != "" if self.required else True
+        if ok and isinstance(value, str) and "://" in value:
+            ok = value.startswith("s3://") and len(value) > 5
+        if not ok:
+            raise ConstraintError(prefix + self.param, "a local path or s3://bucket/prefix", value)
+
+
+@dataclass(frozen=True)
+class RequiredWhen(Constraint):
+    """``param`` is set (:func:`is_set`) when ``other`` is one of ``values``.
+
+    ``expected`` may name ``{other}`` (its key in the caller's namespace), ``{value}`` (its value) and ``{values}``.
+    """
+
+    param: str
+    other: str
+    values: tuple[Any, ...]
+    expected: str = "set when {other} is one of {values}"
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return (self.param, self.other)
+
+    def check(self, kwargs: Mapping[str, Any], prefix: str = "") -> None:
+        other = kwargs.get(self.other)
+        if other in self.values and not is_set(kwargs.get(self.param)):
+            expected = self.expected.format(other=prefix + self.other, value=other, values=list(self.values))
+            raise ConstraintError(prefix + self.param, expected, kwargs.get(self.param))
+
+
+@dataclass(frozen=True)
+class UnsetUnless(Constraint):
+    """``param`` is left unset (not :func:`is_set`) unless ``other`` is one of ``values``."""
+
+    param: str
+    other: str
+    values: tuple[Any, ...]
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return (self.param, self.other)
+
+    def check(self, kwargs: Mapping[str, Any], prefix: str = "") -> None:
+        value = kwargs.get(self.param)
+        if is_set(value) and kwargs.get(self.other) not in self.values:
+            expected = f"unset unless {prefix}{self.other} is one of {list(self.values)}"
+            raise ConstraintError(prefix + self.param, expected, value)
 
 
 @dataclass(frozen=True)

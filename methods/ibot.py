@@ -117,6 +117,58 @@ class iBOTNet(nn.Module):
         return emb, V.per_token_norm(self.backbone, tokens)[:, V.num_prefix_tokens(self.backbone) :]
 
 
+def _check_options(
+    mask_ratio: float,
+    patch_loss_weight: float,
+    mask_shape: str,
+    head_sharing: str,
+    mask_ratio_var: float,
+    unmasked_fraction: float,
+    mask_aspect_ratio: tuple[float, float],
+    mask_start_epoch: int,
+) -> None:
+    """Raise ``ValueError`` on a masking, loss-weight or head-sharing option out of range."""
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    if patch_loss_weight < 0:
+        raise ValueError(f"patch_loss_weight must be >= 0, got {patch_loss_weight}")
+    if mask_shape not in MASK_SHAPES:
+        raise ValueError(f"mask_shape must be one of {MASK_SHAPES}, got {mask_shape!r}")
+    if head_sharing not in HEAD_SHARING:
+        raise ValueError(f"head_sharing must be one of {HEAD_SHARING}, got {head_sharing!r}")
+    if not 0.0 <= mask_ratio_var <= min(mask_ratio, 1.0 - mask_ratio):
+        raise ValueError(f"mask_ratio_var must be in [0, min(mask_ratio, 1 - mask_ratio)], got {mask_ratio_var}")
+    if not 0.0 <= unmasked_fraction < 1.0:
+        raise ValueError(f"unmasked_fraction must be in [0, 1), got {unmasked_fraction}")
+    if len(mask_aspect_ratio) != 2 or not 0.0 < mask_aspect_ratio[0] <= mask_aspect_ratio[1]:
+        raise ValueError(f"mask_aspect_ratio must be (min, max) with 0 < min <= max, got {mask_aspect_ratio}")
+    if mask_start_epoch < 0:
+        raise ValueError(f"mask_start_epoch must be >= 0, got {mask_start_epoch}")
+
+
+def _encoder_kwargs_at_image_size(encoder_kwargs: dict | None, image_size: int) -> dict:
+    """A copy of ``encoder_kwargs`` with ``img_size = image_size`` (a different ``img_size`` there is an error)."""
+    encoder_kwargs = dict(encoder_kwargs or {})
+    if "img_size" in encoder_kwargs and encoder_kwargs["img_size"] != image_size:
+        raise ValueError(f"encoder_kwargs.img_size={encoder_kwargs['img_size']!r} differs from image_size={image_size}")
+    encoder_kwargs["img_size"] = image_size
+    return encoder_kwargs
+
+
+def _build_net(
+    backbone: nn.Module, head_sharing: str, n_cls_prototypes: int, n_patch_prototypes: int, head_args: dict
+) -> iBOTNet:
+    """The student network: two DINO heads (``"none"``) or one :class:`iBOTHead` (``"mlp"``/``"all"``).
+
+    Heads are created before the mask token (the initialisation order under a seed).
+    """
+    dim = int(backbone.embed_dim)
+    if head_sharing == "none":
+        return iBOTNet(backbone, DINOHead(dim, n_cls_prototypes, **head_args), DINOHead(dim, n_patch_prototypes, **head_args))
+    shared = iBOTHead(dim, n_cls_prototypes, n_patch_prototypes, shared_last_layer=head_sharing == "all", **head_args)
+    return iBOTNet(backbone, None, None, shared)
+
+
 @register("ibot")
 class iBOT(SelfDistillationMethod):
     """iBOT with a timm ViT backbone and an EMA teacher (global views only).
@@ -184,36 +236,26 @@ class iBOT(SelfDistillationMethod):
         head_sharing: str = "none",
     ):
         super().__init__()
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if patch_loss_weight < 0:
-            raise ValueError(f"patch_loss_weight must be >= 0, got {patch_loss_weight}")
-        if mask_shape not in MASK_SHAPES:
-            raise ValueError(f"mask_shape must be one of {MASK_SHAPES}, got {mask_shape!r}")
-        if head_sharing not in HEAD_SHARING:
-            raise ValueError(f"head_sharing must be one of {HEAD_SHARING}, got {head_sharing!r}")
-        if not 0.0 <= mask_ratio_var <= min(mask_ratio, 1.0 - mask_ratio):
-            raise ValueError(f"mask_ratio_var must be in [0, min(mask_ratio, 1 - mask_ratio)], got {mask_ratio_var}")
-        if not 0.0 <= unmasked_fraction < 1.0:
-            raise ValueError(f"unmasked_fraction must be in [0, 1), got {unmasked_fraction}")
-        if len(mask_aspect_ratio) != 2 or not 0.0 < mask_aspect_ratio[0] <= mask_aspect_ratio[1]:
-            raise ValueError(f"mask_aspect_ratio must be (min, max) with 0 < min <= max, got {mask_aspect_ratio}")
-        if mask_start_epoch < 0:
-            raise ValueError(f"mask_start_epoch must be >= 0, got {mask_start_epoch}")
-        encoder_kwargs = dict(encoder_kwargs or {})
-        if "img_size" in encoder_kwargs and encoder_kwargs["img_size"] != image_size:
-            raise ValueError(f"encoder_kwargs.img_size={encoder_kwargs['img_size']!r} differs from image_size={image_size}")
-        encoder_kwargs["img_size"] = image_size
+        _check_options(mask_ratio, patch_loss_weight, mask_shape, head_sharing, mask_ratio_var, unmasked_fraction,
+                       mask_aspect_ratio, mask_start_epoch)
+        encoder_kwargs = _encoder_kwargs_at_image_size(encoder_kwargs, image_size)
         backbone = self._build_backbone(encoder_name, encoder_kwargs, pretrained)
-        dim = int(backbone.embed_dim)
         head_args = dict(hidden_dim=projector_hidden_dim, bottleneck_dim=projector_bottleneck_dim,
                          norm_last_layer=norm_last_layer, use_bn=use_bn_in_head)
-        if head_sharing == "none":
-            net = iBOTNet(backbone, DINOHead(dim, n_cls_prototypes, **head_args), DINOHead(dim, n_patch_prototypes, **head_args))
-        else:
-            shared = iBOTHead(dim, n_cls_prototypes, n_patch_prototypes, shared_last_layer=head_sharing == "all", **head_args)
-            net = iBOTNet(backbone, None, None, shared)
+        net = _build_net(backbone, head_sharing, n_cls_prototypes, n_patch_prototypes, head_args)
         self.ts = TeacherStudent(net, ema_decay_start, ema_decay_end)
+        self._init_losses(net, n_cls_prototypes, n_patch_prototypes)
+
+        self.image_size = image_size
+        self._set_masking(mask_ratio, mask_shape, mask_ratio_var, unmasked_fraction, mask_aspect_ratio, mask_start_epoch)
+        self.patch_loss_weight = float(patch_loss_weight)
+        self._init_schedules(
+            temperature_student, temperature_teacher_warmup, temperature_teacher,
+            warmup_epochs_temperature_teacher, ema_decay_start,
+        )
+
+    def _init_losses(self, net: iBOTNet, n_cls_prototypes: int, n_patch_prototypes: int) -> None:
+        """The masked-rows-only switches and the CLS and patch losses (each with its centre buffer)."""
         # The student's patch logits enter the loss only at masked patches: its patch head runs on those rows only
         # (exact: other rows get no gradient). Not with BatchNorm in the head, whose statistics span all patches.
         self.student_head_on_masked_only = not any(
@@ -225,18 +267,22 @@ class iBOT(SelfDistillationMethod):
         self.cls_loss_fn = DINOLoss(n_cls_prototypes, self.center_momentum)
         self.patch_loss_fn = iBOTPatchLoss(n_patch_prototypes, self.center_momentum)
 
-        self.image_size = image_size
+    def _set_masking(
+        self,
+        mask_ratio: float,
+        mask_shape: str,
+        mask_ratio_var: float,
+        unmasked_fraction: float,
+        mask_aspect_ratio: tuple[float, float],
+        mask_start_epoch: int,
+    ) -> None:
+        """Store the (checked) masking options read by :meth:`sample_masks`."""
         self.mask_ratio = float(mask_ratio)
         self.mask_shape = mask_shape
         self.mask_ratio_var = float(mask_ratio_var)
         self.unmasked_fraction = float(unmasked_fraction)
         self.mask_aspect_ratio = (float(mask_aspect_ratio[0]), float(mask_aspect_ratio[1]))
         self.mask_start_epoch = int(mask_start_epoch)
-        self.patch_loss_weight = float(patch_loss_weight)
-        self._init_schedules(
-            temperature_student, temperature_teacher_warmup, temperature_teacher,
-            warmup_epochs_temperature_teacher, ema_decay_start,
-        )
 
     def last_layer_heads(self) -> list[nn.Module]:
         return self.student.heads()

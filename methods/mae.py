@@ -25,6 +25,7 @@ from torch import nn
 from methods import constraints as C
 from methods import vit as V
 from methods.base import MethodOutput, SSLMethod
+from methods.masks import MultiBlockMaskGenerator  # SALT's I-JEPA multi-block masks
 from methods.registry import register
 
 
@@ -125,7 +126,6 @@ class MAE(SSLMethod):
         n = grid[0] * grid[1]
         if self.mask_type == "random":
             return V.random_masking(batch_size, n, self.mask_ratio, device)
-        from methods.masks import MultiBlockMaskGenerator  # SALT's I-JEPA multi-block masks
 
         if self._mask_generator is None or self._mask_generator.grid != tuple(grid):
             self._mask_generator = MultiBlockMaskGenerator(grid)

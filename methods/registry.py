@@ -11,8 +11,8 @@ from methods.base import SSLMethod
 
 _REGISTRY: dict[str, type[SSLMethod]] = {}
 
-# Modules imported lazily the first time the registry is queried, so that importing one method
-# does not import them all. A module listed here that is missing is simply not registered.
+# The built-in methods' modules, imported the first time the registry is queried (so that importing one method
+# does not import them all); each registers its class with ``@register``. A module that fails to import is an error.
 _METHOD_MODULES = ("methods.mae", "methods.dino", "methods.ibot", "methods.salt", "methods.data2vec", "methods.apl")
 _loaded = False
 
@@ -35,11 +35,7 @@ def _load_all() -> None:
     if _loaded:
         return
     for module in _METHOD_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:  # a real missing dependency inside an existing module
-                raise
+        importlib.import_module(module)
     _loaded = True
 
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ssl_platform.spec import SpecError
+from ssl_platform.data.shards import register_cli as register_shards_cli
+from ssl_platform.launch.chain import register_cli as register_chain_cli
+from ssl_platform.launch.jobs import register_cli as register_jobs_cli
+from ssl_platform.launch.run import result_table, run_experiment
+from ssl_platform.spec import SpecError, dump_yaml, load_spec
+from ssl_platform.sweeps.driver import register_cli as register_sweep_cli
+from ssl_platform.tracking.model_registry import register_cli as register_registry_cli
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ssl_platform.run import result_table, run_experiment
-    from ssl_platform.spec import load_spec
-
     spec = load_spec(args.spec, args.overrides)
     print(f"[ssl_platform] spec {args.spec} is valid: method={spec.method.name} data={spec.data.name} "
           f"epochs={spec.optim.epochs} workers={spec.scaling.num_workers}", flush=True)
@@ -25,8 +28,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from ssl_platform.spec import dump_yaml, load_spec
-
     spec = load_spec(args.spec, args.overrides)
     print(dump_yaml(spec))
     return 0
@@ -48,29 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_validate)
-    for register in _EXTENSIONS:
+    for register in (register_sweep_cli, register_chain_cli, register_jobs_cli, register_registry_cli,
+                     register_shards_cli):
         register(sub)
     return parser
-
-
-# Other modules (sweep, chain, submit, promote, ...) add their sub-commands here.
-_EXTENSIONS: list = []
-
-
-def _load_extensions() -> None:
-    import importlib
-
-    for name in ("ssl_platform.tune", "ssl_platform.chain", "ssl_platform.jobs", "ssl_platform.registry",
-                 "ssl_platform.shards"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:
-                continue
-            raise
-        register = getattr(module, "register_cli", None)
-        if register is not None and register not in _EXTENSIONS:
-            _EXTENSIONS.append(register)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,7 +70,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    _load_extensions()
     parser = build_parser()
     args = parse_args(parser, argv)
     try:

@@ -1,9 +1,10 @@
 """Experiment spec: a structured OmegaConf schema, loading with dotlist overrides, and validation.
 
 Everything is checked here, before Ray starts: unknown keys, wrong types, out-of-range values, unknown
-methods and unknown timm models. ``method.*`` is checked against the method class: names and types against its
-constructor's signature, values against the constraints it declares (``SSLMethod.constraints``,
-:mod:`methods.constraints`). Errors are :class:`SpecError` naming the key, the expected form and the value seen.
+methods and unknown timm models. Each schema section declares the rules on its values (``constraints``, in the
+vocabulary of :mod:`methods.constraints`), as a method does on its arguments; ``method.*`` is checked against the
+method class: names and types against its constructor's signature, values against the constraints it declares
+(``SSLMethod.constraints``). Errors are :class:`SpecError` naming the key, the expected form and the value seen.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import inspect
 import json
 import os
 import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from methods import constraints as C
+from methods.constraints import Constraint, ConstraintError
+from methods.registry import available_methods, get_method_class
 
 
 class SpecError(ValueError):
@@ -32,14 +38,42 @@ class SpecError(ValueError):
 
 
 # ---- schema --------------------------------------------------------------------------------------------
+DATASETS = ("digits", "synthetic", "image_folder", "shards", "cifar10")
+LABEL_MODES = ("folders", "none")
+STREAMED_DATASETS = ("image_folder", "shards")
+PRECISIONS = ("bf16", "fp32")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+OPTIMIZERS = ("adamw",)
+CLIP_MODES = ("global", "per_param")
+LR_SCALINGS = ("none", "linear")
+SECRET_MARKERS = ("secret", "token", "password", "key_id", "access_key")
+
+
+def _count(param: str, low: int = 0, note: str = "") -> C.InRange:
+    """An integer >= ``low`` (a count, a size)."""
+    return C.InRange(param, low, integer=True, note=note)
+
+
+# Each section's ``constraints`` are checked in order by :func:`validate` (the first failing one is reported).
 @dataclass
 class AugmentSpec:
+    constraints: ClassVar[tuple[Constraint, ...]] = (C.RangePair("crop_scale", 0.01, 1.0),)
+
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
     hflip: bool = False
 
 
 @dataclass
 class MultiCropSpec:
+    constraints: ClassVar[tuple[Constraint, ...]] = (
+        C.positive_int("n_global"),
+        _count("n_local"),
+        _count("local_size", 8),
+        C.RangePair("global_scale", 0.01, 1.0),
+        C.RangePair("local_scale", 0.01, 1.0),
+        *(C.InRange(p, 0.0, 1.0, kind="a probability") for p in ("hflip_p", "color_jitter_p", "solarize_p")),
+    )
+
     n_global: int = 2
     n_local: int = 4
     global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
@@ -52,7 +86,27 @@ class MultiCropSpec:
 
 @dataclass
 class DataSpec:
+    constraints: ClassVar[tuple[Constraint, ...]] = (
+        C.OneOf("name", DATASETS),
+        C.OneOf("labels", LABEL_MODES),
+        _count("image_size", 8),
+        C.positive_int("batch_size"),
+        _count("num_workers"),
+        C.open_unit_interval("test_fraction"),
+        _count("num_samples", 2),
+        _count("num_classes", 2),
+        C.RequiredWhen("root", "name", STREAMED_DATASETS, "a local directory or s3://bucket/prefix for {other}={value}"),
+        C.StorageUri("root"),
+        C.StorageUri("val_root"),
+        C.UnsetUnless("val_root", "name", STREAMED_DATASETS),
+        C.NotBelow("decode_size", "image_size", exempt=(0,), expected="0 (auto) or an integer >= {other} ({bound})"),
+        _count("prefetch_batches"),
+        _count("shuffle_buffer", note="0: no local shuffle"),
+        C.unit_interval("max_bad_fraction"),
+    )
+
     name: str = "digits"  # digits | synthetic | image_folder | shards | cifar10
+    labels: str = "folders"  # folders (image_folder: root/class_name/image) | none (no labels: any layout, no kNN)
     root: Optional[str] = None  # image_folder / shards: the training images, a local directory or s3://bucket/prefix
     val_root: Optional[str] = None  # the validation split in the same format (e.g. ImageNet's val/); else test_fraction
     image_size: int = 32
@@ -71,6 +125,22 @@ class DataSpec:
 
 @dataclass
 class OptimSpec:
+    constraints: ClassVar[tuple[Constraint, ...]] = (
+        C.OneOf("name", OPTIMIZERS),
+        C.positive("lr"),
+        C.InRange("weight_decay", 0.0),
+        C.positive_int("epochs"),
+        C.BoundedBy("warmup_epochs", "epochs"),
+        C.unit_interval("min_lr_ratio"),
+        C.InRange("clip_grad", 0.0, note="0 disables clipping"),
+        _count("max_nonfinite_skips"),
+        C.OneOf("clip_mode", CLIP_MODES),
+        C.OneOf("lr_scaling", LR_SCALINGS),
+        C.InRange("weight_decay_end", 0.0, optional=True, note="or unset: constant weight decay"),
+        C.BoundedBy("min_lr", "lr", optional=True, note="or unset: min_lr_ratio * lr"),
+        C.ListOf("betas", 2, C.InRange("beta", 0.0, 1.0, high_open=True), "[beta1, beta2] each in [0, 1)"),
+    )
+
     name: str = "adamw"
     lr: float = 1.0e-3
     weight_decay: float = 0.05
@@ -88,6 +158,14 @@ class OptimSpec:
 
 @dataclass
 class ScalingSpec:
+    constraints: ClassVar[tuple[Constraint, ...]] = (
+        C.positive_int("num_workers"),
+        C.positive("cpus_per_worker"),
+        C.OneOf("precision", PRECISIONS),
+        _count("max_failures", -1, note="-1: unlimited"),
+        C.OneOf("placement_strategy", PLACEMENT_STRATEGIES, note="Ray placement group strategy"),
+    )
+
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -102,6 +180,14 @@ class ScalingSpec:
 
 @dataclass
 class CheckpointSpec:
+    constraints: ClassVar[tuple[Constraint, ...]] = (
+        C.StorageUri("uri", required=True),
+        C.positive_int("every_epochs"),
+        C.positive_int("keep"),
+        C.positive_int("upload_attempts"),
+        C.InRange("upload_backoff_s", 0.0, kind="a number of seconds"),
+    )
+
     uri: str = "./checkpoints"
     every_epochs: int = 1
     keep: int = 2
@@ -120,6 +206,13 @@ class TrackingSpec:
 
 @dataclass
 class KnnSpec:
+    constraints: ClassVar[tuple[Constraint, ...]] = (
+        C.positive_int("k"),
+        C.positive("temperature"),
+        _count("every_epochs"),
+        _count("max_train_samples", note="0: no cap"),
+    )
+
     enabled: bool = True
     k: int = 20
     temperature: float = 0.07
@@ -129,6 +222,8 @@ class KnnSpec:
 
 @dataclass
 class LinearSpec:
+    constraints: ClassVar[tuple[Constraint, ...]] = (C.positive_int("epochs"),)
+
     enabled: bool = False
     epochs: int = 50
     lr: float = 1.0e-2
@@ -139,6 +234,9 @@ class EvalSpec:
     knn: KnnSpec = field(default_factory=KnnSpec)
     linear: LinearSpec = field(default_factory=LinearSpec)
     random_init_baseline: bool = True
+    # the labelled data kNN and the linear probe use (a data section: digits, cifar10, image_folder, shards, with its
+    # own image_size); unset: the training data when it has labels, else no kNN / probe
+    data: Optional[DataSpec] = None
 
 
 @dataclass
@@ -152,16 +250,6 @@ class RunSpec:
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
-
-
-DATASETS = ("digits", "synthetic", "image_folder", "shards", "cifar10")
-STREAMED_DATASETS = ("image_folder", "shards")
-PRECISIONS = ("bf16", "fp32")
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
-OPTIMIZERS = ("adamw",)
-CLIP_MODES = ("global", "per_param")
-LR_SCALINGS = ("none", "linear")
-SECRET_MARKERS = ("secret", "token", "password", "key_id", "access_key")
 
 
 # ---- loading -------------------------------------------------------------------------------------------
@@ -237,7 +325,7 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None, *, ba
     (default: the current directory), so that Ray workers, whose working directory differs, see the same files.
     """
     raw = read_yaml(path)
-    raw.pop("sweep", None)  # a sweep spec is a run spec plus `sweep:` (see ssl_platform.sweep_spec)
+    raw.pop("sweep", None)  # a sweep spec is a run spec plus `sweep:` (see ssl_platform.sweeps.sweep_spec)
     return spec_from_dict(raw, overrides, source=str(path), base_dir=base_dir)
 
 
@@ -247,22 +335,21 @@ def spec_from_dict(
     merged = OmegaConf.merge(OmegaConf.create(raw), parse_overrides(overrides)) if overrides else raw
     spec = _merge_schema(merged, source)
     validate(spec, source)
-    fill_method_defaults(spec)
+    fill_method_defaults(spec.method)
     resolve_paths(spec, base_dir)
     return spec
 
 
-def fill_method_defaults(spec: DictConfig) -> None:
-    """Write the method constructor's defaults into ``spec.method`` so the resolved spec is complete."""
-    from methods.registry import get_method_class
+def fill_method_defaults(method: DictConfig) -> None:
+    """Write the method constructor's defaults into the spec's ``method`` section so the resolved spec is complete."""
 
-    params = inspect.signature(get_method_class(spec.method.name).__init__).parameters
+    params = inspect.signature(get_method_class(method.name).__init__).parameters
     for key, p in params.items():
-        if key == "self" or key in spec.method or p.default is inspect.Parameter.empty:
+        if key == "self" or key in method or p.default is inspect.Parameter.empty:
             continue
         value = list(p.default) if isinstance(p.default, tuple) else p.default
         if value is None or isinstance(value, (bool, int, float, str, list)):
-            spec.method[key] = value
+            method[key] = value
 
 
 def resolve_paths(spec: DictConfig, base_dir: str | None = None) -> None:
@@ -275,23 +362,33 @@ def resolve_paths(spec: DictConfig, base_dir: str | None = None) -> None:
         spec.tracking.uri = "sqlite:///" + str((base / turi[len("sqlite:///"):]).resolve())
     elif "://" not in turi:
         spec.tracking.uri = str((base / turi).resolve())
-    for key in ("root", "val_root"):
-        if spec.data[key] and "://" not in spec.data[key]:
-            spec.data[key] = str((base / spec.data[key]).resolve())
+    for section in (spec.data, spec.eval.data):
+        for key in ("root", "val_root"):
+            if section is not None and section[key] and "://" not in section[key]:
+                section[key] = str((base / section[key]).resolve())
     # the method's checkpoint arguments (e.g. a stage-1 teacher): Ray workers do not run in the submitting directory
-    for key in method_checkpoint_params(spec):
+    for key in method_checkpoint_params(spec.method):
         value = spec.method[key]
         if isinstance(value, str) and value and "://" not in value:
             spec.method[key] = str((base / value).resolve())
 
 
-def method_checkpoint_params(spec: DictConfig) -> list[str]:
-    """The keys of ``spec.method`` that its method declares as checkpoint paths (``checkpoint_params``) and that
-    the spec sets to a value (not an interpolation still to be resolved)."""
-    from methods.registry import get_method_class
+def eval_data_section(data: DictConfig, evaluation: DictConfig) -> DictConfig | None:
+    """The labelled data kNN and the linear probe use (from the spec's ``data`` and ``eval`` sections): ``eval.data``,
+    else the training data unless it is declared unlabelled (``data.labels: none``); None: no evaluation. A training
+    set of shards prepared with ``--labels none`` is found unlabelled only from its manifest
+    (:func:`ssl_platform.data.streaming.plan_data`)."""
+    if evaluation.data is not None:
+        return evaluation.data
+    return None if data.labels == "none" else data
 
-    declared = get_method_class(spec.method.name).checkpoint_params
-    return [k for k in declared if k in spec.method and not OmegaConf.is_interpolation(spec.method, k) and spec.method[k]]
+
+def method_checkpoint_params(method: DictConfig) -> list[str]:
+    """The keys of the spec's ``method`` section that its method declares as checkpoint paths
+    (``checkpoint_params``) and that the spec sets to a value (not an interpolation still to be resolved)."""
+
+    declared = get_method_class(method.name).checkpoint_params
+    return [k for k in declared if k in method and not OmegaConf.is_interpolation(method, k) and method[k]]
 
 
 # ---- validation ----------------------------------------------------------------------------------------
@@ -300,104 +397,73 @@ def _check(cond: bool, key: str, expected: str, seen: Any, source: str | None) -
         raise SpecError(key, expected, seen, source)
 
 
-def _check_range_pair(value: Any, key: str, lo: float, hi: float, source: str | None) -> None:
-    from methods.constraints import ConstraintError, RangePair
+# the sections checked against their ``constraints``, in order (``eval.data``: :func:`_check_eval_data`)
+CHECKED_SECTIONS: tuple[tuple[str, type], ...] = (
+    ("data", DataSpec),
+    ("data.augment", AugmentSpec),
+    ("data.multicrop", MultiCropSpec),
+    ("optim", OptimSpec),
+    ("scaling", ScalingSpec),
+    ("checkpoint", CheckpointSpec),
+    ("eval.knn", KnnSpec),
+    ("eval.linear", LinearSpec),
+)
 
+
+class _SectionValues(Mapping[str, Any]):
+    """A spec section as plain Python values, each read (interpolations resolved) only when a rule asks for it."""
+
+    def __init__(self, node: DictConfig):
+        self._node = node
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._node[key]
+        return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._node)
+
+    def __len__(self) -> int:
+        return len(self._node)
+
+
+def _apply(constraints: tuple[Constraint, ...], values: Mapping[str, Any], prefix: str, source: str | None) -> None:
+    """Check ``values`` against ``constraints`` in order; the first broken one becomes a :class:`SpecError`."""
     try:
-        RangePair(key, lo, hi).check({key: value})
+        for constraint in constraints:
+            constraint.check(values, prefix)
     except ConstraintError as err:
         raise SpecError(err.key, err.expected, err.seen, source) from None
 
 
-def validate(spec: DictConfig, source: str | None = None) -> None:
-    """Check ranges and the method section; raises :class:`SpecError`."""
-    s = spec
-    if OmegaConf.is_missing(s, "name"):
+def _check_name(spec: DictConfig, source: str | None) -> None:
+    if OmegaConf.is_missing(spec, "name"):
         raise SpecError("name", "a non-empty string (the experiment's name)", None, source)
-    _check(isinstance(s.name, str) and s.name.strip() != "", "name", "a non-empty string", s.name, source)
-    _check(s.data.name in DATASETS, "data.name", f"one of {list(DATASETS)}", s.data.name, source)
-    _check(s.data.image_size >= 8, "data.image_size", "an integer >= 8", s.data.image_size, source)
-    _check(s.data.batch_size >= 1, "data.batch_size", "an integer >= 1", s.data.batch_size, source)
-    _check(s.data.num_workers >= 0, "data.num_workers", "an integer >= 0", s.data.num_workers, source)
-    _check(0.0 < s.data.test_fraction < 1.0, "data.test_fraction", "a number in (0, 1)", s.data.test_fraction, source)
-    _check(s.data.num_samples >= 2, "data.num_samples", "an integer >= 2", s.data.num_samples, source)
-    _check(s.data.num_classes >= 2, "data.num_classes", "an integer >= 2", s.data.num_classes, source)
-    if s.data.name in STREAMED_DATASETS:
-        _check(bool(s.data.root), "data.root", f"a local directory or s3://bucket/prefix for data.name={s.data.name}",
-               s.data.root, source)
-    for key in ("root", "val_root"):
-        value = s.data[key]
-        if value and "://" in value:
-            _check(value.startswith("s3://") and len(value) > 5, f"data.{key}", "a local path or s3://bucket/prefix", value, source)
-    if s.data.val_root:
-        _check(s.data.name in STREAMED_DATASETS, "data.val_root", f"unset unless data.name is one of {list(STREAMED_DATASETS)}",
-               s.data.val_root, source)
-    _check(s.data.decode_size == 0 or s.data.decode_size >= s.data.image_size, "data.decode_size",
-           f"0 (auto) or an integer >= data.image_size ({s.data.image_size})", s.data.decode_size, source)
-    _check(s.data.prefetch_batches >= 0, "data.prefetch_batches", "an integer >= 0", s.data.prefetch_batches, source)
-    _check(s.data.shuffle_buffer >= 0, "data.shuffle_buffer", "an integer >= 0 (0: no local shuffle)", s.data.shuffle_buffer, source)
-    _check(0.0 <= s.data.max_bad_fraction <= 1.0, "data.max_bad_fraction", "a number in [0, 1]", s.data.max_bad_fraction, source)
-    _check_range_pair(list(s.data.augment.crop_scale), "data.augment.crop_scale", 0.01, 1.0, source)
-    mc = s.data.multicrop
-    _check(mc.n_global >= 1, "data.multicrop.n_global", "an integer >= 1", mc.n_global, source)
-    _check(mc.n_local >= 0, "data.multicrop.n_local", "an integer >= 0", mc.n_local, source)
-    _check(mc.local_size >= 8, "data.multicrop.local_size", "an integer >= 8", mc.local_size, source)
-    _check_range_pair(list(mc.global_scale), "data.multicrop.global_scale", 0.01, 1.0, source)
-    _check_range_pair(list(mc.local_scale), "data.multicrop.local_scale", 0.01, 1.0, source)
-    for key in ("hflip_p", "color_jitter_p", "solarize_p"):
-        _check(0.0 <= mc[key] <= 1.0, f"data.multicrop.{key}", "a probability in [0, 1]", mc[key], source)
+    _check(isinstance(spec.name, str) and spec.name.strip() != "", "name", "a non-empty string", spec.name, source)
 
-    o = s.optim
-    _check(o.name in OPTIMIZERS, "optim.name", f"one of {list(OPTIMIZERS)}", o.name, source)
-    _check(o.lr > 0, "optim.lr", "a number > 0", o.lr, source)
-    _check(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay, source)
-    _check(o.epochs >= 1, "optim.epochs", "an integer >= 1", o.epochs, source)
-    _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", f"a number in [0, optim.epochs={o.epochs}]", o.warmup_epochs, source)
-    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]", o.min_lr_ratio, source)
-    _check(o.clip_grad >= 0, "optim.clip_grad", "a number >= 0 (0 disables clipping)", o.clip_grad, source)
-    _check(o.max_nonfinite_skips >= 0, "optim.max_nonfinite_skips", "an integer >= 0", o.max_nonfinite_skips, source)
-    _check(o.clip_mode in CLIP_MODES, "optim.clip_mode", f"one of {list(CLIP_MODES)}", o.clip_mode, source)
-    _check(o.lr_scaling in LR_SCALINGS, "optim.lr_scaling", f"one of {list(LR_SCALINGS)}", o.lr_scaling, source)
-    if o.weight_decay_end is not None:
-        _check(o.weight_decay_end >= 0, "optim.weight_decay_end", "a number >= 0 (or unset: constant weight decay)",
-               o.weight_decay_end, source)
-    if o.min_lr is not None:
-        _check(0 <= o.min_lr <= o.lr, "optim.min_lr", f"a number in [0, optim.lr={o.lr}] (or unset: min_lr_ratio * lr)",
-               o.min_lr, source)
-    betas = list(o.betas)
-    _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "optim.betas", "[beta1, beta2] each in [0, 1)", betas, source)
 
-    sc = s.scaling
-    _check(sc.num_workers >= 1, "scaling.num_workers", "an integer >= 1", sc.num_workers, source)
-    _check(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "a number > 0", sc.cpus_per_worker, source)
-    _check(sc.precision in PRECISIONS, "scaling.precision", f"one of {list(PRECISIONS)}", sc.precision, source)
-    _check(sc.max_failures >= -1, "scaling.max_failures", "an integer >= -1 (-1: unlimited)", sc.max_failures, source)
-    _check(sc.placement_strategy in PLACEMENT_STRATEGIES, "scaling.placement_strategy",
-           f"one of {list(PLACEMENT_STRATEGIES)} (Ray placement group strategy)", sc.placement_strategy, source)
+def validate(spec: DictConfig, source: str | None = None) -> None:
+    """Check the name, each section of :data:`CHECKED_SECTIONS` against its ``constraints``, and the method
+    section; raises :class:`SpecError`."""
+    _check_name(spec, source)
+    for path, schema in CHECKED_SECTIONS:
+        _apply(schema.constraints, _SectionValues(OmegaConf.select(spec, path)), path + ".", source)
+    _check_eval_data(spec.eval.data, source)
+    validate_method(spec.method, source)
 
-    c = s.checkpoint
-    _check(isinstance(c.uri, str) and c.uri != "", "checkpoint.uri", "a local path or s3://bucket/prefix", c.uri, source)
-    if "://" in c.uri:
-        _check(c.uri.startswith("s3://") and len(c.uri) > 5, "checkpoint.uri", "a local path or s3://bucket/prefix", c.uri, source)
-    _check(c.every_epochs >= 1, "checkpoint.every_epochs", "an integer >= 1", c.every_epochs, source)
-    _check(c.keep >= 1, "checkpoint.keep", "an integer >= 1", c.keep, source)
-    _check(c.upload_attempts >= 1, "checkpoint.upload_attempts", "an integer >= 1", c.upload_attempts, source)
-    _check(c.upload_backoff_s >= 0, "checkpoint.upload_backoff_s", "a number of seconds >= 0", c.upload_backoff_s, source)
 
-    k = s.eval.knn
-    _check(k.k >= 1, "eval.knn.k", "an integer >= 1", k.k, source)
-    _check(k.temperature > 0, "eval.knn.temperature", "a number > 0", k.temperature, source)
-    _check(k.every_epochs >= 0, "eval.knn.every_epochs", "an integer >= 0", k.every_epochs, source)
-    _check(k.max_train_samples >= 0, "eval.knn.max_train_samples", "an integer >= 0 (0: no cap)", k.max_train_samples, source)
-    _check(s.eval.linear.epochs >= 1, "eval.linear.epochs", "an integer >= 1", s.eval.linear.epochs, source)
-    validate_method(s.method, source)
+def _check_eval_data(data: DictConfig | None, source: str | None) -> None:
+    """``eval.data``, when set: a data section under the same rules, and labelled (kNN and the probe need labels)."""
+    if data is None:
+        return
+    _apply(DataSpec.constraints, _SectionValues(data), "eval.data.", source)
+    _check(data.labels != "none", "eval.data.labels", "a labelled source for kNN and the linear probe (folders; "
+           "unset eval.data to skip them)", data.labels, source)
 
 
 def validate_method(method: DictConfig, source: str | None = None) -> None:
     """Check ``method.*`` against the registered method: constructor names and types, the method's declared
     constraints (ranges, choices, required settings), and the timm model."""
-    from methods.constraints import ConstraintError
-    from methods.registry import available_methods, get_method_class
 
     name = method.get("name") if isinstance(method, DictConfig) else None
     names = available_methods()
@@ -473,8 +539,9 @@ def _expected_types(hint: Any, default: Any) -> tuple[type, ...] | None:
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
-def method_kwargs(spec: DictConfig) -> dict[str, Any]:
-    kwargs = OmegaConf.to_container(spec.method, resolve=True)
+def method_kwargs(method: DictConfig) -> dict[str, Any]:
+    """The method's constructor arguments: the spec's ``method`` section, resolved, without ``name``."""
+    kwargs = OmegaConf.to_container(method, resolve=True)
     kwargs.pop("name")
     return kwargs
 

@@ -22,7 +22,7 @@ def ray_session():
     """A real local Ray instance (4 logical CPUs on this 2-core machine so 2-worker runs fit), shared."""
     import ray
 
-    from ssl_platform.run import init_ray
+    from ssl_platform.training.ray_runtime import init_ray
 
     init_ray(num_cpus=4)
     yield ray
@@ -108,7 +108,7 @@ def tiny_spec(tmp_path):
 def s3_server(monkeypatch):
     """A real S3-compatible server (moto server mode) on a free loopback port, with a bucket and fake credentials.
 
-    Yields ``{"endpoint": ..., "bucket": ...}``. The environment points boto3 and ``ssl_platform.s3`` at it;
+    Yields ``{"endpoint": ..., "bucket": ...}``. The environment points boto3 and ``ssl_platform.storage.s3`` at it;
     Ray workers get the endpoint and credentials through the pickled pyarrow filesystem the platform passes.
     """
     import logging

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssl_platform.hooks import StepHook, StepInfo
-from ssl_platform.streaming import ImageBatch
+from ssl_platform.data.streaming import ImageBatch
+from ssl_platform.training.hooks import StepHook, StepInfo
 
 
 @dataclass

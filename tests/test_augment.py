@@ -1,4 +1,4 @@
-"""Batched device-side views (``ssl_platform.augment``) against the per-sample torchvision transforms they replace.
+"""Batched device-side views (``ssl_platform.data.augment``) against the per-sample torchvision transforms they replace.
 
 Distributions are compared with a fixed seed over many draws (two-sample KS tests against torchvision's own
 ``RandomResizedCrop.make_params``, binomial bounds on application rates); each image operation is compared with
@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 from scipy import stats
 from torchvision.transforms import InterpolationMode
 
-from ssl_platform import augment as A
-from ssl_platform.augment import BatchViews, ViewRecipe, dino_recipes, eval_views
-from ssl_platform.data import MEAN, STD
+from ssl_platform.data import augment as A
+from ssl_platform.data.augment import BatchViews, ViewRecipe, dino_recipes, eval_views
+from ssl_platform.data.small_sets import MEAN, STD
 from ssl_platform.spec import DataSpec
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from methods.checkpoint_io import CheckpointError, IncompleteCheckpointError, write_manifest
 from ssl_platform.spec import SpecError, load_spec
-from ssl_platform.storage import load_training_checkpoint, write_training_checkpoint
+from ssl_platform.storage.training_checkpoints import load_training_checkpoint, write_training_checkpoint
 from tests.conftest import ROOT
 
 BAD_DIR = ROOT / "tests" / "data" / "bad_specs"
@@ -62,11 +62,11 @@ def test_cli_module_entry_point_exits_2(tmp_path):
 # ---- corrupt / foreign checkpoints -----------------------------------------------------------------------
 @pytest.fixture
 def good_checkpoint(tiny_spec, tmp_path) -> Path:
-    from ssl_platform.optim import build_optimizer, build_scheduler
-    from ssl_platform.train import build_method_from_spec
+    from ssl_platform.training.optim import build_optimizer, build_scheduler
+    from ssl_platform.training.trainer import build_method_from_spec
 
     spec = tiny_spec()
-    method = build_method_from_spec(spec)
+    method = build_method_from_spec(spec.method)
     opt = build_optimizer(method, spec.optim, torch.device("cpu"))
     sched = build_scheduler(opt, spec.optim, 4)
     d = write_training_checkpoint(tmp_path / "ckpt_good", method=method, optimizer=opt, scheduler=sched, spec=spec,

@@ -117,8 +117,8 @@ def test_view_dataset_batched_fetch_matches_per_sample():
     """``ViewDataset.__getitems__`` with 1 thread while augmenting gives the per-sample views and restores threads."""
     from torch.utils.data import default_collate
 
-    from ssl_platform.data import ViewDataset, make_synthetic_split
-    from ssl_platform.views_multicrop import MultiCropTransform
+    from benchmarks.per_sample_views import MultiCropTransform, ViewDataset
+    from ssl_platform.data.small_sets import make_synthetic_split
 
     split = make_synthetic_split(num_samples=12, image_size=16).train
     ds = ViewDataset(split, MultiCropTransform(16, 8, n_global=2, n_local=2), transform_threads=1)

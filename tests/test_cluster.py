@@ -21,9 +21,9 @@ import pytest
 import yaml
 from conftest import ROOT, tiny_spec_dict
 
-from ssl_platform import jobs
 from ssl_platform.cli import build_parser, main, parse_args
-from ssl_platform.run import free_port
+from ssl_platform.launch import jobs
+from ssl_platform.training.ray_runtime import free_port
 
 VENV_BIN = Path(sys.executable).parent
 SCRIPT = ROOT / "infra" / "local" / "cluster.sh"
@@ -43,9 +43,6 @@ def _sweep_spec(tmp_path: Path, **sections) -> Path:
 
 # ---- units: no cluster ----------------------------------------------------------------------------------
 def test_overrides_after_flags_are_overrides_and_unknown_flags_still_refused(capsys):
-    from ssl_platform.cli import _load_extensions
-
-    _load_extensions()
     parser = build_parser()
     args = parse_args(parser, ["submit", "s.yaml", "a.b=1", "--sweep", "sweep.num_samples=1", "--name", "x", "c=2"])
     assert args.sweep and args.name == "x" and args.overrides == ["a.b=1", "sweep.num_samples=1", "c=2"]
@@ -98,7 +95,7 @@ def test_s3_job_with_local_credentials_needs_an_explicit_choice(tmp_path, monkey
 
 
 def test_submitted_jobs_carry_the_git_commit(monkeypatch):
-    from ssl_platform import tracking
+    from ssl_platform.tracking import mlflow_runs as tracking
 
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert len(head) == 40
@@ -114,7 +111,7 @@ def test_cluster_token_is_never_uploaded_with_a_job():
 
 
 def test_placement_strategy_reaches_ray_scaling_config(tiny_spec):
-    from ssl_platform.train import build_trainer
+    from ssl_platform.training.trainer import build_trainer
 
     trainer = build_trainer(tiny_spec(["scaling.placement_strategy=STRICT_SPREAD", "scaling.num_workers=2"]), "r", None)
     assert trainer.scaling_config.placement_strategy == "STRICT_SPREAD"

@@ -1,4 +1,4 @@
-"""Console output: rank 0's progress lines / bar (ssl_platform.progress) and the wait-for-resources notice."""
+"""Console output: rank 0's progress lines / bar (ssl_platform.training.progress) and the wait-for-resources notice."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ssl_platform.progress import Progress, format_duration
+from ssl_platform.training.progress import Progress, format_duration
 
 
 class FakeClock:
@@ -61,6 +61,41 @@ def test_terminal_gets_one_bar_redrawn_in_place_and_a_newline_before_the_summary
     assert out.getvalue().endswith("| ETA 4s\n") and "\n[run-b] epoch 1/2 done" in out.getvalue()
 
 
+def test_a_long_epoch_gets_a_line_within_ten_steps_then_every_30_s():
+    """12,500 steps per epoch (200k images at batch 16): the quarter-epoch lines alone would be 3,125 steps apart."""
+    clock, out = FakeClock(), io.StringIO()
+    p = Progress("long", epochs=1, steps_per_epoch=12_500, stream=out, clock=clock)
+    due = []
+    for step in range(1, 200):
+        clock.t += 1.0
+        if p.line_due(1, step):
+            due.append(step)
+            p.update(1, step, 0.5, images_seen=16 * step)
+    assert due[0] == 10  # within the first 10 steps, at 1 s per step
+    assert due[1:] == [40, 70, 100, 130, 160, 190]  # then every 30 s
+    assert len(out.getvalue().splitlines()) == len(due)
+
+
+def test_slow_steps_get_their_first_line_by_time():
+    clock, out = FakeClock(), io.StringIO()
+    p = Progress("slow", epochs=1, steps_per_epoch=1000, stream=out, clock=clock)
+    clock.t += 31.0  # one 31 s step (start-up)
+    assert p.line_due(1, 1)
+
+
+def test_eta_is_not_stretched_by_a_slow_first_step():
+    """A 100 s first step (worker set-up, first decode), then 1 s per step: after 20 steps, 980 s are left."""
+    clock, out = FakeClock(), io.StringIO()
+    p = Progress("eta", epochs=1, steps_per_epoch=1000, stream=out, clock=clock)
+    clock.t += 100.0
+    p.line_due(1, 1)
+    for step in range(2, 21):
+        clock.t += 1.0
+        p.line_due(1, step)
+    p.update(1, 20, 0.5, images_seen=320)
+    assert out.getvalue().strip().endswith("ETA 16m20s"), out.getvalue()  # 980 s, not 980 * 119 / 20 s
+
+
 @pytest.mark.parametrize("seconds,text", [(0, "0s"), (59.4, "59s"), (75, "1m15s"), (4000, "1h06m")])
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
@@ -70,7 +105,7 @@ def test_pending_placement_group_is_announced_with_request_and_cluster(ray_sessi
     """A STRICT_SPREAD group of 2 cannot be placed on this single-node instance: the notice names both sides."""
     from ray.util import placement_group, remove_placement_group
 
-    from ssl_platform.resource_wait import ResourceWaitNotice
+    from ssl_platform.training.resource_wait import ResourceWaitNotice
 
     bundle = {"CPU": 0.25, "custom_test_wait": 0.0}
     pg = placement_group([{"CPU": 0.25}] * 2, strategy="STRICT_SPREAD")
@@ -94,7 +129,7 @@ def test_ray_train_report_dumps_are_dropped_but_warnings_kept():
 
     from ray.train.v2._internal.execution import context
 
-    from ssl_platform.progress import quiet_ray_train_logs
+    from ssl_platform.training.progress import quiet_ray_train_logs
 
     before = context.logger.level
     try:

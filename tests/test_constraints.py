@@ -23,8 +23,8 @@ from methods.checkpoint_io import (
 from methods.constraints import ConstraintError
 from methods.mae import MAE
 from methods.registry import _REGISTRY, available_methods, get_method_class, register
-from ssl_platform.method_checkpoints import preflight_method_checkpoints
 from ssl_platform.spec import SpecError, spec_from_dict
+from ssl_platform.storage.method_checkpoints import preflight_method_checkpoints
 from tests.conftest import TINY_VIT, tiny_spec_dict
 
 
@@ -106,6 +106,54 @@ def test_constraint_forms():
     C.RequiresAny(("a", "b"), "x").check({"a": None, "b": "/ckpt"})
 
 
+def test_worded_and_cross_field_forms():
+    """The forms the spec sections declare (ssl_platform.spec): wording options and rules across two keys."""
+    with pytest.raises(ConstraintError, match=r"^s.p: expected a probability in \[0, 1\], got 1.5$"):
+        C.InRange("p", 0.0, 1.0, kind="a probability").check({"p": 1.5}, "s.")
+    with pytest.raises(ConstraintError, match=r"^n: expected an integer >= -1 \(-1: unlimited\), got -2$"):
+        C.InRange("n", -1, integer=True, note="-1: unlimited").check({"n": -2})
+    with pytest.raises(ConstraintError, match=r"^m: expected one of \['A'\] \(a mode\), got 'B'$"):
+        C.OneOf("m", ("A",), note="a mode").check({"m": "B"})
+    auto = C.NotBelow("d", "s", exempt=(0,), expected="0 (auto) or an integer >= {other} ({bound})")
+    auto.check({"d": 0, "s": 32})
+    with pytest.raises(ConstraintError, match=r"^x.d: expected 0 \(auto\) or an integer >= x.s \(32\), got 10$"):
+        auto.check({"d": 10, "s": 32}, "x.")
+
+    within = C.BoundedBy("w", "e", optional=True, note="or unset")
+    within.check({"w": None, "e": 3})
+    within.check({"w": 3.0, "e": 3})
+    with pytest.raises(ConstraintError, match=r"^o.w: expected a number in \[0, o.e=3\] \(or unset\), got 4.0$"):
+        within.check({"w": 4.0, "e": 3}, "o.")
+    with pytest.raises(ConstraintError, match=r"expected a number in \[0, e=3\], got -1"):
+        C.BoundedBy("w", "e").check({"w": -1, "e": 3})
+
+    betas = C.ListOf("b", 2, C.InRange("beta", 0.0, 1.0, high_open=True), "[b1, b2] each in [0, 1)")
+    betas.check({"b": [0.9, 0.95]})
+    for bad in ([0.9], [0.9, 1.0], "ab", None, [0.9, True]):
+        with pytest.raises(ConstraintError, match=r"^b: expected \[b1, b2\] each in \[0, 1\), got "):
+            betas.check({"b": bad})
+
+    for ok in ("/local", "rel/dir", "s3://bucket/p", None, ""):
+        C.StorageUri("u").check({"u": ok})
+    for bad in ("gs://bucket", "s3://", "http://x"):
+        with pytest.raises(ConstraintError, match=r"^c.u: expected a local path or s3://bucket/prefix, got "):
+            C.StorageUri("u").check({"u": bad}, "c.")
+    for bad in ("", None):
+        with pytest.raises(ConstraintError, match="a local path or s3://bucket/prefix"):
+            C.StorageUri("u", required=True).check({"u": bad})
+
+    root = C.RequiredWhen("root", "name", ("shards",), "a directory for {other}={value}")
+    root.check({"root": None, "name": "digits"})
+    root.check({"root": "/r", "name": "shards"})
+    with pytest.raises(ConstraintError, match=r"^d.root: expected a directory for d.name=shards, got ''$"):
+        root.check({"root": "", "name": "shards"}, "d.")
+    val = C.UnsetUnless("val", "name", ("shards",))
+    val.check({"val": None, "name": "digits"})
+    val.check({"val": "/v", "name": "shards"})
+    with pytest.raises(ConstraintError, match=r"^d.val: expected unset unless d.name is one of \['shards'\], got '/v'$"):
+        val.check({"val": "/v", "name": "digits"}, "d.")
+
+
 # ---- a method the platform has never heard of ------------------------------------------------------------
 class _WarmStart(SSLMethod):
     """A test method with a declared range and an encoder-checkpoint argument (``init_from``)."""
@@ -148,15 +196,16 @@ def test_an_unknown_method_gets_checks_paths_and_preflight_from_its_declarations
     _encoder_checkpoint(tmp_path / "ck" / "wide", embed_dim=48)
     spec = spec_from_dict(_method_spec(tmp_path, {**base, "init_from": "ck/good"}), base_dir=str(tmp_path))
     assert spec.method.init_from == str(tmp_path / "ck" / "good")  # made absolute for the Ray workers
-    preflight_method_checkpoints(spec)
+    preflight_method_checkpoints(spec.method, spec.checkpoint)
 
-    def spec_for(path: str):
-        return spec_from_dict(_method_spec(tmp_path, {**base, "init_from": path}), base_dir=str(tmp_path))
+    def preflight_for(path: str) -> None:
+        s = spec_from_dict(_method_spec(tmp_path, {**base, "init_from": path}), base_dir=str(tmp_path))
+        preflight_method_checkpoints(s.method, s.checkpoint)
 
     with pytest.raises(SpecError, match=r"method.init_from: expected an existing checkpoint directory"):
-        preflight_method_checkpoints(spec_for("ck/missing"))
+        preflight_for("ck/missing")
     with pytest.raises(CheckpointMismatchError, match=r"^method.init_from '.*wide'.*embed_dim: checkpoint 48 vs requested 32"):
-        preflight_method_checkpoints(spec_for("ck/wide"))
+        preflight_for("ck/wide")
     (tmp_path / "ck" / "good" / "manifest.json").unlink()
     with pytest.raises(IncompleteCheckpointError, match="no manifest.json"):
-        preflight_method_checkpoints(spec_for("ck/good"))
+        preflight_for("ck/good")

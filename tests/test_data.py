@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssl_platform.data import (
+from benchmarks.per_sample_views import SingleViewTransform, ViewDataset
+from ssl_platform.data.small_sets import (
     DataError,
-    SingleViewTransform,
-    ViewDataset,
     _check_images,
     load_digits_split,
     make_synthetic_split,

@@ -12,10 +12,14 @@ import mlflow
 import pytest
 import yaml
 
-from ssl_platform.hooks import KillWorkerOnce, PoisonLoss
-from ssl_platform.run import result_table, run_experiment
-from ssl_platform.storage import latest_complete_checkpoint, list_checkpoints, load_training_checkpoint
+from ssl_platform.launch.run import result_table, run_experiment
+from ssl_platform.storage.training_checkpoints import (
+    latest_complete_checkpoint,
+    list_checkpoints,
+    load_training_checkpoint,
+)
 from tests.conftest import ROOT, tiny_spec_dict
+from tests.fault_hooks import KillWorkerOnce, PoisonLoss
 
 
 def _name(prefix: str) -> str:
@@ -144,8 +148,8 @@ def test_cli_empty_image_folder_exits_before_ray(tmp_path):
 
 
 def test_preflight_data_errors(tiny_spec, tmp_path):
-    from ssl_platform.data import DataError
-    from ssl_platform.preflight import check_data
+    from ssl_platform.data.small_sets import DataError
+    from ssl_platform.launch.preflight import check_data
 
     with pytest.raises(DataError, match="data.root: expected an ImageFolder directory .* which does not exist"):
         check_data(tiny_spec(["data.name=image_folder", f"data.root={tmp_path / 'nope'}"]))
@@ -160,12 +164,12 @@ def test_preflight_data_errors(tiny_spec, tmp_path):
         check_data(tiny_spec(["data.name=image_folder", f"data.root={flat}"]))  # 1 image: no hold-out possible
     for i in range(20):
         (flat / "cls" / f"c{i}.png").write_bytes(b"x")  # listing reads names only: the bytes are judged when decoded
-    source = check_data(tiny_spec(["data.name=image_folder", f"data.root={flat}"]))
+    source = check_data(tiny_spec(["data.name=image_folder", f"data.root={flat}"])).train
     assert source.num_train + source.num_val == 21 and source.classes == ["cls"] and source.num_val >= 1
 
 
 def test_unwritable_checkpoint_uri_is_refused_before_ray(tiny_spec, tmp_path):
-    from ssl_platform.preflight import StorageError
+    from ssl_platform.launch.preflight import StorageError
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -178,7 +182,7 @@ def test_latest_checkpoint_of_run_matches_mlflow_run_and_skips_incomplete(tmp_pa
     import json
 
     from methods.checkpoint_io import write_manifest
-    from ssl_platform.storage import latest_checkpoint_of_run
+    from ssl_platform.storage.training_checkpoints import latest_checkpoint_of_run
 
     for name, run_id, complete in [("checkpoint_1", "runA", True), ("checkpoint_2", "runB", True), ("checkpoint_3", "runA", False)]:
         d = tmp_path / name

@@ -17,9 +17,9 @@ import pytest
 import yaml
 from conftest import ROOT, tiny_spec_dict
 
-from ssl_platform import jobs
-from ssl_platform.run import free_port
+from ssl_platform.launch import jobs
 from ssl_platform.spec import SpecError
+from ssl_platform.training.ray_runtime import free_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -212,7 +212,7 @@ def test_jobs_on_a_cluster_with_ray_cli_and_ssl_platform_submit(ray_cluster, tmp
 def test_local_object_store_size(monkeypatch):
     """A local instance's object store (Ray Data's decoded batches): 2 GiB by default, at most 30% of RAM, or
     SSL_PLATFORM_OBJECT_STORE_MB; a bad value is refused naming the variable."""
-    from ssl_platform.run import local_object_store_bytes
+    from ssl_platform.training.ray_runtime import local_object_store_bytes
 
     monkeypatch.delenv("SSL_PLATFORM_OBJECT_STORE_MB", raising=False)
     assert local_object_store_bytes(64 * 1024**3) == 2048 * 1024**2

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from methods.mae import MAE
-from ssl_platform.optim import build_optimizer
+from ssl_platform.training.optim import build_optimizer
 
 ENC = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
 

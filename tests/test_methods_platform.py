@@ -13,8 +13,8 @@ import mlflow
 import pytest
 import torch
 
-from ssl_platform.run import run_experiment
-from ssl_platform.storage import latest_complete_checkpoint, load_training_checkpoint
+from ssl_platform.launch.run import run_experiment
+from ssl_platform.storage.training_checkpoints import latest_complete_checkpoint, load_training_checkpoint
 
 pytestmark = pytest.mark.slow
 

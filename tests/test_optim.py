@@ -11,14 +11,14 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ssl_platform.optim import (
+from ssl_platform.spec import SpecError
+from ssl_platform.training.optim import (
     build_optimizer,
     build_scheduler,
     clip_gradients,
     maybe_sync_batchnorm,
     param_groups,
 )
-from ssl_platform.spec import SpecError
 
 
 def dino_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):

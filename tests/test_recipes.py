@@ -42,10 +42,10 @@ STAGE_EXTRAS = {"mae": ["method.decoder_depth=1"], "salt": ["method.predictor_de
 
 
 def two_steps(spec: DictConfig) -> list[float]:
-    """Two steps of the platform's own ``ssl_platform.train.train_step`` (views on the device, hooks, clipping per
+    """Two steps of the platform's own ``ssl_platform.training.trainer.train_step`` (views on the device, hooks, clipping per
     ``optim.clip_mode``, AdamW, lr + weight-decay schedule), on the recipe's method built as the worker builds it."""
-    from ssl_platform.hooks import StepInfo
-    from ssl_platform.train import local_worker, train_step
+    from ssl_platform.training.hooks import StepInfo
+    from ssl_platform.training.trainer import local_worker, train_step
 
     worker, data, training = local_worker(spec)
     method, steps_per_epoch = training.method.train(), data.steps_per_epoch
@@ -79,8 +79,8 @@ def test_recipe_validates_and_trains_two_steps(path):
 @pytest.mark.parametrize("path", CHAINS)
 def test_salt_chain_recipe_validates_and_both_stages_train(path, tmp_path):
     from methods import checkpoint_io
-    from ssl_platform.chain import load_chain, stage_spec_for
-    from ssl_platform.train import build_method_from_spec
+    from ssl_platform.launch.chain import load_chain, stage_spec_for
+    from ssl_platform.training.trainer import build_method_from_spec
 
     assert "Cost (python -m benchmarks.recipe_cost" in (ROOT / path).read_text()
     chain = load_chain(ROOT / path)
@@ -92,7 +92,7 @@ def test_salt_chain_recipe_validates_and_both_stages_train(path, tmp_path):
     stage1.overrides += STAGE_EXTRAS["mae"]
     spec1 = stage_spec_for(stage1, {})
     two_steps(spec1)
-    enc = build_method_from_spec(spec1)
+    enc = build_method_from_spec(spec1.method)
     teacher = Path(tmp_path) / "stage1"
     checkpoint_io.save_encoder(teacher, "mae", enc.encoder_config(), enc.encoder_state_dict())
     stage2 = load_chain(ROOT / path, small_overrides("salt")).stages[1]

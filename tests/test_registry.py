@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_VIT, mlflow_store_uri
 
-from ssl_platform import registry
+from ssl_platform.tracking import model_registry as registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,7 @@ def test_promote_real_training_run(ray_session, tiny_spec):
     """A run produced by run_experiment (train.py's own encoder artifact) registers and loads back."""
     import mlflow
 
-    from ssl_platform.run import run_experiment
+    from ssl_platform.launch.run import run_experiment
 
     spec = tiny_spec()
     res = run_experiment(spec)
@@ -168,7 +168,7 @@ def test_new_sqlite_store_created_by_concurrent_processes(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'concurrent.db'}"
     code = (
-        "import sys; from ssl_platform import tracking; c = tracking.client(sys.argv[1]); "
+        "import sys; from ssl_platform.tracking import mlflow_runs as tracking; c = tracking.client(sys.argv[1]); "
         "print(tracking.experiment_id(c, 'exp'))"
     )
     procs = [

@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-from ssl_platform.chain import load_chain, run_chain
-from ssl_platform.checkpoint_cache import download_checkpoint
-from ssl_platform.hooks import PoisonLoss
-from ssl_platform.run import run_experiment
-from ssl_platform.run_checkpoints import latest_complete_checkpoint_uri, list_checkpoint_uris
-from ssl_platform.storage import load_training_checkpoint
+from ssl_platform.launch.chain import load_chain, run_chain
+from ssl_platform.launch.run import run_experiment
+from ssl_platform.storage.checkpoint_cache import download_checkpoint
+from ssl_platform.storage.run_checkpoints import latest_complete_checkpoint_uri, list_checkpoint_uris
+from ssl_platform.storage.training_checkpoints import load_training_checkpoint
 from tests.conftest import mlflow_store_uri, tiny_spec_dict
+from tests.fault_hooks import PoisonLoss
 from tests.test_s3_storage import SALT_TINY
 
 pytestmark = pytest.mark.slow

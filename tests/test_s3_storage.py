@@ -17,16 +17,16 @@ from methods.checkpoint_io import (
     save_encoder,
 )
 from methods.mae import MAE
-from ssl_platform.chain import load_chain
-from ssl_platform.checkpoint_cache import download_checkpoint
-from ssl_platform.method_checkpoints import preflight_method_checkpoints
-from ssl_platform.run_checkpoints import (
+from ssl_platform.launch.chain import load_chain
+from ssl_platform.spec import SpecError, spec_from_dict
+from ssl_platform.storage.checkpoint_cache import download_checkpoint
+from ssl_platform.storage.method_checkpoints import preflight_method_checkpoints
+from ssl_platform.storage.run_checkpoints import (
     latest_complete_checkpoint_uri,
     list_checkpoint_uris,
     prune_checkpoints_beyond_keep,
 )
-from ssl_platform.spec import SpecError, spec_from_dict
-from ssl_platform.uri_files import read_text, write_text
+from ssl_platform.storage.uri_files import read_text, write_text
 from tests.conftest import ROOT, TINY_VIT, tiny_spec_dict
 
 SALT_TINY = {"name": "salt", "encoder_name": "vit_tiny_patch16_224", "encoder_kwargs": dict(TINY_VIT),
@@ -141,22 +141,23 @@ def test_teacher_preflight_refuses_missing_incomplete_and_other_architecture(tmp
     good, _ = _encoder_checkpoint(tmp_path / "teacher")
     other, _ = _encoder_checkpoint(tmp_path / "other", {**TINY_VIT, "embed_dim": 48})
 
-    def spec(teacher: str):
-        return spec_from_dict(salt_spec_dict(tmp_path, teacher=teacher))
+    def preflight(teacher: str) -> None:
+        spec = spec_from_dict(salt_spec_dict(tmp_path, teacher=teacher))
+        preflight_method_checkpoints(spec.method, spec.checkpoint)
 
-    preflight_method_checkpoints(spec(str(good)))
+    preflight(str(good))
     with pytest.raises(SpecError, match="method.teacher: expected an existing checkpoint"):
-        preflight_method_checkpoints(spec(str(tmp_path / "nope")))
+        preflight(str(tmp_path / "nope"))
     with pytest.raises(CheckpointMismatchError, match="embed_dim: checkpoint 48 vs requested 32"):
-        preflight_method_checkpoints(spec(str(other)))
+        preflight(str(other))
     (good / "manifest.json").unlink()
     with pytest.raises(IncompleteCheckpointError, match="no manifest.json"):
-        preflight_method_checkpoints(spec(str(good)))
+        preflight(str(good))
 
 
 def test_s3_teacher_is_checked_before_ray_and_downloaded_verified_for_the_workers(s3_server, tmp_path, monkeypatch):
     """The teacher given as s3://: pre-flight downloads and checks it; the workers get a verified local copy."""
-    from ssl_platform.method_checkpoints import localize_method_checkpoints
+    from ssl_platform.storage.method_checkpoints import localize_method_checkpoints
 
     monkeypatch.setenv("SSL_PLATFORM_CACHE", str(tmp_path / "cache"))
     bucket = s3_server["bucket"]
@@ -164,13 +165,14 @@ def test_s3_teacher_is_checked_before_ray_and_downloaded_verified_for_the_worker
     _upload(local, bucket, "stage1/checkpoint_1")
     _upload(local, bucket, "stage1/checkpoint_2", skip=("manifest.json",))
     spec = spec_from_dict(salt_spec_dict(tmp_path, teacher=f"s3://{bucket}/stage1/checkpoint_1"))
-    preflight_method_checkpoints(spec)
-    localized = localize_method_checkpoints(spec)
+    preflight_method_checkpoints(spec.method, spec.checkpoint)
+    localized = localize_method_checkpoints(spec.method, spec.checkpoint)
     assert spec.method.teacher == f"s3://{bucket}/stage1/checkpoint_1"  # the spec itself is left as it is
-    payload = torch.load(Path(localized.method.teacher) / "encoder.pt", weights_only=True)
+    payload = torch.load(Path(localized.teacher) / "encoder.pt", weights_only=True)
     assert all(torch.equal(payload["state_dict"][k], v) for k, v in state.items())
     with pytest.raises(IncompleteCheckpointError, match="no manifest.json"):
-        preflight_method_checkpoints(spec_from_dict(salt_spec_dict(tmp_path, teacher=f"s3://{bucket}/stage1/checkpoint_2")))
+        incomplete = spec_from_dict(salt_spec_dict(tmp_path, teacher=f"s3://{bucket}/stage1/checkpoint_2"))
+        preflight_method_checkpoints(incomplete.method, incomplete.checkpoint)
 
 
 def test_salt_without_teacher_is_refused_by_validation(tmp_path):

@@ -18,8 +18,7 @@ import pytest
 from PIL import Image
 
 from ssl_platform.cli import main
-from ssl_platform.data import DataError
-from ssl_platform.shards import (
+from ssl_platform.data.shards import (
     MANIFEST_NAME,
     PROGRESS_NAME,
     iter_shard_rows,
@@ -28,6 +27,7 @@ from ssl_platform.shards import (
     read_manifest,
     verify_shards,
 )
+from ssl_platform.data.small_sets import DataError
 from tests.conftest import ROOT
 
 CLASSES = ("ant", "bee", "cat")
@@ -307,7 +307,7 @@ def test_local_to_s3_killed_mid_run_resumes_without_reuploading(s3_server, tmp_p
     src, dest = str(tmp_path / "src"), f"s3://{bucket}/shards/tiny"
     code = f"""
 import os, signal
-from ssl_platform.shards import prepare_shards
+from ssl_platform.data.shards import prepare_shards
 
 def kill(name):
     if name == "shard-00001.parquet":
@@ -346,7 +346,7 @@ prepare_shards({src!r}, {dest!r}, shard_size=5, workers=2, progress=False, after
 
 
 def test_image_problem_names_truncation_and_non_images():
-    from ssl_platform.shards import image_problem
+    from ssl_platform.data.shards import image_problem
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 10, 10)).save(buf, "JPEG")

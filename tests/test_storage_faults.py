@@ -14,14 +14,18 @@ import mlflow
 import pytest
 
 from methods.checkpoint_io import IncompleteCheckpointError, write_manifest
-from ssl_platform.checkpoint_cache import download_checkpoint
-from ssl_platform.checkpoint_upload import CheckpointUploadError, upload_checkpoint_dir
-from ssl_platform.retry import StorageUnavailableError, retry_with_backoff
-from ssl_platform.run import run_experiment
-from ssl_platform.run_checkpoints import latest_complete_checkpoint_uri, list_checkpoint_uris, remote_manifest
-from ssl_platform.s3 import filesystem
-from ssl_platform.storage import load_training_checkpoint
-from ssl_platform.uri_files import read_text
+from ssl_platform.launch.run import run_experiment
+from ssl_platform.storage.checkpoint_cache import download_checkpoint
+from ssl_platform.storage.checkpoint_upload import CheckpointUploadError, upload_checkpoint_dir
+from ssl_platform.storage.retry import StorageUnavailableError, retry_with_backoff
+from ssl_platform.storage.run_checkpoints import (
+    latest_complete_checkpoint_uri,
+    list_checkpoint_uris,
+    remote_manifest,
+)
+from ssl_platform.storage.s3 import filesystem
+from ssl_platform.storage.training_checkpoints import load_training_checkpoint
+from ssl_platform.storage.uri_files import read_text
 from tests.tcp_proxy import CuttableProxy
 
 CKPT_FILES = ["encoder.pt", "model.pt", "optimizer.pt", "spec.yaml", "state.json"]

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from benchmarks.image_tree import encode_image, write_image_tree
-from ssl_platform.data import DataError
-from ssl_platform.sources import in_test_split, list_image_folder, split_by_hash
-from ssl_platform.streaming import InMemoryImages, decode_batch, decode_to_canvas
+from ssl_platform.data.small_sets import DataError
+from ssl_platform.data.sources import list_image_folder, split_by_hash
+from ssl_platform.data.streaming import InMemoryImages, decode_batch, decode_to_canvas
 
 
 # ---- CPU side ----------------------------------------------------------------------------------------------
@@ -38,20 +38,25 @@ def test_decode_fits_the_canvas_keeping_aspect_and_never_enlarges():
     assert decode_to_canvas(grey.getvalue(), 32)[0].shape == (32, 32, 3)  # grey -> RGB
 
 
-def test_decode_batch_labels_by_class_folder_and_flags_corrupt_files():
+def test_decode_batch_keeps_labels_and_flags_corrupt_and_missing_files(tmp_path):
+    from pyarrow.fs import LocalFileSystem
+
     good = encode_image(np.full((12, 16, 3), 200, dtype=np.uint8))
     batch = {
-        "bytes": np.array([good, b"not an image", good, good], dtype=object),
-        "path": np.array(["/d/b/1.jpg", "/d/a/2.jpg", "/d/loose.jpg", "/d/zzz/3.jpg"], dtype=object),
+        "bytes": np.array([good, b"not an image"], dtype=object),
+        "path": np.array(["/d/b/1.jpg", "/d/a/2.jpg"], dtype=object),
+        "label": np.array([1, -1]),
     }
-    out = decode_batch(batch, canvas=16, root="/d", class_index={"a": 0, "b": 1})
-    # the loose file and the unknown class are dropped; the corrupt one is a bad row with its path
+    out = decode_batch(batch, canvas=16)
     assert list(out["path"]) == ["/d/b/1.jpg", "/d/a/2.jpg"]
-    assert out["label"].tolist() == [1, 0] and out["ok"].tolist() == [True, False]
+    assert out["label"].tolist() == [1, -1] and out["ok"].tolist() == [True, False]
     assert out["image"].shape == (2, 16, 16, 3) and out["size"].tolist() == [[12, 16], [0, 0]]
-    held = decode_batch(batch, canvas=16, root="/d", class_index={"a": 0, "b": 1}, holdout=(0.5, True))
-    kept = [p for p in ["/d/b/1.jpg", "/d/a/2.jpg"] if in_test_split(p[len("/d/"):], 0.5)]
-    assert list(held["path"]) == kept
+    # a listing's rows: bytes read from the filesystem; a file gone since the listing is a bad row, named
+    (tmp_path / "x.jpg").write_bytes(good)
+    rows = {"path": np.array([str(tmp_path / "x.jpg"), str(tmp_path / "gone.jpg")], dtype=object), "label": np.array([3, 4])}
+    out = decode_batch(rows, canvas=16, filesystem=LocalFileSystem())
+    assert out["ok"].tolist() == [True, False] and out["label"].tolist() == [3, 4]
+
 
 
 def test_listing_and_hash_split(tmp_path):
@@ -102,7 +107,7 @@ def test_unreadable_class_folder_is_refused_naming_the_uri():
         root.chmod(0o755)
         (root / "a").chmod(0o755)
         (root / "b").chmod(0)  # no read or traverse permission
-        code = ("import sys; from ssl_platform.sources import list_image_folder; from ssl_platform.data import DataError\n"
+        code = ("import sys; from ssl_platform.data.sources import list_image_folder; from ssl_platform.data.small_sets import DataError\n"
                 "try:\n    list_image_folder(sys.argv[1])\nexcept DataError as err:\n    print(err); sys.exit(3)\n")
         def without_dac_override() -> None:  # root: drop the capabilities that ignore file modes, then exec
             import ctypes
@@ -137,7 +142,7 @@ def test_s3_prefix_without_read_permission_is_refused_at_once(monkeypatch):
 
     import boto3
 
-    from ssl_platform.run import free_port
+    from ssl_platform.training.ray_runtime import free_port
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -191,7 +196,7 @@ def _folder_spec(tiny_spec, root: str, val_root: str | None, extra: list[str] | 
 
 @pytest.mark.slow
 def test_two_workers_see_disjoint_files_that_cover_each_epoch(ray_session, tiny_spec, tmp_path):
-    from ssl_platform.run import run_experiment
+    from ssl_platform.launch.run import run_experiment
     from tests.recording_hooks import RecordKeys
 
     files = write_image_tree(tmp_path / "train", num_classes=2, per_class=16, mean_size=(30, 40))
@@ -216,7 +221,7 @@ def test_two_workers_see_disjoint_files_that_cover_each_epoch(ray_session, tiny_
 
 @pytest.mark.slow
 def test_s3_image_folder_trains_and_resumes(ray_session, tiny_spec, tmp_path, s3_server):
-    from ssl_platform.run import run_experiment
+    from ssl_platform.launch.run import run_experiment
 
     s3 = boto3.client("s3")
     for f in write_image_tree(tmp_path / "tree", num_classes=2, per_class=14, mean_size=(30, 40)):
@@ -237,7 +242,7 @@ def test_s3_image_folder_trains_and_resumes(ray_session, tiny_spec, tmp_path, s3
 def test_corrupt_files_are_skipped_counted_and_stop_the_run_past_the_limit(ray_session, tiny_spec, tmp_path):
     from ray.train import WorkerGroupError
 
-    from ssl_platform.run import run_experiment
+    from ssl_platform.launch.run import run_experiment
 
     write_image_tree(tmp_path / "train", num_classes=2, per_class=12, mean_size=(30, 40))
     write_image_tree(tmp_path / "val", num_classes=2, per_class=3, mean_size=(30, 40), seed=1)
@@ -255,7 +260,7 @@ def test_corrupt_files_are_skipped_counted_and_stop_the_run_past_the_limit(ray_s
 
 
 def test_missing_s3_prefix_is_refused_before_ray(tiny_spec, tmp_path, s3_server):
-    from ssl_platform.run import run_experiment
+    from ssl_platform.launch.run import run_experiment
 
     spec = _folder_spec(tiny_spec, f"s3://{s3_server['bucket']}/nothing-here", None)
     with pytest.raises(DataError, match=r"data.root: .*s3://ssl-test/nothing-here.*does not exist"):
@@ -268,7 +273,7 @@ def test_shards_prepared_by_the_cli_train_with_their_validation_split(ray_sessio
     import subprocess
     import sys
 
-    from ssl_platform.run import run_experiment
+    from ssl_platform.launch.run import run_experiment
     from tests.conftest import ROOT
 
     write_image_tree(tmp_path / "train", num_classes=2, per_class=12, mean_size=(30, 40))
@@ -287,7 +292,7 @@ def test_shards_prepared_by_the_cli_train_with_their_validation_split(ray_sessio
 def test_streamed_run_whose_workers_take_every_cpu_is_refused(ray_session, tiny_spec, tmp_path):
     import ray
 
-    from ssl_platform.run import run_experiment
+    from ssl_platform.launch.run import run_experiment
     from ssl_platform.spec import SpecError
 
     write_image_tree(tmp_path / "tree", num_classes=2, per_class=10, mean_size=(20, 20))

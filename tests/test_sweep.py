@@ -1,4 +1,4 @@
-"""Ray Tune sweeps (ssl_platform.tune): spec validation, a real 3-trial sweep with ASHA, kill + --resume."""
+"""Ray Tune sweeps (ssl_platform.sweeps.driver): spec validation, a real 3-trial sweep with ASHA, kill + --resume."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from ssl_platform.spec import SpecError, spec_from_dict
-from ssl_platform.sweep_spec import load_sweep, parse_sweep_section
+from ssl_platform.sweeps.sweep_spec import load_sweep, parse_sweep_section
 from tests.conftest import ROOT, tiny_spec_dict
 
 
@@ -37,10 +37,11 @@ def test_example_sweeps_validate(path, tmp_path):
     import torch
     from torch.utils.data import DataLoader
 
-    from ssl_platform.data import ViewDataset, build_view_transform, load_split
+    from benchmarks.per_sample_views import ViewDataset, build_view_transform
+    from ssl_platform.data.small_sets import load_split
     from ssl_platform.spec import read_yaml, to_container
-    from ssl_platform.sweep_spec import apply_values
-    from ssl_platform.train import build_method_from_spec
+    from ssl_platform.sweeps.sweep_spec import apply_values
+    from ssl_platform.training.trainer import build_method_from_spec
 
     overrides = []
     raw_method = read_yaml(path)["method"]
@@ -56,7 +57,7 @@ def test_example_sweeps_validate(path, tmp_path):
     # the first value of every swept key gives a spec whose method trains on the platform's views
     spec = apply_values(to_container(sweep.base), {p.key: p.args[0] for p in sweep.params})
     torch.manual_seed(0)
-    method = build_method_from_spec(spec).train()
+    method = build_method_from_spec(spec.method).train()
     batch = next(iter(DataLoader(ViewDataset(load_split(spec.data).train, build_view_transform(method.view_kind, spec.data)), batch_size=4)))
     method.on_train_step(0, 10, 0.0)
     loss = method(**batch).loss
@@ -65,7 +66,7 @@ def test_example_sweeps_validate(path, tmp_path):
 
 
 def test_optuna_searcher_samples_the_space(tmp_path):
-    from ssl_platform.sweep_trial import build_searcher, search_space
+    from ssl_platform.sweeps.trial import build_searcher, search_space
 
     base = spec_from_dict(tiny_spec_dict(tmp_path))
     sweep = parse_sweep_section({"metric": "loss", "mode": "min", "searcher": "optuna", "seed": 0, "params": {
@@ -138,8 +139,8 @@ LRS = [1e-3, 5.0, 2e-3]  # the middle one diverges on purpose: ASHA must stop it
 
 @pytest.fixture(scope="module")
 def asha_sweep(tmp_path_factory, ray_session):
-    from ssl_platform.sweep_report import results_table
-    from ssl_platform.tune import run_sweep
+    from ssl_platform.sweeps.driver import run_sweep
+    from ssl_platform.sweeps.report import results_table
 
     tmp = tmp_path_factory.mktemp("sweep")
     raw = tiny_spec_dict(tmp, name="tiny-sweep", optim={"lr": 1e-3, "warmup_epochs": 0, "epochs": 2, "clip_grad": 0})
@@ -186,7 +187,7 @@ def test_sweep_runs_three_trials_with_outputs_and_mlflow(asha_sweep):
 
 
 def test_sweep_state_is_in_checkpoint_storage_and_a_second_run_is_refused(asha_sweep):
-    from ssl_platform.tune import run_sweep
+    from ssl_platform.sweeps.driver import run_sweep
 
     sweep, result, _ = asha_sweep
     root = f"{sweep.base.checkpoint.uri}/sweeps/{sweep.name}"

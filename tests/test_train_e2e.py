@@ -8,8 +8,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from ssl_platform.run import run_experiment
-from ssl_platform.storage import latest_complete_checkpoint, list_checkpoints, load_training_checkpoint
+from ssl_platform.launch.run import run_experiment
+from ssl_platform.storage.training_checkpoints import (
+    latest_complete_checkpoint,
+    list_checkpoints,
+    load_training_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 

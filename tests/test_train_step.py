@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssl_platform.hooks import PoisonLoss, StepInfo
-from ssl_platform.train import (
+from ssl_platform.training.hooks import StepInfo
+from ssl_platform.training.trainer import (
     NonFiniteLossError,
     _check_bad_data,
     _check_nonfinite,
@@ -14,6 +14,7 @@ from ssl_platform.train import (
     local_worker,
     train_step,
 )
+from tests.fault_hooks import PoisonLoss
 
 
 def _setup(tiny_spec, hooks):
@@ -59,7 +60,7 @@ def test_device_sums_average_finite_steps_and_name_the_first_skip(tiny_spec):
 
 
 def test_bad_data_verdict_waits_for_enough_files():
-    from ssl_platform.streaming import BadDataError
+    from ssl_platform.data.streaming import BadDataError
 
     _check_bad_data(1, 8, ["a.jpg"], 0.01, epoch_end=False)  # 1 of 8: no verdict before 100 files
     with pytest.raises(BadDataError, match=r"got 2 undecodable of 100 .*a.jpg"):
