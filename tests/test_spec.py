@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 import yaml
 
+from ssl_platform import spec as spec_module
 from ssl_platform.spec import SpecError, load_spec, spec_from_dict
 from tests.conftest import ROOT, tiny_spec_dict
 
@@ -101,6 +103,19 @@ def test_all_bundled_experiment_specs_are_valid():
     assert specs, "no experiment specs"
     for path in specs:
         load_spec(path)
+
+
+def test_every_section_rule_names_keys_of_its_section():
+    """A typo in a section's ``constraints`` would check nothing (an unset value passes most rules): each rule must
+    name keys of its own section, and every section that declares rules is one that validate checks."""
+    checked = {schema for _, schema in spec_module.CHECKED_SECTIONS}
+    declaring = {obj for obj in vars(spec_module).values()
+                 if dataclasses.is_dataclass(obj) and isinstance(obj, type) and "constraints" in vars(obj)}
+    assert declaring == checked
+    for path, schema in spec_module.CHECKED_SECTIONS:
+        keys = {f.name for f in dataclasses.fields(schema)}
+        for rule in schema.constraints:
+            assert set(rule.params) <= keys, f"{path}: {rule} names a key {schema.__name__} does not have"
 
 
 def test_cli_rejects_bad_spec_before_ray_starts(tmp_path):
