@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from benchmarks.image_tree import encode_image, write_image_tree
+from ssl_platform.data.decode import decode_batch, decode_to_canvas
 from ssl_platform.data.small_sets import DataError
 from ssl_platform.data.sources import list_image_folder, split_by_hash
-from ssl_platform.data.streaming import InMemoryImages, decode_batch, decode_to_canvas
+from ssl_platform.data.streaming import InMemoryImages
 
 
 # ---- CPU side ----------------------------------------------------------------------------------------------

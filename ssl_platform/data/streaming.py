@@ -1,8 +1,9 @@
 """Training and evaluation images as streams of uint8 batches, the same for every source.
 
 Streamed sources (``image_folder``, ``shards``) are Ray Data datasets built on the driver (nothing is read
-before training starts): files are listed and read lazily, shuffled by file every epoch
-(``FileShuffleConfig(reseed_after_execution=True)``), decoded by :class:`Decoder` in Ray Data tasks on the
+before training starts): an image folder is listed once and its listing becomes blocks of ``(path, label)``
+rows, in a new order every epoch (blocks and the rows within them; shards: by file); the files are read and
+decoded lazily (:mod:`ssl_platform.data.decode`, which imports no torch) in Ray Data tasks on the
 cluster's CPUs, split across the Train workers (``TorchTrainer(datasets=...)`` ->
 ``ray.train.get_dataset_shard``) and prefetched. The CPU only decodes: each image is fitted into a
 ``decode_size x decode_size`` uint8 canvas (aspect kept, never enlarged, placed top-left, zero padded) and its
@@ -20,10 +21,8 @@ worker (a few MB) and yield the same :class:`ImageBatch`, sharded by rank with a
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,6 +32,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from ssl_platform.data.decode import (
+    IMAGE_COLUMN,
+    LABEL_COLUMN,
+    OK_COLUMN,
+    PATH_COLUMN,
+    SIZE_COLUMN,
+    decode_batch,
+    shuffle_block,
+)
 from ssl_platform.data.shards import read_manifest
 from ssl_platform.data.small_sets import DataError
 from ssl_platform.data.sources import (
@@ -43,8 +51,6 @@ from ssl_platform.data.sources import (
     split_by_hash,
 )
 from ssl_platform.spec import STREAMED_DATASETS, eval_data_section
-
-IMAGE_COLUMN, SIZE_COLUMN, LABEL_COLUMN, OK_COLUMN, PATH_COLUMN = "image", "size", "label", "ok", "path"
 
 
 class BadDataError(DataError):
@@ -76,80 +82,6 @@ def canvas_size(data: DictConfig) -> int:
     """The CPU-side canvas: ``data.decode_size``, or 4/3 of ``data.image_size`` rounded up to a multiple of 8 (so
     a 4:3 photo keeps a short side >= image_size: 224 -> 304)."""
     return int(data.decode_size) or int(math.ceil(data.image_size * 4 / 3 / 8) * 8)
-
-
-# ---- CPU side: decode into a canvas ---------------------------------------------------------------------
-def decode_to_canvas(encoded: bytes, canvas: int) -> tuple[np.ndarray, int, int]:
-    """Decode an image file's bytes to RGB and fit it into ``canvas x canvas`` (``uint8 [C, C, 3]``, h, w)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(encoded)) as img:
-        w, h = img.size
-        scale = min(1.0, canvas / max(w, h))
-        tw, th = max(1, round(w * scale)), max(1, round(h * scale))
-        if scale < 1.0:
-            img.draft("RGB", (tw, th))  # JPEG: decode at a reduced DCT scale, still >= the target size
-        rgb = img.convert("RGB")
-        if rgb.size != (tw, th):
-            rgb = rgb.resize((tw, th), Image.BILINEAR)  # PIL filters over the source footprint (antialiased)
-        out = np.zeros((canvas, canvas, 3), dtype=np.uint8)
-        out[:th, :tw] = np.asarray(rgb)
-    return out, th, tw
-
-
-def decode_batch(batch: dict[str, np.ndarray], *, canvas: int, filesystem=None) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: rows -> canvas rows.
-
-    Input columns: ``path``, ``label`` and the encoded image, ``image`` (shards) or ``bytes``; without either, the
-    bytes are read from ``filesystem`` at ``path`` (an image folder's listing). Labels travel as given
-    (:data:`~ssl_platform.data.sources.NO_LABEL` for unlabelled images).
-    """
-    paths = [str(p) for p in batch[PATH_COLUMN]]
-    encoded = batch.get("bytes", batch.get(IMAGE_COLUMN))
-    if encoded is None:
-        encoded = [_read_bytes(filesystem, path) for path in paths]
-    given = batch[LABEL_COLUMN]
-    images, sizes, oks = [], [], []
-    for data in encoded:
-        try:
-            image, h, w = decode_to_canvas(bytes(data), canvas)
-            ok = True
-        except Exception:  # noqa: BLE001 -- any decoder failure makes the file a bad row, named by the worker
-            image, h, w, ok = np.zeros((canvas, canvas, 3), dtype=np.uint8), 0, 0, False
-        images.append(image)
-        sizes.append((h, w))
-        oks.append(ok)
-    return {
-        IMAGE_COLUMN: np.stack(images) if images else np.zeros((0, canvas, canvas, 3), dtype=np.uint8),
-        SIZE_COLUMN: np.asarray(sizes, dtype=np.int32).reshape(-1, 2),
-        LABEL_COLUMN: np.asarray(given, dtype=np.int64),
-        OK_COLUMN: np.asarray(oks, dtype=bool),
-        PATH_COLUMN: np.asarray(paths, dtype=object),
-    }
-
-
-def _read_bytes(filesystem, path: str) -> bytes:
-    """A file's bytes; an unreadable file (gone since the listing, no permission) decodes as a bad row."""
-    try:
-        with filesystem.open_input_stream(path) as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def shuffle_block(block: dict[str, np.ndarray], *, seed: int) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches(batch_size=None)`` function: the rows of one listing block in a new order every
-    epoch (the generator is seeded by ``seed``, the dataset's execution index and the block's first path)."""
-    n = len(block[PATH_COLUMN])
-    if n < 2:
-        return block
-    import ray.data
-
-    seed_tuple = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True).get_seed_tuple(
-        data_context=ray.data.DataContext.get_current())
-    first = zlib.crc32(str(block[PATH_COLUMN][0]).encode())
-    order = np.random.default_rng([first, seed_tuple.execution_idx or 0, seed]).permutation(n)
-    return {k: v[order] for k, v in block.items()}
 
 
 # ---- driver side: Ray Data datasets ---------------------------------------------------------------------
