@@ -44,7 +44,7 @@ def test_decode_batch_keeps_labels_and_flags_corrupt_and_missing_files(tmp_path)
 
     good = encode_image(np.full((12, 16, 3), 200, dtype=np.uint8))
     batch = {
-        "bytes": np.array([good, b"not an image"], dtype=object),
+        "image": np.array([good, b"not an image"], dtype=object),
         "path": np.array(["/d/b/1.jpg", "/d/a/2.jpg"], dtype=object),
         "label": np.array([1, -1]),
     }

@@ -36,12 +36,12 @@ def decode_to_canvas(encoded: bytes, canvas: int) -> tuple[np.ndarray, int, int]
 def decode_batch(batch: dict[str, np.ndarray], *, canvas: int, filesystem=None) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: rows -> canvas rows.
 
-    Input columns: ``path``, ``label`` and the encoded image, ``image`` (shards) or ``bytes``; without either, the
+    Input columns: ``path``, ``label`` and, for shards, the encoded ``image``; without it, the
     bytes are read from ``filesystem`` at ``path`` (an image folder's listing). Labels travel as given
     (:data:`~ssl_platform.data.sources.NO_LABEL` for unlabelled images).
     """
     paths = [str(p) for p in batch[PATH_COLUMN]]
-    encoded = batch.get("bytes", batch.get(IMAGE_COLUMN))
+    encoded = batch.get(IMAGE_COLUMN)
     if encoded is None:
         encoded = [_read_bytes(filesystem, path) for path in paths]
     given = batch[LABEL_COLUMN]
