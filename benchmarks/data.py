@@ -323,3 +323,50 @@ def run_data(work: Path, repeats: int, sizes: tuple[int, ...], throughput_images
     finally:
         if started:
             ray.shutdown()
+
+
+# ---- decode resolution: what the canvas and the DCT draft cost and leave of the crops (issue 26) -------------
+DECODE_SETTINGS = (  # (label, decode_size, draft)
+    ("512 full decode (ImageNet recipes)", 512, False),
+    ("304 full decode (auto canvas at 224 px)", 304, False),
+    ("256 full decode + resize", 256, False),
+    ("256 draft", 256, True),
+    ("128 full decode + resize", 128, False),
+    ("128 draft (1/2 DCT scale)", 128, True),
+)
+
+
+def decode_resolution(n_images: int = 200, repeats: int = 3, log: Callable[[str], None] = print,
+                      size: tuple[int, int] = (375, 500)) -> dict[str, Any]:
+    """Decode images/s of one process (:func:`ssl_platform.data.decode.decode_to_canvas`) on ``n_images`` JPEGs of
+    ``size`` (h, w; ImageNet's typical 500x375) per canvas setting, median of ``repeats`` round-robin rounds, and
+    what the crops are then cut from: the valid ``(h, w)`` and the side of a DINO local crop's region,
+    ``sqrt(s h w)`` for ``s`` in (0.05, 0.4) (the paper, on the full image: 97-274 px)."""
+    import numpy as np
+
+    from benchmarks.image_tree import class_image, encode_image
+    from ssl_platform.data.decode import decode_to_canvas
+
+    rng = np.random.default_rng(0)
+    files = [encode_image(class_image(i % 10, 10, size[0], size[1], rng)) for i in range(n_images)]
+    times: dict[str, list[float]] = {label: [] for label, _, _ in DECODE_SETTINGS}
+    out: dict[str, Any] = {"images": n_images, "source_hw": list(size), "settings": {}}
+    for _ in range(repeats):
+        for label, canvas, draft in DECODE_SETTINGS:
+            t0 = time.perf_counter()
+            for data in files:
+                _, h, w = decode_to_canvas(data, canvas, draft)
+            times[label].append(time.perf_counter() - t0)
+            out["settings"][label] = {"decode_size": canvas, "draft": draft, "valid_hw": [h, w],
+                                      "dino_local_region_px": [round((0.05 * h * w) ** 0.5), round((0.4 * h * w) ** 0.5)]}
+    for label, entry in out["settings"].items():
+        entry["images_per_s"] = round(n_images / statistics.median(times[label]), 1)
+        log(f"[data] decode {label}: {entry['images_per_s']} images/s, view source {entry['valid_hw']}, "
+            f"DINO local regions {entry['dino_local_region_px']} px")
+    return out
+
+
+if __name__ == "__main__":  # python -m benchmarks.data [n_images] [repeats]: the decode-resolution table only
+    import sys
+
+    print(json.dumps(decode_resolution(*(int(a) for a in sys.argv[1:3])), indent=1))

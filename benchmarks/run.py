@@ -9,7 +9,10 @@ views/s of the batched device-side augmentation against the per-sample path, and
 write images/s and Parquet vs WebDataset-tar read images/s on ~2,000 generated JPEGs), ``data`` (the streamed data
 path on generated JPEG trees: CPU decode throughput against a ``DataLoader``, time to the first step and worker
 peak RSS at two dataset sizes), ``peer`` (every method's step against stable-pretraining's, paired;
-creates ``.peer-venv/`` on first use). ``salt`` is an alias of
+creates ``.peer-venv/`` on first use), ``memory`` (peak memory per worker, MAE ViT-B/16 at 224, batch 16, 2 CPU
+workers: DDP vs FSDP, with and without activation checkpointing; ``benchmarks/memory.py``), ``tracking`` (epoch 2 to
+8 of a digits run through the command line with a real MLflow server up, and killed for 45 s after epoch 2: the
+stall; ``benchmarks/tracking_outage.py``). ``salt`` is an alias of
 ``steps`` restricted to SALT, DINO and MAE. A run of some sections updates those sections of an existing
 results file of the same machine and keeps the others.
 """
@@ -29,7 +32,7 @@ import torch
 from benchmarks import common
 from benchmarks.common import METHODS, RESULTS_DIR
 
-SECTIONS = ("steps", "pipeline", "augment", "opt", "compile", "overhead", "shards", "data", "peer")
+SECTIONS = ("steps", "pipeline", "augment", "opt", "compile", "overhead", "shards", "data", "peer", "memory", "tracking")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -186,6 +189,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 record("data", lambda: run_data(work, 2 if quick else 3, (1000, 8000), 2000, log,
                                                 file_counts=(2000, 1_000_000)))
+        if "tracking" in sections:  # issue 29: training time lost to a tracking-server outage (two CLI runs)
+            from benchmarks.tracking_outage import run_tracking_outage
+
+            record("tracking", lambda: run_tracking_outage(epochs=4 if args.tiny else 8,
+                                                           outage_s=10.0 if args.tiny else 45.0, log=log))
+        if "memory" in sections:
+            from benchmarks.memory import run_memory
+
+            record("memory", lambda: run_memory(batch=4 if args.tiny else 16, tiny=args.tiny, log=log))
         if "peer" in sections:
             from benchmarks import peer as P
 

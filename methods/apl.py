@@ -283,6 +283,8 @@ class APL(SSLMethod):
     """
 
     view_kind = "images"
+    input_mean = (0.5, 0.5, 0.5)  # the reference's Normalize((0.5,), (0.5,)) (APL/PreTrainer.py, pt_train_transforms)
+    input_std = (0.5, 0.5, 0.5)
     constraints = (
         C.OneOf("method", APL_METHODS),
         C.OneOf("encoder", APL_ENCODERS),

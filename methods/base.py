@@ -5,14 +5,23 @@ A method is an ``nn.Module`` whose constructor takes keyword arguments named as 
 
 * ``view_kind`` tells the data pipeline which inputs ``forward`` takes in training mode:
   ``"images"``       -> ``forward(images=[B,C,H,W])`` (MAE, SALT, data2vec, APL)
-  ``"multicrop"``    -> ``forward(global_views=[...], local_views=[...])`` (DINO)
-  ``"global_views"`` -> ``forward(global_views=[...])`` (iBOT)
+  ``"multicrop"``    -> ``forward(global_views=[...], local_views=[...])`` (DINO, iBOT; no locals when
+  ``data.multicrop.n_local`` is 0)
+  ``"global_views"`` -> ``forward(global_views=[...])`` (the global views alone)
+* ``input_mean`` / ``input_std`` are the per-channel normalisation ``(x - mean) / std`` of every input the method
+  sees, training views and evaluation images alike (default: ImageNet's statistics, as DINO, iBOT, MAE, data2vec's
+  ``MaeImageDataset`` and I-JEPA / V-JEPA, SALT's code base; APL keeps its reference's 0.5 / 0.5);
+  ``view_interpolation`` is the resampling of the single ``"images"`` view (``"bilinear"``, torchvision's default,
+  or ``"bicubic"``); multi-crop views are bicubic as DINO's and iBOT's ``RandomResizedCrop``.
 * Every method accepts ``forward(images=...)`` in eval mode and returns an output whose ``embedding`` is the
   frozen encoder's ``[B, D]`` representation and whose ``loss`` is zero.
 * ``on_train_step(step, total_steps, epoch)`` is called before each training forward (schedules: EMA
   momentum, teacher temperature); ``after_optimizer_step()`` right after ``optimizer.step()`` (EMA update);
   ``before_optimizer_step(epoch)`` after backward and before clipping/stepping (e.g. DINO freezes its last
   layer in the first epoch by dropping its gradients).
+* ``health_metrics`` names the health metrics that apply (:mod:`methods.health`); a training output may carry
+  ``health`` (:class:`methods.health.HealthInputs`: teacher logits, regression targets...) for those beyond the
+  embedding's. ``pictures(images)`` returns panels to log (:mod:`methods.visualize`: reconstructions, attention).
 * ``encoder_state_dict()`` / ``encoder_config()`` export the encoder that downstream stages (SALT's
   teacher) and evaluation use.
 * ``constraints`` declares the rules on the constructor's keyword arguments (:mod:`methods.constraints`:
@@ -38,8 +47,12 @@ from torch import nn
 
 from methods.checkpoint_io import load_encoder_file, load_state_dict_strict
 from methods.constraints import Constraint
+from methods.health import HealthInputs
+from methods.visualize import Panel
 from methods.vit import create_vit
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision / timm IMAGENET_DEFAULT_MEAN
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class MethodOutput:
@@ -47,6 +60,8 @@ class MethodOutput:
 
     loss: torch.Tensor | None = None
     embedding: torch.Tensor | None = None
+    #: what the step already computed for the health metrics beyond ``embedding`` (detached references, no work)
+    health: HealthInputs | None = None
 
     def metric_tensors(self) -> dict[str, torch.Tensor]:
         """Scalar tensors of the output other than ``loss`` (e.g. ``loss_cls``), detached, on their device (no
@@ -68,6 +83,13 @@ class SSLMethod(nn.Module):
 
     method_name: ClassVar[str] = ""
     view_kind: ClassVar[str] = "images"
+    #: input normalisation (x - mean) / std per RGB channel, in training and evaluation (ImageNet's statistics)
+    input_mean: ClassVar[tuple[float, float, float]] = IMAGENET_MEAN
+    input_std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
+    #: resampling of the crop of the single "images" view: "bilinear" or "bicubic"
+    view_interpolation: ClassVar[str] = "bilinear"
+    #: the label-free health metrics (:mod:`methods.health`) that apply: every method's embedding gives the first two
+    health_metrics: ClassVar[tuple[str, ...]] = ("rank_fraction", "normalized_std")
     #: rules on the constructor's keyword arguments (see :meth:`check_kwargs`); a subclass adds its own
     constraints: ClassVar[tuple[Constraint, ...]] = ()
     #: constructor arguments that take the path of an encoder checkpoint (see :meth:`check_checkpoint`)
@@ -118,6 +140,11 @@ class SSLMethod(nn.Module):
 
     def after_optimizer_step(self) -> None:
         """Called right after ``optimizer.step()`` (EMA teacher updates go here)."""
+
+    def pictures(self, images: torch.Tensor) -> list[Panel]:
+        """Panels (:mod:`methods.visualize`) that show what the method does on ``images`` (normalised inputs);
+        default: none (the platform still plots the embeddings)."""
+        return []
 
     def schedule_state(self) -> dict[str, float]:
         """Current values of scheduled hyper-parameters, for logging (e.g. ``ema_momentum``)."""

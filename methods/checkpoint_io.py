@@ -195,7 +195,13 @@ def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Ten
 
     Raises :class:`CheckpointMismatchError` listing missing keys, unexpected keys and differing shapes.
     """
-    own = module.state_dict()
+    check_state_dict(module.state_dict(), state_dict, what)
+    module.load_state_dict(dict(state_dict), strict=True)
+
+
+def check_state_dict(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`CheckpointMismatchError` listing the missing keys, unexpected keys and differing shapes of
+    ``state_dict`` against a module's own state dict ``own`` (sharded tensors compare by their global shape)."""
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [
@@ -212,4 +218,3 @@ def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Ten
         if shapes:
             parts.append(f"shape mismatch [{_short(shapes, 5)}]")
         raise CheckpointMismatchError(f"{what}: state dict does not match the model: " + "; ".join(parts))
-    module.load_state_dict(dict(state_dict), strict=True)

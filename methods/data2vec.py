@@ -8,10 +8,20 @@ block ``l`` at the patch tokens (prefix tokens dropped) and ``L`` blocks, the re
 
     y = LayerNorm_no_affine( (1 / K) * sum_{l = L - K + 1}^{L} a_l ),     K = top_k_blocks
 
-and the student's final tokens go through a linear head ``r``; the loss is smooth-L1 (beta 2), averaged over
-channels and over the masked positions only:
+and the student's final tokens go through a linear head ``r``; the loss is smooth-L1 (beta 2), SUMMED over channels,
+scaled by ``loss_scale`` (default ``1 / sqrt(D)``) and averaged over the masked positions only, as fairseq's
+``data2vec_vision.py`` (``loss.sum(dim=-1) * self.loss_scale``, ``loss_scale = 1 / math.sqrt(cfg.embed_dim)`` when unset;
+the trainer divides by ``sample_size``, the number of masked tokens):
 
-    loss = sum_i m_i * mean_d smoothL1_2(r(h_i)_d - y_{i,d}) / sum_i m_i.
+    loss = s * sum_i m_i * sum_d smoothL1_2(r(h_i)_d - y_{i,d}) / sum_i m_i,     s = loss_scale or 1 / sqrt(D).
+
+(``loss_scale = 1 / D`` is the per-channel mean, ``sqrt(D)`` times smaller: about 28x for ViT-B.)
+
+The encoder is BEiT's as data2vec uses it: LayerScale on both residual branches initialised at ``layer_scale_init``
+(default 1e-4; timm's ``init_values``) and, with ``shared_rel_pos_bias=True``, one relative position bias shared by
+all blocks and no absolute positions (fairseq ``shared_rel_pos_bias: True``): the encoder is then a timm ``Beit``
+(``encoder_name`` ``beit_*``; ``use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_abs_pos_emb=False``), whose
+exported weights load with ``timm.create_model(name, **encoder_kwargs)``.
 
 The momentum follows a cosine from ``ema_decay_start`` to ``ema_decay_end`` over the training steps:
 ``m(t) = m_end - (m_end - m_start) * (1 + cos(pi t / T)) / 2``. The teacher runs in eval mode. Block outputs
@@ -22,6 +32,7 @@ embedding with zero loss; the exported encoder is the teacher.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +43,7 @@ from torch import nn
 from methods import constraints as C
 from methods import vit as V
 from methods.base import MethodOutput
+from methods.health import HealthInputs
 from methods.registry import register
 from methods.teacher_student import EMATeacherMethod, TeacherStudent
 
@@ -43,6 +55,22 @@ class Data2VecOutput(MethodOutput):
     predictions: torch.Tensor | None = None
     target: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class BeitForSharedBias(C.Constraint):
+    """``shared_rel_pos_bias`` is set only with a timm Beit encoder (``encoder_name`` ``beit_*``)."""
+
+    param: str = "shared_rel_pos_bias"
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return (self.param, "encoder_name")
+
+    def check(self, kwargs, prefix: str = "") -> None:
+        name = kwargs.get("encoder_name")
+        if kwargs.get(self.param) and not (isinstance(name, str) and name.startswith("beit")):
+            raise C.ConstraintError(prefix + self.param, f"false unless {prefix}encoder_name is a timm Beit (beit_*)", True)
 
 
 @register("data2vec")
@@ -57,10 +85,23 @@ class Data2Vec(EMATeacherMethod):
     :param image_size: input size, passed as timm's ``img_size`` unless ``encoder_kwargs`` sets it.
     :param pretrained: load pretrained timm weights.
     :param encoder_kwargs: extension: kwargs for ``timm.create_model`` (``patch_size``, ``class_token``, ...).
+    :param loss_scale: extension: factor on the channel-summed loss; None (default) is fairseq's ``1 / sqrt(D)``.
+    :param layer_scale_init: extension: BEiT LayerScale init (fairseq ``layer_scale_init_value``, default 1e-4), passed
+        as timm's ``init_values`` unless ``encoder_kwargs`` sets it; 0 disables it.
+    :param shared_rel_pos_bias: extension: BEiT's shared relative position bias instead of absolute positions (needs a
+        timm ``beit_*`` encoder; default False, as the seed's default encoder is a plain ViT; the ImageNet recipe sets it).
     """
 
     view_kind = "images"
-    constraints = (C.open_unit_interval("mask_ratio"), C.positive_int("top_k_blocks"))  # + EMA decays (base)
+    # masked prediction: the scale of its regression targets and predictions (methods/health.py)
+    health_metrics = ("rank_fraction", "normalized_std", "target_scale", "prediction_scale")
+    constraints = (
+        C.open_unit_interval("mask_ratio"),
+        C.positive_int("top_k_blocks"),
+        C.InRange("loss_scale", 0.0, low_open=True, optional=True, note="or unset: 1 / sqrt(embed dim)"),
+        C.InRange("layer_scale_init", 0.0, note="0 disables LayerScale"),
+        BeitForSharedBias(),
+    )  # + EMA decays (base)
 
     def __init__(
         self,
@@ -72,13 +113,22 @@ class Data2Vec(EMATeacherMethod):
         image_size: int = 224,
         pretrained: bool = False,
         encoder_kwargs: dict[str, Any] | None = None,
+        loss_scale: float | None = None,
+        layer_scale_init: float = 1e-4,
+        shared_rel_pos_bias: bool = False,
     ):
         super().__init__()
-        self.check_kwargs({"mask_ratio": mask_ratio, "top_k_blocks": top_k_blocks,
+        self.check_kwargs({"mask_ratio": mask_ratio, "top_k_blocks": top_k_blocks, "loss_scale": loss_scale,
+                           "layer_scale_init": layer_scale_init, "shared_rel_pos_bias": shared_rel_pos_bias,
+                           "encoder_name": encoder_name,
                            "ema_decay_start": ema_decay_start, "ema_decay_end": ema_decay_end})
         self.encoder_name = encoder_name
         self.encoder_kwargs = dict(encoder_kwargs or {})
         self.encoder_kwargs.setdefault("img_size", image_size)
+        if layer_scale_init > 0:
+            self.encoder_kwargs.setdefault("init_values", float(layer_scale_init))
+        if shared_rel_pos_bias:
+            self.encoder_kwargs.update(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_abs_pos_emb=False)
         self.image_size = int(self.encoder_kwargs["img_size"])
         self.mask_ratio = mask_ratio
         self.ema_decay_start = ema_decay_start
@@ -93,6 +143,7 @@ class Data2Vec(EMATeacherMethod):
         self.ts = TeacherStudent(student, ema_decay_start, ema_decay_end)  # the shared EMA teacher-student
         dim = student.embed_dim
         self.embed_dim = dim
+        self.loss_scale = float(loss_scale) if loss_scale is not None else 1.0 / math.sqrt(dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.regressor = nn.Linear(dim, dim)
@@ -102,11 +153,7 @@ class Data2Vec(EMATeacherMethod):
     def teacher_targets(self, images: torch.Tensor) -> torch.Tensor:
         """``LayerNorm(mean of the teacher's last top_k_blocks block outputs)`` at the patch tokens: ``[B, N, D]``."""
         vit = self.teacher
-        x = vit.norm_pre(V.embed_patches(vit, images))
-        outputs = []
-        for block in vit.blocks:  # explicit loop: no hooks that could outlive this call
-            x = block(x)
-            outputs.append(x)
+        outputs = V.block_outputs(vit, V.embed_patches(vit, images))  # explicit loop: no hooks that could outlive this call
         n_prefix = V.num_prefix_tokens(vit)
         top = torch.stack([o[:, n_prefix:] for o in outputs[-self.top_k_blocks :]]).mean(dim=0)
         return F.layer_norm(top.float(), top.shape[-1:]).to(top.dtype)
@@ -129,11 +176,12 @@ class Data2Vec(EMATeacherMethod):
         tokens = V.run_blocks(self.student, V.embed_patches(self.student, images, mask, self.mask_token))
         predictions = self.regressor(V.per_token_norm(self.student, tokens)[:, V.num_prefix_tokens(self.student) :])
         target = self.teacher_targets(images)
-        per_token = F.smooth_l1_loss(predictions.float(), target.float(), beta=2.0, reduction="none").mean(dim=-1)
+        per_token = F.smooth_l1_loss(predictions.float(), target.float(), beta=2.0, reduction="none").sum(dim=-1)
         m = mask.float()
-        loss = (per_token * m).sum() / m.sum().clamp(min=1.0)
+        loss = self.loss_scale * (per_token * m).sum() / m.sum().clamp(min=1.0)
         emb = V.pooled_embedding(self.student, tokens).detach()
-        return Data2VecOutput(loss=loss, embedding=emb, predictions=predictions, target=target, mask=m)
+        health = HealthInputs(targets=target.detach(), predictions=predictions.detach(), token_mask=m)
+        return Data2VecOutput(loss=loss, embedding=emb, predictions=predictions, target=target, mask=m, health=health)
 
     # ---- export -------------------------------------------------------------------------------------------
     def export_encoder(self) -> nn.Module:

@@ -7,8 +7,8 @@ the teacher's centred, sharpened distribution over ``n_prototypes``:
     L = 1 / |pairs| * sum_{t in globals} sum_{s in views, s != t} H(softmax((g_t - c) / tau_t), softmax(g_s / tau_s))
 
 with the centre ``c <- m_c c + (1 - m_c) mean(g_t)`` (:class:`methods.losses.DINOLoss`), the teacher
-temperature ``tau_t`` warmed up linearly in epochs, and the teacher weights an EMA of the student with a
-cosine momentum schedule (:class:`methods.teacher_student.TeacherStudent`). The prototype layer is frozen
+temperature ``tau_t`` read per epoch from DINO's warm-up table (:func:`methods.schedules.teacher_temperature`),
+and the teacher weights an EMA of the student with a cosine momentum schedule (:class:`methods.teacher_student.TeacherStudent`). The prototype layer is frozen
 during the first epoch. The exported encoder is the teacher backbone (DINO evaluates the teacher).
 """
 
@@ -43,10 +43,11 @@ class DINOOutput(MethodOutput):
 class BackboneHead(nn.Module):
     """``backbone(x) -> [B, D]`` (CLS embedding) followed by a DINO head ``-> [B, K]``."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, pos_embed_antialias: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.pos_embed_antialias = pos_embed_antialias  # local crops' positions: timm's antialiased resampling
 
     def forward(self, views: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Runs the backbone once per group of consecutive same-resolution views (as DINO's MultiCropWrapper),
@@ -60,7 +61,7 @@ class BackboneHead(nn.Module):
             end = start + 1
             while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
                 end += 1
-            out = cls_embedding(self.backbone, torch.cat(list(views[start:end]), dim=0))
+            out = cls_embedding(self.backbone, torch.cat(list(views[start:end]), dim=0), self.pos_embed_antialias)
             embeddings.extend(out.chunk(end - start, dim=0))
             start = end
         logits = self.head(torch.cat(embeddings, dim=0)).chunk(len(views), dim=0)
@@ -78,7 +79,8 @@ class DINO(SelfDistillationMethod):
     :param temperature_student: student softmax temperature (default 0.1).
     :param temperature_teacher_warmup: teacher temperature at epoch 0 (default 0.04).
     :param temperature_teacher: teacher temperature after the warm-up (default 0.07).
-    :param warmup_epochs_temperature_teacher: linear warm-up length in epochs (default 30).
+    :param warmup_epochs_temperature_teacher: warm-up length W in epochs (default 30): the temperature of epoch
+        ``e`` is ``np.linspace(warmup, final, W)[e]``, then ``final``.
     :param center_momentum: EMA momentum of the centre (default 0.9).
     :param ema_decay_start: teacher EMA momentum at step 0 (default 0.996).
     :param ema_decay_end: teacher EMA momentum at the last step (default 1.0).
@@ -87,6 +89,9 @@ class DINO(SelfDistillationMethod):
     :param pretrained: load pretrained timm weights for the encoder.
     :param norm_last_layer: extension (DINO's ``--norm_last_layer``): True (default) fixes the prototypes' norm;
         False trains the weight-norm gain, which DINO uses for ViT-S/small models.
+    :param pos_embed_antialias: extension: False (default, DINO's ``interpolate_pos_encoding``) resamples the position
+        embeddings for local crops with plain bicubic interpolation (:func:`methods.vit.resample_patch_pos_embed`);
+        True uses timm's ``resample_abs_pos_embed`` (bicubic with antialiasing when shrinking).
     """
 
     view_kind = "multicrop"
@@ -108,6 +113,7 @@ class DINO(SelfDistillationMethod):
         pretrained: bool = False,
         norm_last_layer: bool = True,
         use_bn_in_head: bool = False,
+        pos_embed_antialias: bool = False,
     ):
         super().__init__()
         encoder_kwargs = dict(encoder_kwargs or {})
@@ -118,7 +124,8 @@ class DINO(SelfDistillationMethod):
             embed_dim, n_prototypes, projector_hidden_dim, projector_bottleneck_dim, norm_last_layer=norm_last_layer,
             use_bn=use_bn_in_head,
         )
-        self.ts = TeacherStudent(BackboneHead(backbone, head), ema_decay_start, ema_decay_end)
+        self.pos_embed_antialias = bool(pos_embed_antialias)
+        self.ts = TeacherStudent(BackboneHead(backbone, head, self.pos_embed_antialias), ema_decay_start, ema_decay_end)
         self.loss_fn = DINOLoss(n_prototypes, center_momentum)
         self._init_schedules(
             temperature_student, temperature_teacher_warmup, temperature_teacher,
@@ -145,6 +152,7 @@ class DINO(SelfDistillationMethod):
         local_views = list(local_views or [])
         _, student_logits = self.ts.forward_student(global_views + local_views)
         teacher_emb, teacher_logits = self.ts.forward_teacher(global_views)
+        health = self.cls_health(student_logits, teacher_logits, self.loss_fn.center.clone())
         loss = self.loss_fn(
             student_logits, teacher_logits, self.temperature_student, self.current_teacher_temperature
         )
@@ -152,6 +160,7 @@ class DINO(SelfDistillationMethod):
         return DINOOutput(
             loss=loss,
             embedding=teacher_emb[0].detach(),
+            health=health,
             loss_dino=loss.detach(),
             teacher_temperature=torch.tensor(self.current_teacher_temperature, device=device),
             ema_momentum=torch.tensor(self.ema_momentum, device=device),

@@ -180,7 +180,7 @@ class iBOTHead(nn.Module):
         d = cls.shape[-1]
         z = _project(self.mlp, torch.cat([cls, patches.reshape(-1, d)], dim=0))
         b = cls.shape[0]
-        return self.last_layer(z[:b]), z[b:].reshape(*patches.shape[:-1], -1)
+        return self.last_layer(z[:b]), z[b:].reshape(*patches.shape[:-1], z.shape[-1])  # also for 0 patch rows
 
 
 def cancel_gradients_last_layer(head: nn.Module) -> None:

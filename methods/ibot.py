@@ -6,12 +6,19 @@ its patch embeddings replaced by a learned mask token; the teacher encodes the u
 outputs ``g^cls`` and patch head outputs ``g^patch`` (each head with its own prototypes and centre):
 
     L_cls   = 1 / |pairs| * sum_{t != s} H(softmax((g^cls_t - c) / tau_t), softmax(g^cls_s / tau_s))   (DINO, cross-view)
-    L_patch = mean_v mean_b [ sum_n m_bn H(softmax((g^patch_t,bn - c') / tau_t), softmax(g^patch_s,bn / tau_s))
+    L_patch = mean_v mean_b [ sum_n m_bn H(softmax((g^patch_t,bn - c') / tau'_t), softmax(g^patch_s,bn / tau_s))
                               / sum_n m_bn ]                                                        (same view, masked patches)
     L       = L_cls + patch_loss_weight * L_patch
 
+Multi-crop (iBOT's ``--local_crops_number``, 10 at 96 px for the headline ViT-S/16): the student also encodes the
+``local_views`` (unmasked, CLS only); they enter ``L_cls`` as student views ``s`` against every teacher global view
+``t``, so ``|pairs| = n_g (n_g + n_l) - n_g``, and not ``L_patch`` (``main_ibot.py`` ``iBOTLoss.forward``). The
+teacher sees the global views only.
+
 Teacher = EMA of the student (backbone, mask token and both heads) with the cosine momentum schedule, teacher
-temperature warmed up linearly in epochs, heads frozen-prototype during the first epoch, as in DINO. As in the
+temperature warmed up linearly in epochs, heads frozen-prototype during the first epoch, as in DINO. The patch
+temperature ``tau'_t`` follows the same warm-up shifted by ``mask_start_epoch`` (``iBOTLoss.teacher_temp2_schedule``:
+``warmup`` until the masking starts, then the warm-up). As in the
 seed's interface (two prototype heads) the CLS and patch heads are separate DINO heads by default;
 ``head_sharing="mlp"`` is the official ``iBOTHead`` (one MLP, separate prototypes) and ``"all"`` adds iBOT's
 ``--shared_head`` (one set of prototypes too).
@@ -35,20 +42,25 @@ from torch import nn
 from methods import vit as V
 from methods.base import MethodOutput
 from methods.heads import DINOHead, iBOTHead
+from methods.heads import _project as project_and_normalize
 from methods.losses import DINOLoss, iBOTPatchLoss
 from methods.masks import block_masks, sample_mask_ratios
 from methods.registry import register
+from methods.schedules import teacher_temperature
 from methods.teacher_student import SelfDistillationMethod, TeacherStudent
 
 
 @dataclass
 class iBOTOutput(MethodOutput):
     """``loss``; ``embedding`` ``[B, D]`` (teacher CLS); ``loss_cls``; ``loss_patch``; ``teacher_temperature``;
-    ``ema_momentum``; ``masks`` (per global view ``[B, N]``, True = masked)."""
+    ``teacher_patch_temperature``; ``ema_momentum``; ``masks`` (per global view ``[B, N]``, True = masked);
+    ``student_views`` (global + local views the student saw)."""
 
     loss_cls: torch.Tensor | None = None
     loss_patch: torch.Tensor | None = None
     teacher_temperature: torch.Tensor | None = None
+    teacher_patch_temperature: torch.Tensor | None = None
+    student_views: torch.Tensor | None = None
     ema_momentum: torch.Tensor | None = None
     masks: list[torch.Tensor] | None = None
 
@@ -110,6 +122,14 @@ class iBOTNet(nn.Module):
             prototypes = self.patch_head.last_layer
         return emb, cls_logits, prototypes(z[patch_rows.bool()]), prototypes(z.mean(dim=(0, 1)))
 
+    def cls_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """CLS logits ``[B, K]`` of unmasked views (the student's local crops: ``main_ibot.py`` runs them with
+        ``masked_im_modeling = False`` and keeps the CLS output ``[0]``); the CLS head only."""
+        emb = V.cls_embedding(self.backbone, images)
+        if self.head is not None:
+            return self.head.last_layer(project_and_normalize(self.head.mlp, emb))  # the MLP on CLS rows alone
+        return self.cls_head(emb)
+
     def _embedding_and_patches(self, images: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         x = V.embed_patches(self.backbone, images, mask, self.mask_token if mask is not None else None)
         tokens = V.run_blocks(self.backbone, x)
@@ -147,11 +167,13 @@ def _check_options(
 
 
 def _encoder_kwargs_at_image_size(encoder_kwargs: dict | None, image_size: int) -> dict:
-    """A copy of ``encoder_kwargs`` with ``img_size = image_size`` (a different ``img_size`` there is an error)."""
+    """A copy of ``encoder_kwargs`` with ``img_size = image_size`` (a different ``img_size`` there is an error) and
+    ``dynamic_img_size=True`` (local crops of another size go through the same ViT, positions interpolated, as DINO)."""
     encoder_kwargs = dict(encoder_kwargs or {})
     if "img_size" in encoder_kwargs and encoder_kwargs["img_size"] != image_size:
         raise ValueError(f"encoder_kwargs.img_size={encoder_kwargs['img_size']!r} differs from image_size={image_size}")
     encoder_kwargs["img_size"] = image_size
+    encoder_kwargs["dynamic_img_size"] = True
     return encoder_kwargs
 
 
@@ -171,7 +193,7 @@ def _build_net(
 
 @register("ibot")
 class iBOT(SelfDistillationMethod):
-    """iBOT with a timm ViT backbone and an EMA teacher (global views only).
+    """iBOT with a timm ViT backbone, an EMA teacher, global views and optional local crops (``data.multicrop``).
 
     :param encoder_name: timm ViT name (default ``"vit_small_patch16_224"``).
     :param projector_hidden_dim: hidden dim of both heads (default 2048).
@@ -199,12 +221,13 @@ class iBOT(SelfDistillationMethod):
     :param mask_ratio_var: extension (``--pred_ratio_var``): per-image ratio ``U(mask_ratio +- var)`` (default 0).
     :param unmasked_fraction: extension: share of images left unmasked (iBOT's ``--pred_ratio 0 0.3``: 0.5).
     :param mask_aspect_ratio: extension (``--pred_aspect_ratio``): block aspect-ratio range (default (0.3, 1/0.3)).
-    :param mask_start_epoch: extension (``--pred_start_epoch``): no masking before this epoch (default 0).
+    :param mask_start_epoch: extension (``--pred_start_epoch``): no masking before this epoch, and the patch
+        temperature's warm-up starts there (default 0).
     :param head_sharing: extension: ``"none"`` (default: two DINO heads), ``"mlp"`` (iBOTHead: one MLP, CLS and
         patch prototypes apart) or ``"all"`` (``--shared_head``: one MLP and one set of prototypes).
     """
 
-    view_kind = "global_views"
+    view_kind = "multicrop"  # 2 global views + data.multicrop.n_local local crops (0: global views only)
     #: EMA momentum of the CLS and patch centres (iBOT: 0.9 for both).
     center_momentum: float = 0.9
 
@@ -253,6 +276,7 @@ class iBOT(SelfDistillationMethod):
             temperature_student, temperature_teacher_warmup, temperature_teacher,
             warmup_epochs_temperature_teacher, ema_decay_start,
         )
+        self.current_patch_teacher_temperature = float(temperature_teacher_warmup)
 
     def _init_losses(self, net: iBOTNet, n_cls_prototypes: int, n_patch_prototypes: int) -> None:
         """The masked-rows-only switches and the CLS and patch losses (each with its centre buffer)."""
@@ -287,6 +311,23 @@ class iBOT(SelfDistillationMethod):
     def last_layer_heads(self) -> list[nn.Module]:
         return self.student.heads()
 
+    # ---- schedules --------------------------------------------------------------------------------------
+    def patch_teacher_temperature(self, epoch: float) -> float:
+        """The patch loss's teacher temperature at ``epoch``: ``main_ibot.py``'s ``teacher_temp2_schedule``, the CLS
+        warm-up (:func:`methods.schedules.teacher_temperature`) delayed by ``mask_start_epoch`` (``--pred_start_epoch``),
+        ``temperature_teacher_warmup`` before it."""
+        if epoch < self.mask_start_epoch:
+            return float(self.temperature_teacher_warmup)
+        return teacher_temperature(epoch - self.mask_start_epoch, self.temperature_teacher_warmup,
+                                   self.temperature_teacher, self.warmup_epochs_temperature_teacher)
+
+    def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
+        super().on_train_step(step, total_steps, epoch)
+        self.current_patch_teacher_temperature = self.patch_teacher_temperature(epoch)
+
+    def schedule_state(self) -> dict[str, float]:
+        return {**super().schedule_state(), "teacher_patch_temperature": self.current_patch_teacher_temperature}
+
     # ---- masking ----------------------------------------------------------------------------------------
     def sample_masks(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """One mask ``[B, N]`` (bool, True = masked) per view (see the module docstring).
@@ -315,12 +356,12 @@ class iBOT(SelfDistillationMethod):
     def forward(
         self,
         global_views: Sequence[torch.Tensor] | None = None,
+        local_views: Sequence[torch.Tensor] | None = None,
         images: torch.Tensor | None = None,
         masks: Sequence[torch.Tensor] | None = None,
     ) -> iBOTOutput:
-        """Training: ``global_views`` (>= 2 tensors ``[B, C, H, W]``); ``masks`` optional (sampled if None).
-
-        Eval (``images=`` or eval mode): teacher CLS embedding, zero loss.
+        """Training: ``global_views`` (>= 2 tensors ``[B, C, H, W]``), optional ``local_views`` (CLS loss only);
+        ``masks`` optional (sampled if None). Eval (``images=`` or eval mode): teacher CLS embedding, zero loss.
         """
         if self.is_eval_call(images):
             emb = self.teacher_embedding(images, global_views)
@@ -328,7 +369,7 @@ class iBOT(SelfDistillationMethod):
 
         if not global_views or len(global_views) < 2:
             raise ValueError("iBOT.forward in training mode needs at least 2 global_views")
-        views = list(global_views)
+        views, local_views = list(global_views), list(local_views or [])
         n = len(views)
         masks = list(masks) if masks is not None else self.sample_masks(views)
         if len(masks) != n:
@@ -338,6 +379,7 @@ class iBOT(SelfDistillationMethod):
         m = torch.cat([mk.reshape(mk.shape[0], -1) for mk in masks], dim=0)
         rows = m if self.student_head_on_masked_only else None
         _, s_cls, s_patch = self.ts.forward_student(x, m, rows)
+        s_local = self.student.cls_logits(torch.cat(local_views, dim=0)) if local_views else None
         t_mean = None
         if self.teacher_prototypes_on_masked_only:
             with torch.no_grad():
@@ -345,23 +387,29 @@ class iBOT(SelfDistillationMethod):
         else:
             t_emb, t_cls, t_patch = self.ts.forward_teacher(x)
 
-        s_cls_v, t_cls_v, m_v = list(s_cls.chunk(n)), list(t_cls.chunk(n)), list(m.chunk(n))
+        # student CLS views: the globals (view i is teacher view i's crop), then the locals (iBOTLoss's ncrops)
+        s_cls_v = list(s_cls.chunk(n)) + (list(s_local.chunk(len(local_views))) if s_local is not None else [])
+        t_cls_v, m_v = list(t_cls.chunk(n)), list(m.chunk(n))
         # rows of view v at its masked patches only (the rows of m are ordered view by view)
         per_view = [int(c) for c in m.reshape(n, -1).sum(dim=1).tolist()] if rows is not None or t_mean is not None else []
         s_patch_v = list(s_patch.split(per_view)) if rows is not None else list(s_patch.chunk(n))
         t_patch_v = list(t_patch.split(per_view)) if t_mean is not None else list(t_patch.chunk(n))
-        temp_s, temp_t = self.temperature_student, self.current_teacher_temperature
+        temp_s, temp_t, temp_p = self.temperature_student, self.current_teacher_temperature, self.current_patch_teacher_temperature
+        health = self.cls_health(s_cls_v, t_cls_v, self.cls_loss_fn.center.clone())
         loss_cls = self.cls_loss_fn(s_cls_v, t_cls_v, temp_s, temp_t)
-        loss_patch = self.patch_loss_fn(s_patch_v, t_patch_v, m_v, temp_s, temp_t, student_masked_only=rows is not None,
+        loss_patch = self.patch_loss_fn(s_patch_v, t_patch_v, m_v, temp_s, temp_p, student_masked_only=rows is not None,
                                         teacher_mean=t_mean)
         loss = loss_cls + self.patch_loss_weight * loss_patch
         device = loss.device
         return iBOTOutput(
             loss=loss,
             embedding=t_emb.chunk(n)[0].detach(),
+            health=health,
             loss_cls=loss_cls.detach(),
             loss_patch=loss_patch.detach(),
             teacher_temperature=torch.tensor(temp_t, device=device),
+            teacher_patch_temperature=torch.tensor(temp_p, device=device),
             ema_momentum=torch.tensor(self.ema_momentum, device=device),
             masks=[mk.bool() for mk in m.chunk(n)],
+            student_views=torch.tensor(float(n + len(local_views)), device=device),
         )

@@ -25,8 +25,10 @@ from torch import nn
 from methods import constraints as C
 from methods import vit as V
 from methods.base import MethodOutput, SSLMethod
+from methods.health import HealthInputs
 from methods.masks import MultiBlockMaskGenerator  # SALT's I-JEPA multi-block masks
 from methods.registry import register
+from methods.visualize import Panel, masked_prediction_panels
 
 
 @dataclass
@@ -59,6 +61,8 @@ class MAE(SSLMethod):
     """
 
     view_kind = "images"
+    health_metrics = ("rank_fraction", "normalized_std", "target_scale", "prediction_scale")
+    view_interpolation = "bicubic"  # main_pretrain.py: RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=3)
     constraints = (
         C.open_unit_interval("mask_ratio"),
         C.positive_int("decoder_embed_dim"),
@@ -159,7 +163,12 @@ class MAE(SSLMethod):
         m = mask.float()
         loss = (per_patch * m).sum() / m.sum().clamp(min=1.0)
         emb = V.pooled_embedding(self.encoder, latent).detach()
-        return MAEOutput(loss=loss, embedding=emb, predictions=pred, target=target, mask=m)
+        health = HealthInputs(targets=target.detach(), predictions=pred.detach(), token_mask=m)
+        return MAEOutput(loss=loss, embedding=emb, predictions=pred, target=target, mask=m, health=health)
+
+    def pictures(self, images: torch.Tensor) -> list[Panel]:
+        """MAE's figure: the input, its masked patches and the reconstruction (He et al. 2022, Fig. 2)."""
+        return masked_prediction_panels(self, images, self.patch, self.norm_pix_loss)
 
     def decode(self, latent: torch.Tensor, keep_idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Scatter encoded visible tokens into a full grid of mask tokens, add positions, decode to pixels."""

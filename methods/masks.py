@@ -1,24 +1,31 @@
 """I-JEPA multi-block masking (Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding
-Predictive Architecture", CVPR 2023, arXiv 2301.08243), used by SALT (stage 1 V-Pixel and stage 2).
+Predictive Architecture", CVPR 2023, arXiv 2301.08243), used by SALT (stage 1 V-Pixel and stage 2), and V-JEPA's
+(Bardes et al. 2024) complement-of-the-union variant.
 
-On a patch grid of ``H x W`` (``N = H * W`` patches), once per batch:
+On a patch grid of ``H x W`` (``N = H * W`` patches), once per call (per batch), block sizes come from a generator
+seeded with the call's index (or the training ``step``), as ijepa ``src/masks/multiblock.py`` ``MaskCollator.__call__``
+(``g.manual_seed(seed)``, ``seed = self.step()``): the same sequence on every worker, continued on resume.
 
-* a target block size ``(h_t, w_t)`` and a context block size ``(h_c, w_c)`` are drawn: scale
-  ``s ~ U(scale)``, aspect ratio ``a ~ U(aspect_ratio)``, ``k = int(N * s)``,
-  ``h = round(sqrt(k * a))``, ``w = round(sqrt(k / a))`` clipped to the grid (``a = h / w``);
+``style="ijepa"`` (default): one target size, then one context size, each from ONE uniform ``u`` (``_sample_block_size``):
+scale ``s = s0 + u (s1 - s0)`` and aspect ``a = a0 + u (a1 - a0)`` share it; ``k = int(N s)``,
+``h = round(sqrt(k a))``, ``w = round(sqrt(k / a))``, and each side is kept strictly below the grid
+(``while h >= H: h -= 1``). Then per sample: ``num_targets`` target blocks at uniform positions (they may overlap)
+and one context block at a uniform position minus the union of the targets. A context must keep more than
+``min_keep`` patches (ijepa ``len(mask) > self.min_keep``; its configs set ``min_keep: 10``), else that sample is
+redrawn (vectorised over the failing samples). On grids so small that the context block has fewer than ``4 * min_keep``
+patches the threshold is a quarter of that block instead (the reference never finds a context there; ViT-B/16 at 224:
+a 13x13 block at most, 10 kept).
 
-then per sample:
-
-* ``num_targets`` target blocks of size ``(h_t, w_t)`` at uniform positions (they may overlap each other),
-* one context block of size ``(h_c, w_c)`` at a uniform position, minus the union of the targets, so the
-  context never overlaps a target.
+``style="vjepa"``: V-JEPA's ``multiblock3d._MaskGenerator``: one target size per call from three draws (temporal scale,
+consumed; spatial scale; aspect ratio), sides clipped to the grid (``min(h, H)``); per sample ``num_targets`` blocks,
+targets = their union, context = its complement (redrawn only when empty). V-JEPA's image-equivalent configuration is two
+such mask sets per batch: 8 blocks at scale 0.15 and 2 blocks at scale 0.7, aspect 0.75-1.5 (``configs/pretrain/vitl16.yaml``).
 
 The context keeps the same number of patches in every sample of a batch: each sample's context indices are
-sorted and truncated to the batch minimum ``Kc``, as I-JEPA's collator does. A sample whose context has
-fewer than ``min_keep`` patches is redrawn (positions of its targets and context), vectorised over the
-failing samples. Two deliberate differences from the reference collator: the block top-left corner is drawn
-from ``[0, H - h]`` inclusive (the reference's exclusive bound never covers the last row/column), and a
-context that stays too small is redrawn instead of being allowed to overlap the targets.
+sorted and truncated to the batch minimum ``Kc``, as both collators do. Two deliberate differences from the I-JEPA
+collator: the block top-left corner is drawn from ``[0, H - h]`` inclusive (its exclusive bound never covers the last
+row/column; V-JEPA's is inclusive), and a context that stays too small is redrawn instead of being allowed to overlap
+the targets.
 """
 
 from __future__ import annotations
@@ -81,17 +88,21 @@ def _check_range(name: str, value: tuple[float, float], low: float, high: float 
     return (lo, hi)
 
 
+MASK_STYLES = ("ijepa", "vjepa")
+
+
 class MultiBlockMaskGenerator:
-    """Callable ``gen(batch_size, device=..., generator=...) -> MultiBlockMasks`` on a fixed patch grid.
+    """Callable ``gen(batch_size, device=..., generator=..., step=...) -> MultiBlockMasks`` on a fixed patch grid.
 
     :param grid: patch grid ``(H, W)`` (or an int for a square grid).
     :param num_targets: target blocks per sample (I-JEPA / SALT: 4).
-    :param context_scale: (min, max) fraction of the grid covered by the context block.
+    :param context_scale: (min, max) fraction of the grid covered by the context block (``ijepa`` only).
     :param target_scale: (min, max) fraction of the grid covered by each target block.
-    :param context_aspect_ratio: (min, max) height / width of the context block.
+    :param context_aspect_ratio: (min, max) height / width of the context block (``ijepa`` only).
     :param target_aspect_ratio: (min, max) height / width of the target blocks.
-    :param min_keep: minimum number of context patches per sample (I-JEPA: 4).
+    :param min_keep: a context must have MORE than this many patches (I-JEPA's configs: 10).
     :param max_tries: redraws of the positions (then of the block sizes) before giving up with an error.
+    :param style: ``"ijepa"`` (context block minus targets) or ``"vjepa"`` (context = complement of the targets' union).
     """
 
     def __init__(
@@ -102,39 +113,66 @@ class MultiBlockMaskGenerator:
         target_scale: tuple[float, float] = (0.15, 0.2),
         context_aspect_ratio: tuple[float, float] = (1.0, 1.0),
         target_aspect_ratio: tuple[float, float] = (0.75, 1.5),
-        min_keep: int = 4,
+        min_keep: int = 10,
         max_tries: int = 100,
+        style: str = "ijepa",
     ):
         self.grid = _as_grid(grid)
         if min(self.grid) < 1:
             raise ValueError(f"grid must be positive, got {grid!r}")
         if num_targets < 1:
             raise ValueError(f"num_targets must be >= 1, got {num_targets}")
+        if style not in MASK_STYLES:
+            raise ValueError(f"style must be one of {MASK_STYLES}, got {style!r}")
+        self.style = style
         self.num_targets = int(num_targets)
         self.context_scale = _check_range("context_scale", context_scale, 0.0, 1.0)
         self.target_scale = _check_range("target_scale", target_scale, 0.0, 1.0)
         self.context_aspect_ratio = _check_range("context_aspect_ratio", context_aspect_ratio, 1e-6, None)
         self.target_aspect_ratio = _check_range("target_aspect_ratio", target_aspect_ratio, 1e-6, None)
         n = self.grid[0] * self.grid[1]
-        if not 1 <= min_keep < n:
-            raise ValueError(f"min_keep must be in [1, {n - 1}] for a {self.grid} grid, got {min_keep}")
+        if not 0 <= min_keep < n:
+            raise ValueError(f"min_keep must be in [0, {n - 1}] for a {self.grid} grid, got {min_keep}")
         self.min_keep = int(min_keep)
         self.max_tries = int(max_tries)
+        self.calls = 0  # the seed of the next call's block sizes when no step is given
 
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
     def block_size(self, scale: tuple[float, float], aspect_ratio: tuple[float, float], generator=None) -> tuple[int, int]:
-        """Draw one ``(h, w)``: ``k = int(N * s)``, ``h = round(sqrt(k a))``, ``w = round(sqrt(k / a))``, clipped."""
+        """I-JEPA's ``_sample_block_size``: one uniform ``u`` for scale and aspect, ``k = int(N s)``,
+        ``h = round(sqrt(k a))``, ``w = round(sqrt(k / a))``, each side at most ``H - 1`` / ``W - 1`` (and >= 1)."""
         gh, gw = self.grid
-        u_s, u_a = torch.rand(2, generator=generator).tolist()
-        s = scale[0] + u_s * (scale[1] - scale[0])
-        a = aspect_ratio[0] + u_a * (aspect_ratio[1] - aspect_ratio[0])
-        k = max(int(self.num_patches * s), 1)
+        u = torch.rand(1, generator=generator).item()
+        s = scale[0] + u * (scale[1] - scale[0])
+        a = aspect_ratio[0] + u * (aspect_ratio[1] - aspect_ratio[0])
+        k = int(self.num_patches * s)
         h = int(round(math.sqrt(k * a)))
         w = int(round(math.sqrt(k / a)))
-        return (min(max(h, 1), gh), min(max(w, 1), gw))
+        return (max(min(h, gh - 1), 1), max(min(w, gw - 1), 1))
+
+    def vjepa_block_size(self, scale: tuple[float, float], aspect_ratio: tuple[float, float], generator=None) -> tuple[int, int]:
+        """V-JEPA's ``_sample_block_size`` for one frame: a (consumed) temporal draw, then scale and aspect from their own
+        draws; sides clipped to the grid (``min(h, H)``)."""
+        gh, gw = self.grid
+        _, u_s, u_a = (torch.rand(1, generator=generator).item() for _ in range(3))
+        s = scale[0] + u_s * (scale[1] - scale[0])
+        a = aspect_ratio[0] + u_a * (aspect_ratio[1] - aspect_ratio[0])
+        k = int(self.num_patches * s)
+        h = int(round(math.sqrt(k * a)))
+        w = int(round(math.sqrt(k / a)))
+        return (max(min(h, gh), 1), max(min(w, gw), 1))
+
+    def sizes(self, generator: torch.Generator) -> tuple[tuple[int, int], tuple[int, int], int]:
+        """(target size, context size, minimum context patches - 1) of one call."""
+        if self.style == "vjepa":  # the context "block" is the whole grid: context = complement of the targets
+            return self.vjepa_block_size(self.target_scale, self.target_aspect_ratio, generator), self.grid, 0
+        t_size = self.block_size(self.target_scale, self.target_aspect_ratio, generator)
+        c_size = self.block_size(self.context_scale, self.context_aspect_ratio, generator)
+        # at most a quarter of the context block: on tiny grids (a 3x3 context on 4x4) the reference loops forever
+        return t_size, c_size, min(self.min_keep, c_size[0] * c_size[1] // 4)
 
     def _blocks(self, n: int, count: int, size: tuple[int, int], device, generator) -> torch.Tensor:
         """``[n, count, H, W]`` bool rectangles of ``size`` at uniform top-left corners."""
@@ -149,13 +187,13 @@ class MultiBlockMaskGenerator:
         in_cols = (cols >= left[..., None]) & (cols < left[..., None] + w)  # [n, count, W]
         return in_rows[..., :, None] & in_cols[..., None, :]
 
-    def _sample_positions(self, batch_size: int, t_size, c_size, device, generator):
+    def _sample_positions(self, batch_size: int, t_size, c_size, keep: int, device, generator):
         n = self.num_patches
         targets = self._blocks(batch_size, self.num_targets, t_size, device, generator).reshape(batch_size, -1, n)
         context = self._blocks(batch_size, 1, c_size, device, generator).reshape(batch_size, n)
         context = context & ~targets.any(dim=1)
         for _ in range(self.max_tries):
-            bad = context.sum(dim=1) < self.min_keep
+            bad = context.sum(dim=1) <= keep  # the reference keeps a context only if len(mask) > min_keep
             if not bool(bad.any()):
                 return targets, context
             nb = int(bad.sum())
@@ -164,17 +202,24 @@ class MultiBlockMaskGenerator:
             context[bad] = ctx & ~targets[bad].any(dim=1)
         return None
 
-    def __call__(self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> MultiBlockMasks:
+    def __call__(
+        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+        step: int | None = None,
+    ) -> MultiBlockMasks:
+        """Masks of one batch. Block sizes come from a generator seeded with ``step`` (or this generator's call count);
+        positions from ``generator`` (default: torch's global generator)."""
+        seed = self.calls if step is None else int(step)
+        self.calls = seed + 1
+        size_generator = torch.Generator().manual_seed(seed)
         n = self.num_patches
         for _ in range(10):
-            t_size = self.block_size(self.target_scale, self.target_aspect_ratio, generator)
-            c_size = self.block_size(self.context_scale, self.context_aspect_ratio, generator)
-            sampled = self._sample_positions(batch_size, t_size, c_size, device, generator)
+            t_size, c_size, keep = self.sizes(size_generator)
+            sampled = self._sample_positions(batch_size, t_size, c_size, keep, device, generator)
             if sampled is not None:
                 break
         else:
             raise RuntimeError(
-                f"MultiBlockMaskGenerator: no context with >= {self.min_keep} patches outside {self.num_targets} "
+                f"MultiBlockMaskGenerator: no context with > {self.min_keep} patches outside {self.num_targets} "
                 f"targets on a {self.grid} grid after repeated redraws (target_scale={self.target_scale}, "
                 f"context_scale={self.context_scale}); lower num_targets/target_scale or min_keep"
             )

@@ -4,18 +4,25 @@ Stage 1 ("V-Pixel") is pixel reconstruction with multi-block masks: :class:`meth
 ``mask_type="multiblock"``. Stage 2 (this module) trains a NEW student against the FROZEN stage-1 encoder:
 
 * teacher ``f_T`` (frozen, eval mode, never updated, no EMA) encodes the full image; its targets are the
-  final-LayerNorm patch tokens ``z = LN(f_T(x))[:, P:]`` (``[B, N, D]``, P prefix tokens dropped). For
+  final-LayerNorm patch tokens ``LN(f_T(x))[:, P:]`` (``[B, N, D]``, P prefix tokens dropped), re-normalised over
+  channels without affine parameters, ``z = layer_norm(LN(f_T(x)))`` (``target_layer_norm=True``, default), as
+  I-JEPA (``src/train.py``) and V-JEPA (``app/vjepa/train.py``), on whose code SALT is built, do with
+  ``F.layer_norm(h, (h.size(-1),))``; stable-pretraining's SALT uses the final-norm tokens as they are
+  (``target_layer_norm=False``). For
   ``global_pool='avg'`` timm applies that LayerNorm (``fc_norm``) only after pooling, so it is applied per
   token here (:func:`methods.vit.per_token_norm`), for the targets and for the student's context tokens that
   enter the predictor;
 * I-JEPA multi-block masks (Assran et al., CVPR 2023): one context set ``C`` and ``T`` target blocks
-  ``B_1..B_T`` disjoint from it (:mod:`methods.masks`);
+  ``B_1..B_T`` disjoint from it (:mod:`methods.masks`); ``mask_style="vjepa"``: V-JEPA's two mask sets per batch
+  (8 blocks at scale 0.15, 2 at 0.7, each context the complement of its blocks' union), the loss averaged over them
+  (``loss /= len(masks_pred)``);
 * student ``f_S`` (a freshly initialised ViT of the same architecture, not a copy of the teacher) encodes only
   the context patches ``x_C``;
 * predictor ``g`` (narrow timm transformer of width ``predictor_embed_dim``) runs the sequence
   ``[W f_S(x_C) + pos(C); m + pos(U)]`` (prefix tokens projected without a position, ``m`` a learned mask
   token, ``pos`` fixed 2-D sin-cos) through its blocks and projects the outputs at the mask tokens back to
-  ``D``. ``target_layout="union"`` (default) is SALT's layout: SALT is built on V-JEPA, whose multi-block
+  ``D``; its blocks' output projections (``attn.proj``, ``mlp.fc2``) start divided by ``sqrt(2 l)`` for block ``l = 1..depth``
+  (I-JEPA's ``fix_init_weight``). ``target_layout="union"`` (default) is SALT's layout: SALT is built on V-JEPA, whose multi-block
   collator merges a sample's target blocks into one mask and whose predictor runs ONE sequence per sample
   holding the context and that union ``U = B_1 u ... u B_T`` (a patch covered by several blocks is predicted
   once). Union sizes differ between samples: the query tokens are padded to the batch maximum and the padding
@@ -33,12 +40,14 @@ of patches for ``global_pool='avg'``), with zero loss. The exported encoder is t
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -46,10 +55,13 @@ from methods import constraints as C
 from methods import vit as V
 from methods.base import MethodOutput, SSLMethod
 from methods.checkpoint_io import check_encoder_config, load_encoder_file, load_state_dict_strict
-from methods.masks import MultiBlockMaskGenerator, MultiBlockMasks
+from methods.health import HealthInputs
+from methods.masks import MASK_STYLES, MultiBlockMaskGenerator, MultiBlockMasks
 from methods.registry import register
 
 TARGET_LAYOUTS = ("union", "blocks")
+# V-JEPA's mask sets (jepa configs/pretrain/vitl16.yaml, spatial part): 8 blocks at scale 0.15, 2 blocks at scale 0.7
+VJEPA_MASK_SETS = ({"num_targets": 8, "target_scale": (0.15, 0.15)}, {"num_targets": 2, "target_scale": (0.7, 0.7)})
 
 
 @dataclass
@@ -70,7 +82,7 @@ class SALTOutput(MethodOutput):
 class SALTPredictor(nn.Module):
     """I-JEPA-style predictor: context tokens + mask tokens at a target block, fixed 2-D sin-cos positions."""
 
-    def __init__(self, embed_dim: int, predictor_embed_dim: int, depth: int, num_heads: int, out_dim: int):
+    def __init__(self, embed_dim: int, predictor_embed_dim: int, depth: int, num_heads: int, out_dim: int, fix_init: bool = True):
         super().__init__()
         V.head_dim_ok(predictor_embed_dim, num_heads, "SALT predictor")
         self.predictor_embed_dim = predictor_embed_dim
@@ -83,6 +95,16 @@ class SALTPredictor(nn.Module):
         self.proj = nn.Linear(predictor_embed_dim, out_dim)
         self.apply(V.trunc_normal_init)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+        if fix_init:
+            self.fix_init_weight()
+
+    @torch.no_grad()
+    def fix_init_weight(self) -> None:
+        """I-JEPA's ``VisionTransformerPredictor.fix_init_weight``: block ``l`` (1-based) has its ``attn.proj`` and
+        ``mlp.fc2`` weights divided by ``sqrt(2 l)``."""
+        for layer_id, block in enumerate(self.blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
     def forward(
         self,
@@ -139,9 +161,18 @@ class SALT(SSLMethod):
     :param target_layout: extension: ``"union"`` (default; SALT / V-JEPA: one predictor sequence per sample with
         the context and the union of its target blocks) or ``"blocks"`` (I-JEPA: one sequence per target block,
         kept to reproduce runs made with it and to compare the two); see the module docstring.
+    :param target_layer_norm: extension: True (default; I-JEPA / V-JEPA) re-normalises the teacher's final-norm tokens
+        with a non-affine layer norm; False uses them as they are (stable-pretraining's SALT).
+    :param mask_style: extension: ``"ijepa"`` (default: the seed's context block minus 4 targets) or ``"vjepa"`` (V-JEPA's
+        two mask sets, :data:`VJEPA_MASK_SETS`, aspect ``target_aspect_ratio``; ``num_targets``, ``target_scale`` and the
+        context settings are then unused).
+    :param min_keep: extension: a context keeps more than this many patches (I-JEPA's configs: 10).
+    :param predictor_fix_init: extension: I-JEPA's ``fix_init_weight`` of the predictor (default True).
     """
 
     view_kind = "images"
+    # masked prediction: the scale of its regression targets and predictions (methods/health.py)
+    health_metrics = ("rank_fraction", "normalized_std", "target_scale", "prediction_scale")
     constraints = (
         C.positive_int("predictor_embed_dim"),
         C.positive_int("predictor_depth"),
@@ -151,6 +182,8 @@ class SALT(SSLMethod):
         C.RangePair("target_scale", 0.0, 1.0),
         C.RangePair("context_aspect_ratio", 0.01, 100.0),
         C.RangePair("target_aspect_ratio", 0.01, 100.0),
+        C.OneOf("mask_style", MASK_STYLES),
+        C.InRange("min_keep", 0, integer=True),
         # a training run needs a trained teacher: against a random one the student learns nothing useful
         # (the constructor still accepts none, for tests of the mechanics)
         C.RequiresAny(("teacher", "teacher_state_dict", "pretrained"),
@@ -175,22 +208,18 @@ class SALT(SSLMethod):
         encoder_kwargs: dict[str, Any] | None = None,
         teacher: str | os.PathLike | None = None,
         target_layout: str = "union",
+        target_layer_norm: bool = True,
+        mask_style: str = "ijepa",
+        min_keep: int = 10,
+        predictor_fix_init: bool = True,
     ):
         super().__init__()
+        if mask_style not in MASK_STYLES:
+            raise ValueError(f"SALT: mask_style must be one of {MASK_STYLES}, got {mask_style!r}")
         if target_layout not in TARGET_LAYOUTS:
             raise ValueError(f"SALT: target_layout must be one of {TARGET_LAYOUTS}, got {target_layout!r}")
         self.target_layout = target_layout
-        if teacher is not None and teacher_state_dict is not None:
-            raise ValueError("SALT: give either teacher (a checkpoint path) or teacher_state_dict, not both")
-        if teacher is not None:
-            payload = load_encoder_file(teacher)
-            check_encoder_config(payload, encoder_name, encoder_kwargs, f"SALT teacher checkpoint {str(teacher)!r}")
-            if encoder_kwargs is None:
-                encoder_kwargs = payload["encoder_kwargs"]
-            teacher_state_dict = payload["state_dict"]
-            self.teacher_source = str(teacher)
-        else:
-            self.teacher_source = "state_dict" if teacher_state_dict is not None else ("pretrained" if pretrained else "random")
+        encoder_kwargs, teacher_state_dict = self._teacher_weights(teacher, teacher_state_dict, encoder_name, encoder_kwargs, pretrained)
         self.encoder_name = encoder_name
         self.encoder_kwargs = dict(encoder_kwargs or {})
         self.mask_config = {
@@ -199,7 +228,11 @@ class SALT(SSLMethod):
             "target_scale": tuple(target_scale),
             "context_aspect_ratio": tuple(context_aspect_ratio),
             "target_aspect_ratio": tuple(target_aspect_ratio),
+            "min_keep": int(min_keep),
         }
+        self.mask_style = mask_style
+        self.target_layer_norm = bool(target_layer_norm)
+        self.mask_step: int | None = None  # the training step (seeds the block sizes, as I-JEPA's collator)
 
         self.teacher = V.create_vit(encoder_name, self.encoder_kwargs, pretrained)
         if teacher_state_dict is not None:
@@ -209,8 +242,23 @@ class SALT(SSLMethod):
         self.student = V.create_vit(encoder_name, self.encoder_kwargs, pretrained=False)
 
         dim = self.student.embed_dim
-        self.predictor = SALTPredictor(dim, predictor_embed_dim, predictor_depth, predictor_num_heads, self.teacher.embed_dim)
-        self._mask_generator: MultiBlockMaskGenerator | None = None
+        self.predictor = SALTPredictor(
+            dim, predictor_embed_dim, predictor_depth, predictor_num_heads, self.teacher.embed_dim, predictor_fix_init
+        )
+        self._mask_generators: list[MultiBlockMaskGenerator] = []
+
+    def _teacher_weights(self, teacher, teacher_state_dict, encoder_name, encoder_kwargs, pretrained):
+        """``(encoder_kwargs, teacher_state_dict)`` from a stage-1 checkpoint path ``teacher`` (checked against the
+        architecture), or as given; sets ``teacher_source``."""
+        if teacher is not None and teacher_state_dict is not None:
+            raise ValueError("SALT: give either teacher (a checkpoint path) or teacher_state_dict, not both")
+        if teacher is None:
+            self.teacher_source = "state_dict" if teacher_state_dict is not None else ("pretrained" if pretrained else "random")
+            return encoder_kwargs, teacher_state_dict
+        payload = load_encoder_file(teacher)
+        check_encoder_config(payload, encoder_name, encoder_kwargs, f"SALT teacher checkpoint {str(teacher)!r}")
+        self.teacher_source = str(teacher)
+        return (payload["encoder_kwargs"] if encoder_kwargs is None else encoder_kwargs), payload["state_dict"]
 
     @classmethod
     def from_checkpoint(cls, ckpt_path: str | os.PathLike, encoder_name: str = "vit_tiny_patch16_224", **kwargs) -> SALT:
@@ -237,22 +285,40 @@ class SALT(SSLMethod):
         return self
 
     # ---- masking / teacher ----------------------------------------------------------------------------
+    def mask_generators(self, grid: tuple[int, int]) -> list[MultiBlockMaskGenerator]:
+        """One generator (``ijepa``) or V-JEPA's two (``vjepa``) for the patch grid."""
+        if not self._mask_generators or self._mask_generators[0].grid != tuple(grid):
+            if self.mask_style == "vjepa":
+                keep = {k: v for k, v in self.mask_config.items() if k not in ("num_targets", "target_scale")}
+                self._mask_generators = [MultiBlockMaskGenerator(grid, **keep, **m, style="vjepa") for m in VJEPA_MASK_SETS]
+            else:
+                self._mask_generators = [MultiBlockMaskGenerator(grid, **self.mask_config)]
+        return self._mask_generators
+
     def mask_generator(self, grid: tuple[int, int]) -> MultiBlockMaskGenerator:
-        if self._mask_generator is None or self._mask_generator.grid != tuple(grid):
-            self._mask_generator = MultiBlockMaskGenerator(grid, **self.mask_config)
-        return self._mask_generator
+        """The (first) mask generator for the patch grid."""
+        return self.mask_generators(grid)[0]
+
+    def on_train_step(self, step: int, total_steps: int, epoch: float) -> None:
+        self.mask_step = int(step)
 
     @torch.no_grad()
     def teacher_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen teacher's final-norm patch tokens of the full image: ``[B, N, D]``."""
+        """The frozen teacher's final-norm patch tokens of the full image, re-normalised (non-affine layer norm over
+        channels) with ``target_layer_norm``: ``[B, N, D]``."""
         tokens = V.per_token_norm(self.teacher, V.encode_full(self.teacher, images))
-        return tokens[:, V.num_prefix_tokens(self.teacher) :].detach()
+        tokens = tokens[:, V.num_prefix_tokens(self.teacher) :]
+        if self.target_layer_norm:
+            tokens = F.layer_norm(tokens.float(), (tokens.shape[-1],)).to(tokens.dtype)
+        return tokens.detach()
 
     # ---- forward --------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, masks: MultiBlockMasks | None = None) -> SALTOutput:
+    def forward(self, images: torch.Tensor, masks: MultiBlockMasks | list[MultiBlockMasks] | None = None) -> SALTOutput:
         """Training: L1 between predicted and teacher latents at target blocks. Eval: student embedding.
 
-        ``masks`` (optional) fixes the context/target masks; by default they are drawn per batch.
+        ``masks`` (optional) fixes the context/target masks (one set, or one per mask set of ``mask_style="vjepa"``);
+        by default they are drawn per batch. With several sets the loss is their mean and the other outputs are those
+        of the first set.
         """
         if not self.training:
             with torch.no_grad():
@@ -262,7 +328,16 @@ class SALT(SSLMethod):
 
         grid = V.grid_shape(self.student, images)
         if masks is None:
-            masks = self.mask_generator(grid)(images.shape[0], device=images.device)
+            masks = [gen(images.shape[0], device=images.device, step=self.mask_step) for gen in self.mask_generators(grid)]
+        mask_sets = [masks] if isinstance(masks, MultiBlockMasks) else list(masks)
+        z = self.teacher_latents(images)  # [B, N, D]
+        outputs = [self._masked_prediction(images, m, z, grid) for m in mask_sets]
+        out = outputs[0]
+        out.loss = torch.stack([o.loss for o in outputs]).mean()  # V-JEPA: loss /= len(masks_pred)
+        return out
+
+    def _masked_prediction(self, images: torch.Tensor, masks: MultiBlockMasks, z: torch.Tensor, grid: tuple[int, int]) -> SALTOutput:
+        """Student on the context, predictor at the targets, L1 against the teacher latents ``z`` of one mask set."""
         if self.target_layout == "union":
             target_idx, valid = masks.union_target_idx()  # [B, U] each
             query_idx, query_valid = target_idx[:, None], valid[:, None]
@@ -277,7 +352,6 @@ class SALT(SSLMethod):
                 V.num_prefix_tokens(self.student), query_valid,
             )  # fmt: skip
         pred = pred.reshape(*target_idx.shape, -1)
-        z = self.teacher_latents(images)  # [B, N, D]
         b = z.shape[0]
         target = torch.gather(z, 1, target_idx.reshape(b, -1, 1).expand(-1, -1, z.shape[-1])).reshape(pred.shape)
         err = (pred.float() - target.float()).abs()
@@ -289,6 +363,7 @@ class SALT(SSLMethod):
         return SALTOutput(
             loss=loss,
             embedding=emb,
+            health=HealthInputs(targets=target.detach(), predictions=pred.detach(), token_mask=valid),
             predictions=pred,
             target=target,
             context_idx=masks.context_idx,

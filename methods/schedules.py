@@ -2,8 +2,10 @@
 
 * EMA momentum, cosine from ``start`` to ``end`` over training (BYOL, Grill et al. 2020; DINO, Caron et al.
   2021, arXiv 2104.14294):  ``m(t) = end - (end - start) * (1 + cos(pi * t / T)) / 2``.
-* DINO teacher temperature: linear in (fractional) epochs from ``warmup`` to ``final`` over ``warmup_epochs``
-  epochs, then constant:  ``tau(e) = warmup + (final - warmup) * min(e / warmup_epochs, 1)``.
+* DINO teacher temperature (``main_dino.py``, ``DINOLoss.__init__``): a per-epoch table
+  ``np.concatenate((np.linspace(warmup, final, W), np.ones(E - W) * final))`` read at the INTEGER epoch, so
+  ``tau(e) = warmup + (final - warmup) * e / (W - 1)`` for ``e < W`` (``warmup`` for all of epoch 0, ``final``
+  from epoch ``W - 1`` on; ``W = 1``: ``warmup`` in epoch 0 only) and ``final`` for ``e >= W``. iBOT uses the same table.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ def cosine_ema_momentum(step: int, total_steps: int, start: float, end: float) -
 
 
 def teacher_temperature(epoch: float, warmup: float, final: float, warmup_epochs: float) -> float:
-    """DINO teacher temperature at fractional ``epoch``: linear warm-up then constant ``final``."""
-    if warmup_epochs <= 0:
+    """DINO's teacher temperature during (fractional) ``epoch``: its per-epoch table at ``floor(epoch)``, i.e.
+    ``np.linspace(warmup, final, W)[e]`` for ``e < W = int(warmup_epochs)``, else ``final`` (module docstring)."""
+    w = int(warmup_epochs)
+    e = int(math.floor(max(epoch, 0.0)))
+    if w <= 0 or e >= w:
         return float(final)
-    frac = min(max(epoch, 0.0) / warmup_epochs, 1.0)
-    return float(warmup + (final - warmup) * frac)
+    if w == 1:
+        return float(warmup)
+    return float(warmup + (final - warmup) * e / (w - 1))

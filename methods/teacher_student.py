@@ -24,7 +24,15 @@ from methods import constraints as C
 from methods import vit as V
 from methods.base import SSLMethod
 from methods.heads import cancel_gradients_last_layer
+from methods.health import HealthInputs
 from methods.schedules import cosine_ema_momentum, teacher_temperature
+from methods.visualize import Panel, attention_panels
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter's (``DTensor``) local shard, or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 class TeacherStudent(nn.Module):
@@ -64,9 +72,12 @@ class TeacherStudent(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """``teacher = momentum * teacher + (1 - momentum) * student`` for every parameter; buffers copied."""
-        t_params = list(self.teacher.parameters())
-        s_params = [p.detach() for p in self.student.parameters()]
+        """``teacher = momentum * teacher + (1 - momentum) * student`` for every parameter; buffers copied.
+
+        Sharded parameters (FSDP2 ``DTensor``: teacher and student are sharded alike) are updated shard by shard, on
+        each worker's local part: no communication."""
+        t_params = [_local(p) for p in self.teacher.parameters()]
+        s_params = [_local(p.detach()) for p in self.student.parameters()]
         if len(t_params) != len(s_params):
             raise RuntimeError("teacher and student have different parameter lists")
         if t_params:  # t + (1 - m) (s - t): one pass over the parameters (mul_ + add_ made two)
@@ -124,8 +135,8 @@ class SelfDistillationMethod(EMATeacherMethod):
 
     Subclasses build their backbone with :meth:`_build_backbone`, set ``self.ts`` (a :class:`TeacherStudent` whose
     student has a ``.backbone``), call :meth:`_init_schedules`, and list the heads whose last layer is frozen during
-    the first ``freeze_last_layer_epochs`` epochs in :meth:`last_layer_heads`. Teacher temperature: linear warm-up in
-    epochs (:func:`methods.schedules.teacher_temperature`); EMA momentum: cosine from ``ema_decay_start`` to
+    the first ``freeze_last_layer_epochs`` epochs in :meth:`last_layer_heads`. Teacher temperature: DINO's per-epoch
+    warm-up table (:func:`methods.schedules.teacher_temperature`); EMA momentum: cosine from ``ema_decay_start`` to
     ``ema_decay_end`` over the training steps. Evaluation and export use the teacher backbone (DINO and iBOT evaluate
     the teacher).
     """
@@ -152,6 +163,8 @@ class SelfDistillationMethod(EMATeacherMethod):
     )
     freeze_last_layer_epochs: int = 1
     encoder_kwargs: dict[str, Any]
+    # the teacher's CLS distribution: its entropy and the student's KL to it (DINO, Sec. 5.3: collapse signals)
+    health_metrics = ("rank_fraction", "normalized_std", "teacher_entropy", "student_teacher_kl")
 
     def _build_backbone(self, encoder_name: str | nn.Module, encoder_kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
         """A timm ViT built from its name and ``encoder_kwargs`` (rebuildable for export), or a given module as is."""
@@ -204,7 +217,21 @@ class SelfDistillationMethod(EMATeacherMethod):
         x = images if images is not None else (global_views[0] if global_views else None)
         if x is None:
             raise ValueError(f"{type(self).__name__}.forward in eval mode needs images= (or global_views)")
-        return V.cls_embedding(self.teacher.backbone, x)  # = backbone(x); CLS-pooled ViTs skip last-block work
+        antialias = getattr(self, "pos_embed_antialias", False)  # DINO's option (plain bicubic by default)
+        return V.cls_embedding(self.teacher.backbone, x, antialias)  # = backbone(x); CLS-pooled: less last-block work
+
+    def cls_health(self, student_logits: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Tensor],
+                   center: torch.Tensor) -> HealthInputs:
+        """Health inputs of a CLS distillation step: teacher view 0 against student view 1 (a loss term: different
+        crops of one image), the centre as the loss used it (``center``: taken before the loss updates it)."""
+        student = student_logits[1] if len(student_logits) > 1 else student_logits[0]
+        return HealthInputs(teacher_logits=teacher_logits[0].detach(), student_logits=student.detach(),
+                            teacher_center=center, teacher_temperature=self.current_teacher_temperature,
+                            student_temperature=self.temperature_student)
+
+    def pictures(self, images: torch.Tensor) -> list[Panel]:
+        """The teacher's last-block CLS attention per head (DINO's ``visualize_attention.py``)."""
+        return attention_panels(self.teacher.backbone, images)
 
     # ---- export -----------------------------------------------------------------------------------------
     def export_encoder(self) -> nn.Module:

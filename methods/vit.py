@@ -12,22 +12,32 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.models._manipulate import checkpoint_seq
+from timm.models.beit import Beit
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def create_vit(encoder_name: str, encoder_kwargs: dict[str, Any] | None = None, pretrained: bool = False) -> nn.Module:
-    """``timm.create_model(encoder_name, num_classes=0, **encoder_kwargs)``, checked to be a ViT."""
+    """``timm.create_model(encoder_name, num_classes=0, **encoder_kwargs)``, checked to be a ViT (a timm
+    ``VisionTransformer``, or a timm ``Beit``: BEiT / data2vec's encoder with relative position biases)."""
     kwargs = dict(encoder_kwargs or {})
     kwargs.setdefault("num_classes", 0)
     model = timm.create_model(encoder_name, pretrained=pretrained, **kwargs)
-    for attr in ("patch_embed", "blocks", "norm", "_pos_embed"):
+    for attr in ("patch_embed", "blocks", "norm") + (() if is_beit(model) else ("_pos_embed",)):
         if not hasattr(model, attr):
             raise ValueError(
                 f"encoder_name {encoder_name!r} is not a timm VisionTransformer (missing {attr!r}); "
                 "masked methods need a ViT such as 'vit_tiny_patch16_224'"
             )
     return model
+
+
+def is_beit(vit: nn.Module) -> bool:
+    """A timm ``Beit`` (its blocks take the shared relative position bias; no ``_pos_embed``)."""
+    return isinstance(vit, Beit)
 
 
 def num_prefix_tokens(vit: nn.Module) -> int:
@@ -64,11 +74,67 @@ def embed_patches(
         m = mask.reshape(shape[0], -1, 1).to(flat.dtype)
         flat = flat * (1 - m) + mask_token.to(flat.dtype) * m
         x = flat.reshape(shape)
-    return vit._pos_embed(x)
+    return add_pos_embed(vit, x)
+
+
+def resample_patch_pos_embed(pos: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int]) -> torch.Tensor:
+    """``[1, Ho * Wo, D] -> [1, H * W, D]`` as DINO's ``interpolate_pos_encoding`` (vision_transformer.py:174; iBOT's
+    copy is the same): plain bicubic, ``F.interpolate(grid, scale_factor=((H + 0.1) / Ho, (W + 0.1) / Wo),
+    mode="bicubic")`` (``align_corners=False``, no antialiasing: timm's ``resample_abs_pos_embed`` antialiases when it
+    shrinks). The scale factor, not the size, sets the sampling positions, as in DINO. Computed in float32."""
+    (h, w), (h0, w0) = new_grid, old_grid
+    d = pos.shape[-1]
+    grid = pos.float().reshape(1, h0, w0, d).permute(0, 3, 1, 2)
+    out = F.interpolate(grid, scale_factor=((h + 0.1) / h0, (w + 0.1) / w0), mode="bicubic", align_corners=False)
+    if tuple(out.shape[-2:]) != (h, w):
+        raise ValueError(f"resampled position grid {tuple(out.shape[-2:])} != {(h, w)}")
+    return out.permute(0, 2, 3, 1).reshape(1, h * w, d).to(pos.dtype)
+
+
+def add_pos_embed(vit: nn.Module, x: torch.Tensor, antialias: bool = False) -> torch.Tensor:
+    """Prefix tokens + positions for patch embeddings ``x`` (timm's ``_pos_embed``): ``[B, P + N, D]``.
+
+    At another grid than the encoder's (``dynamic_img_size``: DINO / iBOT local crops) the patch positions are
+    resampled by :func:`resample_patch_pos_embed` (DINO's plain bicubic); ``antialias=True`` keeps timm's own
+    ``resample_abs_pos_embed`` (bicubic with antialiasing). A timm ``Beit`` gets its CLS token and absolute positions,
+    if any (BEiT / data2vec put positions in per-block relative biases instead)."""
+    if is_beit(vit):
+        x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x.reshape(x.shape[0], -1, x.shape[-1])], dim=1)
+        return vit.pos_drop(x if vit.pos_embed is None else x + vit.pos_embed)
+    old = tuple(int(g) for g in vit.patch_embed.grid_size)
+    if antialias or x.ndim != 4 or vit.pos_embed is None or tuple(x.shape[1:3]) == old:
+        return vit._pos_embed(x)
+    b, h, w, d = x.shape
+    n_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    pos = vit.pos_embed
+    pos = torch.cat([pos[:, :n_prefix], resample_patch_pos_embed(pos[:, n_prefix:], (h, w), old)], dim=1)
+    x = x.reshape(b, h * w, d)
+    prefix = [t.expand(b, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+    if vit.no_embed_class:  # positions for the patches only, prefix tokens concatenated after
+        x = torch.cat([*prefix, x + pos], dim=1)
+    else:
+        x = torch.cat([*prefix, x], dim=1) + pos
+    return vit.pos_drop(x)
+
+
+def block_outputs(vit: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """``norm_pre`` then every block's output (before the final norm), block by block; a ``Beit``'s blocks get its
+    shared relative position bias (``Beit.forward_features``)."""
+    x = getattr(vit, "norm_pre", nn.Identity())(x)
+    kwargs = {}
+    if is_beit(vit) and vit.rel_pos_bias is not None:
+        kwargs["shared_rel_pos_bias"] = vit.rel_pos_bias()
+    outputs = []
+    for block in vit.blocks:
+        x = block(x, **kwargs)
+        outputs.append(x)
+    return outputs
 
 
 def run_blocks(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm_pre -> blocks -> norm`` of a token sequence that already carries positions."""
+    if is_beit(vit):
+        return vit.norm(block_outputs(vit, x)[-1])
     x = vit.norm_pre(x)
     x = vit.blocks(x)
     return vit.norm(x)
@@ -123,27 +189,42 @@ def pooled_embedding(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return vit.forward_head(tokens, pre_logits=True)
 
 
-def cls_embedding(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def cls_embedding(vit: nn.Module, images: torch.Tensor, antialias: bool = False) -> torch.Tensor:
     """``vit(images)`` of a ViT pooled by its CLS token (``global_pool='token'``: DINO), with the last block
     computed for the CLS row only.
 
     The pooled output depends on the last block only through its CLS row, and that row needs the keys and values
     of every token but the query, attention row, projection and MLP of the CLS token alone (:func:`cls_row_of_block`):
     about 5/6 of the last block's FLOPs, forward and backward, are not spent (1/12 of a 12-block encoder). The
-    result is ``vit(images)``'s (tested, values and gradients). Any other model (other pooling, gated or
-    non-timm attention, gradient checkpointing) runs ``vit(images)`` unchanged.
+    result is ``vit(images)``'s (tested, values and gradients). Any other timm ViT (other pooling, gated attention,
+    gradient checkpointing) runs :func:`forward_features` and its head; a non-timm module runs ``vit(images)``. Positions
+    of another grid are resampled by :func:`add_pos_embed` (DINO's plain bicubic unless ``antialias``).
     """
     if not _cls_row_supported(vit):
-        return vit(images)
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        return vit.forward_head(forward_features(vit, images, antialias)) if _is_timm_vit(vit) else vit(images)
+    x = vit.norm_pre(vit.patch_drop(add_pos_embed(vit, vit.patch_embed(images), antialias)))
     for block in vit.blocks[:-1]:
         x = block(x)
     return vit.forward_head(vit.norm(cls_row_of_block(vit.blocks[-1], x)))
 
 
+def _is_timm_vit(vit: nn.Module) -> bool:
+    return isinstance(vit, VisionTransformer)
+
+
+def forward_features(vit: nn.Module, images: torch.Tensor, antialias: bool = False) -> torch.Tensor:
+    """timm's ``VisionTransformer.forward_features`` with positions from :func:`add_pos_embed`."""
+    x = vit.norm_pre(vit.patch_drop(add_pos_embed(vit, vit.patch_embed(images), antialias)))
+    if getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled():
+        x = checkpoint_seq(vit.blocks, x)
+    else:
+        x = vit.blocks(x)
+    return vit.norm(x)
+
+
 def _cls_row_supported(vit: nn.Module) -> bool:
     from timm.layers.attention import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
+    from timm.models.vision_transformer import Block
 
     if not isinstance(vit, VisionTransformer) or vit.global_pool != "token" or vit.attn_pool is not None:
         return False
@@ -159,8 +240,6 @@ def cls_row_of_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``block(x)[:, :1]`` of a timm ``Block`` (pre-norm attention + MLP, timm's ``Attention``) computed for the
     first token's row only: ``c' = c + attn(norm1(x))_0``, ``c'' = c' + mlp(norm2(c'))``, where the attention row
     is ``softmax(q_0 K^T / sqrt(d)) V`` with ``K, V`` of every token."""
-    import torch.nn.functional as F
-
     attn = block.attn
     b, n, _ = x.shape
     h = block.norm1(x)

@@ -16,6 +16,8 @@ from ssl_platform.launch.run import result_table, run_experiment
 from ssl_platform.spec import SpecError, dump_yaml, load_spec
 from ssl_platform.sweeps.driver import register_cli as register_sweep_cli
 from ssl_platform.tracking.model_registry import register_cli as register_registry_cli
+from ssl_platform.tracking.sync import register_cli as register_sync_cli
+from ssl_platform.training.watch import CollapseStop
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_validate)
     for register in (register_sweep_cli, register_chain_cli, register_jobs_cli, register_registry_cli,
-                     register_shards_cli):
+                     register_shards_cli, register_sync_cli):
         register(sub)
     return parser
 
@@ -77,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except CollapseStop as err:  # eval.stop_on_collapse
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as err:
         ours = type(err).__module__.startswith(("ssl_platform", "methods"))
         if ours or (type(err).__module__ == "builtins" and isinstance(err, (ValueError, FileNotFoundError))):

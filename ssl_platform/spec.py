@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import typing
 from collections.abc import Iterator, Mapping
@@ -46,6 +47,11 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 OPTIMIZERS = ("adamw",)
 CLIP_MODES = ("global", "per_param")
 LR_SCALINGS = ("none", "linear")
+WEIGHT_DECAY_EXCLUDES = ("bias_norm", "bias_norm_tokens", "none")
+LR_SCHEDULES = ("warmup_cosine", "linear_cosine_epochs")
+STRATEGIES = ("ddp", "fsdp")
+# keys of the ``method`` section that the platform reads itself (not constructor arguments of the method)
+PLATFORM_METHOD_KEYS = ("encoder_init",)
 SECRET_MARKERS = ("secret", "token", "password", "key_id", "access_key")
 
 
@@ -55,12 +61,32 @@ def _count(param: str, low: int = 0, note: str = "") -> C.InRange:
 
 
 # Each section's ``constraints`` are checked in order by :func:`validate` (the first failing one is reported).
+@dataclass(frozen=True)
+class _OddKernel(C.InRange):
+    """0 (automatic) or an odd integer >= 3 (a blur kernel side)."""
+
+    def accepts(self, value: Any) -> bool:
+        return super().accepts(value) and (value == 0 or (value >= 3 and value % 2 == 1))
+
+
 @dataclass
 class AugmentSpec:
-    constraints: ClassVar[tuple[Constraint, ...]] = (C.RangePair("crop_scale", 0.01, 1.0),)
+    constraints: ClassVar[tuple[Constraint, ...]] = (
+        C.RangePair("crop_scale", 0.01, 1.0),
+        C.InRange("grayscale_p", 0.0, 1.0, kind="a probability"),
+        C.InRange("blur_p", 0.0, 1.0, kind="a probability"),
+        C.RangePair("blur_sigma", 0.01, 100.0),
+        _OddKernel("blur_kernel", 0, integer=True, note="0: about 10% of the view; else odd, >= 3"),
+    )
 
     crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
     hflip: bool = False
+    # single-view methods: RandomGrayscale(p) and RandomApply([GaussianBlur(blur_kernel, blur_sigma)], blur_p) after
+    # the crop (APL's reference: p 0.2, kernel 9, sigma 0.1-0.5, p 0.5); 0: none
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    blur_kernel: int = 0
 
 
 @dataclass
@@ -113,7 +139,14 @@ class DataSpec:
     batch_size: int = 128
     num_workers: int = 0  # streamed sources: concurrent Ray Data decode tasks (0: Ray Data decides)
     test_fraction: float = 0.2
-    decode_size: int = 0  # streamed sources: the CPU fits each image into a decode_size^2 canvas (0: 4/3 image_size)
+    # streamed sources: the CPU fits each image into a decode_size^2 canvas, aspect kept, never enlarged (scale
+    # min(1, decode_size / long side)): an image whose long side is <= decode_size is cropped at full resolution.
+    # 0: 4/3 image_size. Memory per batch grows with its square (uint8: 3 * decode_size^2 bytes per image, 4x that as
+    # float on a GPU: 0.75 / 3 MiB per image at 512, 0.19 / 0.75 MiB at 256)
+    decode_size: int = 0
+    # JPEGs decoded at a reduced DCT scale (PIL draft: 1/2, 1/4, 1/8, still >= the canvas fit) when the canvas is
+    # smaller than the image: a speed option (benchmarks/README.md), off by default (full decode, antialiased resize)
+    decode_draft: bool = False
     prefetch_batches: int = 2  # streamed sources: batches decoded ahead of the step, per worker
     shuffle_buffer: int = 1000  # shards only: rows in each worker's local shuffle buffer (files shuffle every epoch)
     max_bad_fraction: float = 0.01  # undecodable files are skipped and counted; above this share the run stops
@@ -136,9 +169,13 @@ class OptimSpec:
         _count("max_nonfinite_skips"),
         C.OneOf("clip_mode", CLIP_MODES),
         C.OneOf("lr_scaling", LR_SCALINGS),
+        C.OneOf("weight_decay_exclude", WEIGHT_DECAY_EXCLUDES),
+        C.OneOf("schedule", LR_SCHEDULES),
+        C.InRange("warmup_start_factor", 0.0, 1.0, low_open=True),
         C.InRange("weight_decay_end", 0.0, optional=True, note="or unset: constant weight decay"),
         C.BoundedBy("min_lr", "lr", optional=True, note="or unset: min_lr_ratio * lr"),
         C.ListOf("betas", 2, C.InRange("beta", 0.0, 1.0, high_open=True), "[beta1, beta2] each in [0, 1)"),
+        C.positive_int("accumulation_steps"),
     )
 
     name: str = "adamw"
@@ -154,6 +191,15 @@ class OptimSpec:
     weight_decay_end: Optional[float] = None  # cosine weight decay from weight_decay to this (DINO/iBOT 0.04 -> 0.4)
     lr_scaling: str = "none"  # none | linear (lr = optim.lr * global batch / 256, as DINO, iBOT, MAE)
     min_lr: Optional[float] = None  # absolute final lr of the cosine (DINO 1e-6); unset: min_lr_ratio * lr
+    # bias_norm: no decay on biases and 1-D parameters (DINO's get_params_groups; MAE, iBOT, I-JEPA alike) |
+    # bias_norm_tokens: also pos_embed and *token* parameters | none: decay everything (fairseq data2vec)
+    weight_decay_exclude: str = "bias_norm"
+    # warmup_cosine: per-step linear warm-up then cosine (DINO, MAE) | linear_cosine_epochs: APL's per-epoch
+    # ChainedScheduler(LinearLR(warmup_start_factor, warmup_epochs), CosineAnnealingLR(epochs, min lr))
+    schedule: str = "warmup_cosine"
+    warmup_start_factor: float = 0.5  # linear_cosine_epochs only: LinearLR's start_factor
+    # micro-batches per optimizer step (gradients accumulated; data.batch_size is the batch of one optimizer step)
+    accumulation_steps: int = 1
 
 
 @dataclass
@@ -164,6 +210,7 @@ class ScalingSpec:
         C.OneOf("precision", PRECISIONS),
         _count("max_failures", -1, note="-1: unlimited"),
         C.OneOf("placement_strategy", PLACEMENT_STRATEGIES, note="Ray placement group strategy"),
+        C.OneOf("strategy", STRATEGIES, note="ddp: full replicas; fsdp: FSDP2 shards"),
     )
 
     num_workers: int = 1
@@ -176,6 +223,8 @@ class ScalingSpec:
     # Ray placement of the workers: PACK (fill a node first), SPREAD (over nodes when possible),
     # STRICT_SPREAD (one worker per node, or wait for enough nodes)
     placement_strategy: str = "PACK"
+    strategy: str = "ddp"  # ddp (every worker holds the whole model) | fsdp (FSDP2: blocks, heads, model sharded)
+    activation_checkpointing: bool = False  # student blocks recompute their activations in backward
 
 
 @dataclass
@@ -198,10 +247,20 @@ class CheckpointSpec:
 
 @dataclass
 class TrackingSpec:
+    constraints: ClassVar[tuple[Constraint, ...]] = (
+        C.InRange("flush_timeout_s", 0.0, kind="a number of seconds"),
+    )
+
     uri: str = "sqlite:///mlruns.db"
     experiment: str = "ssl"
     run_name: Optional[str] = None
     token: Optional[str] = None  # never logged
+    # MLflow writes are queued and sent in the background; at the run's end, wait at most this long for them, then
+    # keep what is left in <checkpoint.uri>/<run>/tracking/pending-*.jsonl (replay: `sync-tracking RUN`)
+    flush_timeout_s: float = 60.0
+    # a tracking server down at start: false trains now and creates the MLflow run when it answers; true refuses
+    # the run before Ray starts
+    require_server_at_start: bool = False
 
 
 @dataclass
@@ -229,11 +288,49 @@ class LinearSpec:
     lr: float = 1.0e-2
 
 
+def _threshold(param: str, high: float) -> C.InRange:
+    return C.InRange(param, 0.0, high, optional=True, note="or null: no warning on this metric")
+
+
+@dataclass
+class HealthSpec:
+    """Label-free health metrics (methods/health.py) every log interval, and when they mean collapse."""
+
+    constraints: ClassVar[tuple[Constraint, ...]] = (
+        C.positive_int("window_steps"),
+        _threshold("rank_fraction_below", 1.0),
+        _threshold("normalized_std_below", 1.0),
+        _threshold("teacher_entropy_above", 1.0),
+        _threshold("student_teacher_kl_below", math.inf),
+        _threshold("target_scale_below", math.inf),
+    )
+
+    enabled: bool = True
+    # a metric past its bound at every reading for this many steps is a collapse (warned once, tagged in MLflow)
+    window_steps: int = 50
+    rank_fraction_below: Optional[float] = 0.03  # RankMe over min(batch, embedding dim)
+    normalized_std_below: Optional[float] = 0.05  # sqrt(D) * std of L2-normalised embeddings (healthy ~1)
+    teacher_entropy_above: Optional[float] = 0.98  # DINO / iBOT teacher entropy over ln K (uniform collapse ~1)
+    student_teacher_kl_below: Optional[float] = None  # DINO / iBOT KL(P_t || P_s) in nats (collapse ~0)
+    target_scale_below: Optional[float] = None  # RMS of masked-prediction targets
+
+
 @dataclass
 class EvalSpec:
+    constraints: ClassVar[tuple[Constraint, ...]] = (C.InRange("crop_fraction", 0.0, 1.0, low_open=True),
+                                                     C.positive("online_probe_lr"))
+
     knn: KnnSpec = field(default_factory=KnnSpec)
     linear: LinearSpec = field(default_factory=LinearSpec)
+    health: HealthSpec = field(default_factory=HealthSpec)
+    stop_on_collapse: bool = False  # a collapse warning ends the run with an error (the last checkpoint is kept)
+    online_probe: bool = False  # a linear head on the step's detached embeddings (labelled training data only)
+    online_probe_lr: float = 1.0e-3
+    pictures: bool = True  # images/ in MLflow at each kNN evaluation: the method's panels and a PCA embedding plot
     random_init_baseline: bool = True
+    # evaluation input: the centred square of crop_fraction of the short side, resized bicubic to data.image_size
+    # (DINO / iBOT / MAE linear probe and kNN: Resize(256) + CenterCrop(224), 0.875); 1: the whole short side
+    crop_fraction: float = 0.875
     # the labelled data kNN and the linear probe use (a data section: digits, cifar10, image_folder, shards, with its
     # own image_size); unset: the training data when it has labels, else no kNN / probe
     data: Optional[DataSpec] = None
@@ -367,7 +464,7 @@ def resolve_paths(spec: DictConfig, base_dir: str | None = None) -> None:
             if section is not None and section[key] and "://" not in section[key]:
                 section[key] = str((base / section[key]).resolve())
     # the method's checkpoint arguments (e.g. a stage-1 teacher): Ray workers do not run in the submitting directory
-    for key in method_checkpoint_params(spec.method):
+    for key in [*method_checkpoint_params(spec.method), *(k for k in PLATFORM_METHOD_KEYS if spec.method.get(k))]:
         value = spec.method[key]
         if isinstance(value, str) and value and "://" not in value:
             spec.method[key] = str((base / value).resolve())
@@ -405,8 +502,11 @@ CHECKED_SECTIONS: tuple[tuple[str, type], ...] = (
     ("optim", OptimSpec),
     ("scaling", ScalingSpec),
     ("checkpoint", CheckpointSpec),
+    ("tracking", TrackingSpec),
+    ("eval", EvalSpec),
     ("eval.knn", KnnSpec),
     ("eval.linear", LinearSpec),
+    ("eval.health", HealthSpec),
 )
 
 
@@ -449,6 +549,12 @@ def validate(spec: DictConfig, source: str | None = None) -> None:
     for path, schema in CHECKED_SECTIONS:
         _apply(schema.constraints, _SectionValues(OmegaConf.select(spec, path)), path + ".", source)
     _check_eval_data(spec.eval.data, source)
+    _check(not (spec.eval.online_probe and spec.data.labels == "none"), "eval.online_probe",
+           "false for training data without labels (data.labels: none): the online probe trains on the training "
+           "batches' labels", spec.eval.online_probe, source)
+    _check(not (spec.eval.online_probe and spec.eval.data is not None), "eval.online_probe",
+           "false with a separate eval.data (the probe learns the training data's classes and is scored on the "
+           "evaluation features: one label set)", spec.eval.online_probe, source)
     validate_method(spec.method, source)
 
 
@@ -475,7 +581,9 @@ def validate_method(method: DictConfig, source: str | None = None) -> None:
     hints = typing.get_type_hints(cls.__init__)
     kwargs: dict[str, Any] = {}
     for key, value in method.items():
-        if key == "name":
+        if key == "name" or key in PLATFORM_METHOD_KEYS:
+            _check(key == "name" or value is None or isinstance(value, str), f"method.{key}",
+                   "a path or s3:// URI of released weights (or unset)", value, source)
             continue
         full = f"method.{key}"
         _check(key in allowed, full, f"a constructor argument of {cls.__name__} ({', '.join(sorted(allowed))})", key, source)
@@ -543,6 +651,8 @@ def method_kwargs(method: DictConfig) -> dict[str, Any]:
     """The method's constructor arguments: the spec's ``method`` section, resolved, without ``name``."""
     kwargs = OmegaConf.to_container(method, resolve=True)
     kwargs.pop("name")
+    for key in PLATFORM_METHOD_KEYS:
+        kwargs.pop(key, None)
     return kwargs
 
 

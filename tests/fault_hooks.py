@@ -45,3 +45,16 @@ class PoisonLoss(StepHook):
 
     def transform_loss(self, loss: torch.Tensor, info: StepInfo) -> torch.Tensor:
         return loss * float("nan") if info.global_step == self.at_step else loss
+
+
+@dataclass
+class ConstantEncoder(StepHook):
+    """A deliberately collapsed encoder: a forward hook makes the last block of ``method.encoder`` give every image
+    the same tokens (their batch mean, so gradients still flow), the collapse the health metrics must catch."""
+
+    def setup(self, method: torch.nn.Module) -> None:
+        method.encoder.blocks[-1].register_forward_hook(_constant_output)
+
+
+def _constant_output(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return output.mean(dim=0, keepdim=True).expand_as(output)

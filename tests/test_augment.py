@@ -357,7 +357,7 @@ def test_sparse_cpu_path_equals_dense_device_path(per_row_min, monkeypatch):
 def test_eval_views_are_the_centred_square_of_the_valid_region():
     images = _canvases(2, 40)
     sizes = torch.tensor([[20, 40], [40, 40]])
-    out = eval_views(images, sizes, 20)
+    out = eval_views(images, sizes, 20, crop_fraction=1.0, interpolation="bilinear")
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     torch.testing.assert_close(out[0], (images[0, :, :20, 10:30].float() / 255 - mean) / std, atol=1e-6, rtol=0)
     halved = TF.resize(images[1], [20, 20], antialias=True)  # torchvision's bilinear + antialias, as the eval path

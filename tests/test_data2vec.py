@@ -34,8 +34,11 @@ def test_seed_signature_and_registry():
         "pretrained": False,
         "encoder_kwargs": None,
     }
-    assert list(sig.parameters)[1:] == list(expected)
+    names = list(sig.parameters)[1:]
+    assert names[: len(expected)] == list(expected)
     assert {k: sig.parameters[k].default for k in expected} == expected
+    extensions = {"loss_scale": None, "layer_scale_init": 1e-4, "shared_rel_pos_bias": False}
+    assert {k: sig.parameters[k].default for k in names[len(expected) :]} == extensions
     assert isinstance(build_method("data2vec", image_size=32, top_k_blocks=2, encoder_kwargs=ENC), Data2Vec)
 
 
@@ -100,8 +103,8 @@ def test_loss_only_on_masked_positions_and_formula():
 
     base = run(y)
     d = base.predictions - y
-    per = torch.where(d.abs() < 2.0, 0.5 * d**2 / 2.0, d.abs() - 1.0).mean(-1)  # smooth-L1, beta = 2
-    assert torch.allclose(base.loss, per[mask].mean(), atol=1e-6)
+    per = torch.where(d.abs() < 2.0, 0.5 * d**2 / 2.0, d.abs() - 1.0).sum(-1)  # smooth-L1, beta = 2, summed
+    assert torch.allclose(base.loss, per[mask].mean() / d.shape[-1] ** 0.5, atol=1e-6)
     outside = y.clone()
     outside[~mask] += 10.0 * torch.randn_like(outside[~mask])
     assert torch.equal(run(outside).loss, base.loss)
@@ -182,3 +185,56 @@ def test_ema_schedule_and_update():
     assert not model.teacher.training
     assert model.export_encoder() is model.teacher
     assert model.encoder_config()["encoder_kwargs"]["img_size"] == 32
+
+
+def test_loss_scale_is_fairseqs():
+    """fairseq examples/data2vec/models/data2vec_vision.py:107-111 (``loss_scale`` None -> ``1 / sqrt(embed_dim)``) and
+    329-337 (``F.smooth_l1_loss(x, y, reduction="none", beta=self.loss_beta).sum(dim=-1) * self.loss_scale`` on the
+    masked tokens), with ``losses: loss.sum()`` over ``sample_size = loss.numel()`` (the trainer divides by it)."""
+    import math
+
+    import torch.nn.functional as F
+
+    for loss_scale in (None, 0.25):
+        model = _model(loss_scale=loss_scale).train()
+        images = torch.randn(2, 3, 32, 32)
+        mask = torch.zeros(2, 64, dtype=torch.bool)
+        mask[:, 5::4] = True
+        out = model(images, mask=mask)
+        bool_mask = mask
+        x, y = out.predictions[bool_mask].float(), out.target[bool_mask].float()
+        scale = loss_scale if loss_scale is not None else 1 / math.sqrt(model.embed_dim)
+        loss = F.smooth_l1_loss(x, y, reduction="none", beta=2.0).sum(dim=-1)
+        loss = loss * scale
+        torch.testing.assert_close(out.loss, loss.sum() / loss.numel())
+    assert _model(loss_scale=1.0 / 64).loss_scale == 1.0 / 64  # 1 / D: the per-channel mean of earlier versions
+
+
+def test_beit_layer_scale_and_shared_relative_position_bias():
+    """BEiT's encoder as data2vec builds it (fairseq data2vec_vision.py:656-676: one RelativePositionBias shared by all
+    blocks, ``init_values=layer_scale_init_value``): a timm Beit whose blocks all get the same bias, targets from its
+    blocks' outputs, LayerScale gains at 1e-4."""
+    torch.manual_seed(0)
+    model = Data2Vec("beit_base_patch16_224", top_k_blocks=2, image_size=32, shared_rel_pos_bias=True,
+                     encoder_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}).train()
+    vit = model.student
+    assert vit.rel_pos_bias is not None and vit.pos_embed is None
+    assert all(b.attn.relative_position_bias_table is None for b in vit.blocks)
+    assert torch.all(vit.blocks[0].gamma_1 == 1e-4)
+    with torch.no_grad():
+        vit.rel_pos_bias.relative_position_bias_table.normal_()
+        model.teacher.rel_pos_bias.relative_position_bias_table.normal_()
+    images = torch.randn(2, 3, 32, 32)
+    # Beit.forward_features (timm) gives the last block's normed output: the encoder path must equal it
+    from methods import vit as V
+
+    torch.testing.assert_close(V.run_blocks(vit.eval(), V.embed_patches(vit, images)), vit.forward_features(images))
+    model.train()
+    out = model(images)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert vit.rel_pos_bias.relative_position_bias_table.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="shared_rel_pos_bias: expected false unless encoder_name is a timm Beit"):
+        Data2Vec(shared_rel_pos_bias=True, encoder_kwargs=ENC, image_size=32, top_k_blocks=2)
+    with pytest.raises(ValueError, match="method.loss_scale"):
+        Data2Vec.check_kwargs({"loss_scale": 0.0}, prefix="method.")

@@ -46,7 +46,8 @@ def test_signature_matches_seed():
     }
     params = inspect.signature(DINO.__init__).parameters
     assert list(params)[1 : len(expected) + 1] == list(expected)  # the seed's order, then extensions
-    assert {k: params[k].default for k in list(params)[len(expected) + 1 :]} == {"norm_last_layer": True, "use_bn_in_head": False}
+    assert {k: params[k].default for k in list(params)[len(expected) + 1 :]} == {"norm_last_layer": True, "use_bn_in_head": False,
+                                                                                  "pos_embed_antialias": False}
     assert {k: params[k].default for k in expected} == expected
     assert list(inspect.signature(DINO.forward).parameters)[1:] == ["global_views", "local_views", "images"]
     assert get_method_class("dino") is DINO and DINO.view_kind == "multicrop"
@@ -103,8 +104,8 @@ def test_schedules_set_by_on_train_step():
     model.on_train_step(0, 100, 0.0)
     assert model.current_teacher_temperature == pytest.approx(0.04)
     assert model.ema_momentum == pytest.approx(0.99)
-    model.on_train_step(50, 100, 5.0)
-    assert model.current_teacher_temperature == pytest.approx(0.055)
+    model.on_train_step(50, 100, 5.5)  # DINO's table at epoch 5 of a 10-epoch warm-up: linspace(0.04, 0.07, 10)[5]
+    assert model.current_teacher_temperature == pytest.approx(0.04 + 0.03 * 5 / 9)
     assert model.ema_momentum == pytest.approx(0.995)
     model.on_train_step(100, 100, 12.5)
     assert model.current_teacher_temperature == pytest.approx(0.07)
@@ -212,7 +213,7 @@ def test_cls_embedding_equals_the_full_forward_values_and_gradients(size):
                                                "dynamic_img_size": True}).double()  # fmt: skip
     assert _cls_row_supported(vit)
     x = torch.randn(3, 3, size, size, dtype=torch.float64)
-    full, cls_only = vit(x), cls_embedding(vit, x)
+    full, cls_only = vit(x), cls_embedding(vit, x, antialias=True)  # timm's own resampling, as vit(x)
     torch.testing.assert_close(cls_only, full, atol=1e-12, rtol=0)
     params = list(vit.parameters())
     g_full = torch.autograd.grad(full.square().sum(), params)
@@ -222,4 +223,78 @@ def test_cls_embedding_equals_the_full_forward_values_and_gradients(size):
     pooled = create_vit("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "depth": 1, "global_pool": "avg",
                                                  "dynamic_img_size": True})  # fmt: skip
     assert not _cls_row_supported(pooled)
-    torch.testing.assert_close(cls_embedding(pooled, x.float()), pooled(x.float()), atol=0, rtol=0)
+    torch.testing.assert_close(cls_embedding(pooled, x.float(), antialias=True), pooled(x.float()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("warmup_epochs", "nepochs"), [(30, 100), (10, 12), (1, 5), (0, 4)])
+def test_teacher_temperature_is_dinos_per_epoch_table(warmup_epochs, nepochs):
+    """facebookresearch/dino main_dino.py:374-378 (``DINOLoss.__init__``) builds the table, line 388 reads it at the
+    integer epoch; every step of epoch ``e`` (fractional epochs ``e + j / spe``) must use that value."""
+    import numpy as np
+
+    warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs = 0.04, 0.07, warmup_epochs
+    teacher_temp_schedule = np.concatenate((
+        np.linspace(warmup_teacher_temp,
+                    teacher_temp, warmup_teacher_temp_epochs),
+        np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp
+    ))
+    model = tiny_dino(warmup_epochs_temperature_teacher=warmup_epochs)
+    spe = 4
+    for epoch in range(nepochs):
+        for j in range(spe):
+            model.on_train_step(epoch * spe + j, nepochs * spe, epoch + j / spe)
+            assert model.current_teacher_temperature == pytest.approx(teacher_temp_schedule[epoch], rel=1e-12, abs=0)
+
+
+def dino_interpolate_pos_encoding(pos_embed, patch_size, x, w, h):
+    """facebookresearch/dino vision_transformer.py:174-194 ``VisionTransformer.interpolate_pos_encoding``, ported
+    (``self.pos_embed`` / ``self.patch_embed.patch_size`` as arguments)."""
+    import math
+
+    from torch import nn
+
+    npatch = x.shape[1] - 1
+    N = pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return pos_embed
+    class_pos_embed = pos_embed[:, 0]
+    patch_pos_embed = pos_embed[:, 1:]
+    dim = x.shape[-1]
+    w0 = w // patch_size
+    h0 = h // patch_size
+    # we add a small number to avoid floating point error in the interpolation
+    # see discussion at https://github.com/facebookresearch/dino/issues/8
+    w0, h0 = w0 + 0.1, h0 + 0.1
+    patch_pos_embed = nn.functional.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
+        mode='bicubic',
+    )
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+@pytest.mark.parametrize("size", [96, 112, 224])
+def test_local_crop_positions_are_dinos_plain_bicubic(size):
+    """DINO's default: the tokens entering the blocks for a local crop equal ``prepare_tokens`` (vision_transformer.py
+    197-207: CLS concatenated, then ``x + interpolate_pos_encoding(x, w, h)``); timm's antialiased resampling
+    (``pos_embed_antialias=True``) differs when shrinking 14x14 to 6x6 or 7x7."""
+    from methods.vit import add_pos_embed
+
+    torch.manual_seed(0)
+    vit = create_vit("vit_tiny_patch16_224", {"dynamic_img_size": True, "depth": 1})
+    with torch.no_grad():
+        vit.pos_embed.normal_()
+    images = torch.randn(2, 3, size, size)
+    patches = vit.patch_embed(images)  # [B, H, W, D]
+    flat = patches.reshape(2, -1, patches.shape[-1])
+    x = torch.cat((vit.cls_token.expand(2, -1, -1), flat), dim=1)
+    expected = x + dino_interpolate_pos_encoding(vit.pos_embed, 16, x, size, size)
+    ours = add_pos_embed(vit, patches)
+    torch.testing.assert_close(ours, expected, atol=0, rtol=0)
+    timm_tokens = add_pos_embed(vit, patches, antialias=True)
+    if size < 224:
+        assert (timm_tokens - expected).abs().max() > 1e-3
+    model = tiny_dino(pos_embed_antialias=True)
+    assert model.student.pos_embed_antialias and model.teacher.pos_embed_antialias

@@ -54,7 +54,7 @@ def test_signature_matches_seed_plus_encoder_kwargs_last():
         "unmasked_fraction": 0.0, "mask_aspect_ratio": (0.3, 1 / 0.3), "mask_start_epoch": 0, "head_sharing": "none",
     }
     assert {k: params[k].default for k in expected} == expected
-    assert get_method_class("ibot") is iBOT and iBOT.view_kind == "global_views"
+    assert get_method_class("ibot") is iBOT and iBOT.view_kind == "multicrop"
 
 
 def _direct_patch_loss(s, t, m, center, ts, tt):
@@ -261,3 +261,89 @@ def test_patch_loss_on_masked_student_rows_equals_full_formula():
     rows = [sv[mk] for sv, mk in zip(s, masks)]
     got = loss_fn(rows, t, masks, 0.1, 0.04, update_center=False, student_masked_only=True)
     assert float(got) == pytest.approx(_direct_patch_loss(s, t, masks, loss_fn.center.reshape(-1), 0.1, 0.04), rel=1e-5)
+
+
+# ---- local crops: bytedance/ibot main_ibot.py (commit da316d8), iBOTLoss.forward, lines 514-557 ----------------
+def reference_ibot_loss(student_output, teacher_output, student_local_cls, student_mask, *, ngcrops, nlcrops, temp,
+                        temp2, center, center2, student_temp=0.1, lambda1=1.0, lambda2=1.0):
+    """The reference's lines, ported verbatim but for ``self.`` -> arguments and the schedules -> ``temp``/``temp2``."""
+    F = torch.nn.functional
+    ncrops = ngcrops + nlcrops
+    student_cls, student_patch = student_output
+    teacher_cls, teacher_patch = teacher_output
+    if student_local_cls is not None:
+        student_cls = torch.cat([student_cls, student_local_cls])
+    student_cls = student_cls / student_temp
+    student_cls_c = student_cls.chunk(ncrops)
+    student_patch = student_patch / student_temp
+    student_patch_c = student_patch.chunk(ngcrops)
+    teacher_cls_c = F.softmax((teacher_cls - center) / temp, dim=-1)
+    teacher_cls_c = teacher_cls_c.detach().chunk(ngcrops)
+    teacher_patch_c = F.softmax((teacher_patch - center2) / temp2, dim=-1)
+    teacher_patch_c = teacher_patch_c.detach().chunk(ngcrops)
+    total_loss1, n_loss_terms1 = 0, 0
+    total_loss2, n_loss_terms2 = 0, 0
+    for q in range(len(teacher_cls_c)):
+        for v in range(len(student_cls_c)):
+            if v == q:
+                loss2 = torch.sum(-teacher_patch_c[q] * F.log_softmax(student_patch_c[v], dim=-1), dim=-1)
+                mask = student_mask[v].flatten(-2, -1)
+                loss2 = torch.sum(loss2 * mask.float(), dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
+                total_loss2 += loss2.mean()
+                n_loss_terms2 += 1
+            else:
+                loss1 = torch.sum(-teacher_cls_c[q] * F.log_softmax(student_cls_c[v], dim=-1), dim=-1)
+                total_loss1 += loss1.mean()
+                n_loss_terms1 += 1
+    total_loss1 = total_loss1 / n_loss_terms1 * lambda1
+    total_loss2 = total_loss2 / n_loss_terms2 * lambda2
+    return dict(cls=total_loss1, patch=total_loss2, loss=total_loss1 + total_loss2)
+
+
+@pytest.mark.parametrize("head_sharing", ["none", "all"])
+def test_local_crops_loss_equals_the_reference_ibot_loss(head_sharing):
+    """10 local crops (iBOT's ViT-S/16 recipe, scaled down): CLS loss over every (teacher global, student view != it)
+    pair, patch loss on the globals only; the same values as the reference's ``iBOTLoss.forward``."""
+    torch.manual_seed(0)
+    model = tiny_ibot(head_sharing=head_sharing, n_patch_prototypes=64).train()
+    model.cls_loss_fn.center.normal_()  # a non-zero centre, so that its use is checked too
+    model.patch_loss_fn.center.normal_()
+    model.current_teacher_temperature, model.current_patch_teacher_temperature = 0.05, 0.06
+    g = [torch.randn(3, 3, 32, 32) for _ in range(2)]
+    local = [torch.randn(3, 3, 16, 16) for _ in range(10)]
+    masks = [torch.rand(3, 16) < 0.4 for _ in range(2)]
+    masks[0][0] = False  # an unmasked image (the reference's clamp(min=1))
+    x, m = torch.cat(g), torch.cat(masks)
+    with torch.no_grad():  # the reference's inputs: student(globals, mask), student(locals)[0] (CLS), teacher(globals)
+        _, s_cls, s_patch = model.student(x, m)
+        s_local = model.student.cls_logits(torch.cat(local))
+        _, t_cls, t_patch = model.teacher(x)
+        grid_masks = [mk.reshape(3, 4, 4) for mk in masks]  # the reference's masks are [B, H, W]
+        ref = reference_ibot_loss((s_cls, s_patch), (t_cls, t_patch), s_local, grid_masks, ngcrops=2, nlcrops=10, temp=0.05,
+                                  temp2=0.06, center=model.cls_loss_fn.center.clone(),
+                                  center2=model.patch_loss_fn.center.clone())
+    out = model(global_views=g, local_views=local, masks=masks)
+    assert float(out.student_views) == 12
+    assert float(out.loss_cls) == pytest.approx(float(ref["cls"]), rel=1e-5)
+    assert float(out.loss_patch) == pytest.approx(float(ref["patch"]), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(ref["loss"]), rel=1e-5)
+    without = reference_ibot_loss((s_cls, s_patch), (t_cls, t_patch), None, grid_masks, ngcrops=2, nlcrops=0, temp=0.05,
+                                  temp2=0.06, center=model.cls_loss_fn.center, center2=model.patch_loss_fn.center)
+    assert abs(float(without["cls"]) - float(ref["cls"])) > 1e-3  # the local crops change the CLS loss
+    out.loss.backward()
+    assert model.student.backbone.patch_embed.proj.weight.grad is not None
+
+
+def test_local_crops_reach_the_student_only_unmasked_and_cls_only():
+    model = tiny_ibot().train()
+    seen = {"teacher": [], "student": []}
+    model.teacher.backbone.register_forward_pre_hook(lambda mod, a: seen["teacher"].append(tuple(a[0].shape)))
+    model.student.backbone.patch_embed.register_forward_pre_hook(lambda mod, a: seen["student"].append(tuple(a[0].shape)))
+    patch_rows = []
+    model.student.patch_head.register_forward_pre_hook(lambda mod, a: patch_rows.append(a[0].shape[0]))
+    g = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    masks = [torch.ones(2, 16, dtype=torch.bool)] * 2
+    model(global_views=g, local_views=[torch.randn(2, 3, 16, 16)] * 3, masks=masks).loss.backward()
+    assert seen["student"] == [(4, 3, 32, 32), (6, 3, 16, 16)]  # globals (masked), then locals in one batch
+    assert all(s[-1] == 32 for s in seen["teacher"])  # the teacher sees globals only
+    assert patch_rows == [64]  # the patch head: the globals' masked patches, no local patch

@@ -178,3 +178,36 @@ def test_dino_student_drop_path_teacher_none():
     assert not torch.allclose(model.student.backbone(x), model.student.backbone(x))  # stochastic depth on
     torch.testing.assert_close(model.teacher.backbone(x), model.teacher.backbone(x))  # the teacher has none
     assert model.encoder_config()["encoder_kwargs"]["drop_path_rate"] == 0.5
+
+
+def reference_teacher_temp2_schedule(warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs,
+                                     mim_start_epoch):
+    """bytedance/ibot main_ibot.py (commit da316d8), ``iBOTLoss.__init__``, lines 503-512, verbatim."""
+    return np.concatenate((
+        np.linspace(warmup_teacher_temp2,
+                    teacher_temp2, warmup_teacher_temp_epochs),
+        np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp2
+    )) if mim_start_epoch == 0 else np.concatenate((
+        np.ones(mim_start_epoch) * warmup_teacher_temp2,
+        np.linspace(warmup_teacher_temp2,
+                    teacher_temp2, warmup_teacher_temp_epochs),
+        np.ones(nepochs - warmup_teacher_temp_epochs - mim_start_epoch) * teacher_temp2
+    ))
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_patch_temperature_warmup_starts_at_mask_start_epoch_as_ibot(start):
+    model = tiny_ibot(mask_start_epoch=start, temperature_teacher_warmup=0.04, temperature_teacher=0.07,
+                      warmup_epochs_temperature_teacher=10)
+    table = reference_teacher_temp2_schedule(0.04, 0.07, 10, 40, start)
+    for epoch in range(40):
+        for frac in (0.0, 0.5):  # the reference reads its table at the integer epoch
+            model.on_train_step(0, 100, epoch + frac)
+            assert model.current_patch_teacher_temperature == pytest.approx(table[epoch], abs=1e-12), epoch
+            assert model.schedule_state()["teacher_patch_temperature"] == model.current_patch_teacher_temperature
+    model.on_train_step(0, 100, start + 3.0)
+    views = [torch.randn(2, 3, 32, 32)] * 2
+    out = model.train()(global_views=views)
+    assert float(out.teacher_patch_temperature) == pytest.approx(table[start + 3])
+    if start:  # the CLS temperature is not delayed
+        assert float(out.teacher_temperature) > float(out.teacher_patch_temperature)

@@ -51,11 +51,11 @@ def test_blocks_are_rectangles_of_one_size_per_batch():
 
 
 def test_block_size_formula_exact_cases():
-    # k = int(N s); h = round(sqrt(k a)); w = round(sqrt(k / a))  (computed here from the formula)
+    # k = int(N s); h = round(sqrt(k a)); w = round(sqrt(k / a)), each side below the grid (computed from the formula)
     for scale, ar in [(0.25, 1.0), (0.25, 4.0), (0.1, 0.5)]:
         gen = MultiBlockMaskGenerator((16, 16), target_scale=(scale, scale), target_aspect_ratio=(ar, ar))
         k = int(256 * scale)
-        expected = (round(math.sqrt(k * ar)), round(math.sqrt(k / ar)))
+        expected = (min(round(math.sqrt(k * ar)), 15), min(round(math.sqrt(k / ar)), 15))
         assert gen.block_size(gen.target_scale, gen.target_aspect_ratio) == expected
         m = gen(3, generator=torch.Generator().manual_seed(2))
         assert m.target_block_size == expected
@@ -124,3 +124,111 @@ def test_union_target_idx_is_each_samples_union_padded_to_the_largest():
         assert int(valid[b].sum()) == len(union) == int(sizes[b])
         assert torch.equal(idx[b][valid[b]], union)  # raster order
         assert not masks.target_mask[b, idx[b][~valid[b]]].any()  # the padding points at non-target patches
+
+
+class IJEPASizes:
+    """facebookresearch/ijepa src/masks/multiblock.py:55-72 ``MaskCollator._sample_block_size``, ported."""
+
+    def __init__(self, height, width):
+        self.height, self.width = height, width
+
+    def _sample_block_size(self, generator, scale, aspect_ratio_scale):
+        _rand = torch.rand(1, generator=generator).item()
+        # -- Sample block scale
+        min_s, max_s = scale
+        mask_scale = min_s + _rand * (max_s - min_s)
+        max_keep = int(self.height * self.width * mask_scale)
+        # -- Sample block aspect-ratio
+        min_ar, max_ar = aspect_ratio_scale
+        aspect_ratio = min_ar + _rand * (max_ar - min_ar)
+        # -- Compute block height and width (given scale and aspect-ratio)
+        h = int(round(math.sqrt(max_keep * aspect_ratio)))
+        w = int(round(math.sqrt(max_keep / aspect_ratio)))
+        while h >= self.height:
+            h -= 1
+        while w >= self.width:
+            w -= 1
+
+        return (h, w)
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (16, 16), (8, 8)])
+def test_block_sizes_are_ijepas_one_draw_per_batch_seeded_per_call(grid):
+    """ijepa multiblock.py:126-135 (``__call__``): ``g.manual_seed(seed)`` with the call's index, then ONE size for
+    every target block (pred_mask_scale, aspect_ratio) and one for the context (enc_mask_scale, aspect (1, 1));
+    in_1k_vith14_ep300.yaml's scales. The platform's ``step`` argument is that seed; without it, the call count."""
+    ref = IJEPASizes(*grid)
+    gen = MultiBlockMaskGenerator(grid)
+    for seed in range(40):
+        g = torch.Generator()
+        g.manual_seed(seed)
+        p_size = ref._sample_block_size(generator=g, scale=(0.15, 0.2), aspect_ratio_scale=(0.75, 1.5))
+        e_size = ref._sample_block_size(generator=g, scale=(0.85, 1.0), aspect_ratio_scale=(1.0, 1.0))
+        m = gen(3)  # the seed-th call
+        assert (m.target_block_size, m.context_block_size) == (p_size, e_size)
+        m = MultiBlockMaskGenerator(grid)(2, step=seed)
+        assert (m.target_block_size, m.context_block_size) == (p_size, e_size)
+        assert max(e_size) <= grid[0] - 1  # `while h >= self.height: h -= 1`
+
+
+def test_contexts_keep_more_than_min_keep_patches():
+    """ijepa multiblock.py:98 ``valid_mask = len(mask) > self.min_keep``; min_keep 10 (the ijepa configs)."""
+    assert MultiBlockMaskGenerator((14, 14)).min_keep == 10
+    gen = MultiBlockMaskGenerator((8, 8), target_scale=(0.2, 0.25))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        assert gen(16, generator=g).context_idx.shape[1] > 10
+
+
+def vjepa_block_size(height, width, generator, spatial_scale, aspect_ratio_scale, duration=1, temporal_scale=(1.0, 1.0)):
+    """facebookresearch/jepa src/masks/multiblock3d.py:106-136 ``_MaskGenerator._sample_block_size``, ported (one frame)."""
+    # -- Sample temporal block mask scale
+    _rand = torch.rand(1, generator=generator).item()
+    min_t, max_t = temporal_scale
+    temporal_mask_scale = min_t + _rand * (max_t - min_t)
+    t = max(1, int(duration * temporal_mask_scale))
+    # -- Sample spatial block mask scale
+    _rand = torch.rand(1, generator=generator).item()
+    min_s, max_s = spatial_scale
+    spatial_mask_scale = min_s + _rand * (max_s - min_s)
+    spatial_num_keep = int(height * width * spatial_mask_scale)
+    # -- Sample block aspect-ratio
+    _rand = torch.rand(1, generator=generator).item()
+    min_ar, max_ar = aspect_ratio_scale
+    aspect_ratio = min_ar + _rand * (max_ar - min_ar)
+    # -- Compute block height and width (given scale and aspect-ratio)
+    h = int(round(math.sqrt(spatial_num_keep * aspect_ratio)))
+    w = int(round(math.sqrt(spatial_num_keep / aspect_ratio)))
+    h = min(h, height)
+    w = min(w, width)
+    return (t, h, w)
+
+
+@pytest.mark.parametrize(("num_blocks", "scale"), [(8, 0.15), (2, 0.7)])
+def test_vjepa_style_context_is_the_complement_of_the_union(num_blocks, scale):
+    """jepa multiblock3d.py:155-190 ``__call__``: the size from a generator seeded per call, ``num_blocks`` blocks, context =
+    complement of their union (truncated to the batch minimum), targets = the union; configs/pretrain/vitl16.yaml's
+    two mask sets (8 x 0.15, 2 x 0.7, aspect 0.75-1.5)."""
+    gen = MultiBlockMaskGenerator((14, 14), num_targets=num_blocks, target_scale=(scale, scale), style="vjepa")
+    g = torch.Generator().manual_seed(5)
+    for seed in range(10):
+        ref = torch.Generator()
+        ref.manual_seed(seed)
+        _, h, w = vjepa_block_size(14, 14, ref, (scale, scale), (0.75, 1.5))
+        m = gen(8, generator=g)
+        assert m.target_block_size == (h, w)
+        complement = ~m.target_mask
+        assert not (m.context_mask & m.target_mask).any()
+        assert m.context_idx.shape[1] == int(complement.sum(1).min()) > 0
+        for b in range(8):  # each sample's first Kc complement patches, in raster order
+            assert torch.equal(m.context_idx[b], complement[b].nonzero()[:, 0][: m.context_idx.shape[1]])
+
+
+def test_min_keep_on_tiny_grids_is_a_quarter_of_the_context_block():
+    """A 4x4 grid (32 px, patch 8) has contexts of at most 3x3: min_keep 10 cannot hold, a quarter of the block does."""
+    gen = MultiBlockMaskGenerator((4, 4))
+    for step in range(20):
+        m = gen(4, step=step)
+        hc, wc = m.context_block_size
+        assert m.context_idx.shape[1] > (hc * wc) // 4
+    assert MultiBlockMaskGenerator((14, 14)).sizes(torch.Generator().manual_seed(0))[2] == 10

@@ -192,9 +192,89 @@ def test_param_groups_mark_the_decayed_group():
         ("optim.lr_scaling=sqrt", "optim.lr_scaling"),
         ("optim.weight_decay_end=-0.1", "optim.weight_decay_end"),
         ("optim.min_lr=1.0", "optim.min_lr"),
+        ("optim.weight_decay_exclude=tokens", "optim.weight_decay_exclude"),
+        ("optim.schedule=step", "optim.schedule"),
+        ("optim.warmup_start_factor=0.0", "optim.warmup_start_factor"),
     ],
 )
 def test_bad_optim_keys_name_key_expected_and_seen(tiny_spec, override, key):
     with pytest.raises(SpecError) as err:
         tiny_spec([override])
     assert err.value.key == key and str(err.value.seen) == override.split("=", 1)[1]
+
+
+def dino_get_params_groups(model):
+    """facebookresearch/dino utils.py:632 ``get_params_groups``, ported."""
+    regularized = []
+    not_regularized = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # we do not regularize biases nor Norm parameters
+        if name.endswith(".bias") or len(param.shape) == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{'params': regularized}, {'params': not_regularized, 'weight_decay': 0.}]
+
+
+def _vit_with_tokens() -> nn.Module:
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0,
+                             reg_tokens=2, init_values=1e-4)
+
+
+def test_default_weight_decay_exclusions_are_dinos_get_params_groups():
+    """Biases and 1-D parameters only: pos_embed, cls_token and reg_token (3-D) are decayed, as in DINO / MAE."""
+    vit = _vit_with_tokens()
+    vit.patch_embed.proj.bias.requires_grad_(False)  # frozen parameters are left out of both groups
+    ours = param_groups(vit, 0.05)
+    ref = dino_get_params_groups(vit)
+    for mine, theirs in zip(ours, ref):
+        assert [id(p) for p in mine["params"]] == [id(p) for p in theirs["params"]]
+    decayed = {id(p) for p in ours[0]["params"]}
+    assert {id(vit.pos_embed), id(vit.cls_token), id(vit.reg_token)} <= decayed
+    assert id(vit.blocks[0].ls1.gamma) not in decayed  # LayerScale gains are 1-D
+
+
+def test_weight_decay_exclude_options():
+    vit = _vit_with_tokens()
+    named = dict(vit.named_parameters())
+    tokens = param_groups(vit, 0.05, "bias_norm_tokens")
+    exempt = {id(p) for p in tokens[1]["params"]}
+    assert {id(vit.pos_embed), id(vit.cls_token), id(vit.reg_token)} <= exempt
+    assert exempt == {id(p) for n, p in named.items() if n.endswith(".bias") or p.ndim <= 1 or "token" in n or "pos_embed" in n}
+    everything = param_groups(vit, 0.05, "none")
+    assert len(everything[0]["params"]) == len(named) and not everything[1]["params"]  # fairseq's Adam decays all
+    opt = build_optimizer(vit, optim_cfg(weight_decay_exclude="none"), torch.device("cpu"))
+    assert len(opt.param_groups[0]["params"]) == len(named)
+    with pytest.raises(ValueError, match="weight_decay_exclude"):
+        param_groups(vit, 0.05, "tokens")
+
+
+@pytest.mark.parametrize(("epochs", "lr"), [(300, 1.15e-3), (40, 1e-3), (10, 2e-3)])
+def test_linear_cosine_epochs_is_apls_chained_scheduler(epochs, lr):
+    """le0x99/self-supervised-vision-transformers APL/PreTrainer.py ``Trainer.train`` (lines 111-115): Adam, then
+    ``LinearLR(start_factor=0.5, total_iters=int(E * 0.05))`` chained with ``CosineAnnealingLR(T_max=E,
+    eta_min=0.1 * lr)``, ``scheduler.step()`` once per epoch (``train_``, line 162). The reference's own torch
+    schedulers run here; the platform's per-step schedule must give the same lr at every step of every epoch."""
+    spe = 3
+    ref_model = nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(ref_model.parameters(), lr=lr, weight_decay=0.0)
+    warmup_epochs = int(epochs * 0.05)
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=warmup_epochs)
+    cosan = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.1 * lr)
+    scheduler = torch.optim.lr_scheduler.ChainedScheduler([warmup, cosan])
+
+    cfg = optim_cfg(lr=lr, weight_decay=0.0, warmup_epochs=warmup_epochs, epochs=epochs, min_lr_ratio=0.1,
+                    schedule="linear_cosine_epochs", warmup_start_factor=0.5)
+    opt = build_optimizer(small_model(), cfg, torch.device("cpu"))
+    sched = build_scheduler(opt, cfg, spe)
+    for _epoch in range(epochs):
+        expected = optimizer.param_groups[0]["lr"]
+        for _ in range(spe):
+            assert [g["lr"] for g in opt.param_groups] == pytest.approx([expected] * 2, rel=1e-12)
+            sched.step()
+        scheduler.step()
+    assert sched.lr_at(0) == pytest.approx(0.5 * lr)

@@ -54,8 +54,9 @@ def test_registered_and_seed_defaults():
     names = list(sig.parameters)[1:]
     assert names[: len(expected)] == list(expected)
     assert {k: sig.parameters[k].default for k in expected} == expected
-    assert names[len(expected) :] == ["encoder_kwargs", "teacher", "target_layout"]
-    assert sig.parameters["target_layout"].default == "union"
+    extensions = {"encoder_kwargs": None, "teacher": None, "target_layout": "union", "target_layer_norm": True,
+                  "mask_style": "ijepa", "min_keep": 10, "predictor_fix_init": True}
+    assert {k: sig.parameters[k].default for k in names[len(expected) :]} == extensions
     model = build_method("salt", encoder_kwargs=ENC, **PRED)
     assert isinstance(model, SALT) and SALT.view_kind == "images"
 
@@ -139,7 +140,7 @@ def test_teacher_targets_are_layer_normed_per_token(global_pool):
     """Targets are the teacher's final-LayerNorm patch tokens, also for global_pool='avg', where timm applies
     that norm (fc_norm) only after pooling and the raw blocks output would otherwise be the target."""
     torch.manual_seed(0)
-    model = _salt(encoder_kwargs={**ENC, "global_pool": global_pool})
+    model = _salt(encoder_kwargs={**ENC, "global_pool": global_pool}, target_layer_norm=False)
     teacher = model.teacher
     final_norm = teacher.fc_norm if global_pool == "avg" else teacher.norm
     assert isinstance(final_norm, torch.nn.LayerNorm)
@@ -319,3 +320,73 @@ def test_union_layout_has_fewer_predictor_tokens_than_blocks():
     assert seen["union"] == 2 * (1 + kc + int(masks.target_mask.sum(dim=1).max()))
     with pytest.raises(ValueError, match="target_layout"):
         _salt(target_layout="tubes")
+
+
+def test_targets_are_renormalised_as_ijepa_and_vjepa():
+    """facebookresearch/ijepa src/train.py:298 and jepa app/vjepa/train.py:426, ``forward_target``:
+    ``h = target_encoder(imgs); h = F.layer_norm(h, (h.size(-1),))`` (the target encoder ends with its own norm)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = _salt()
+    teacher = model.teacher
+    randomize_layer_norm_(teacher.norm)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = teacher.forward_features(images)[:, teacher.num_prefix_tokens :]  # target_encoder(imgs), patch tokens
+        h = F.layer_norm(h, (h.size(-1),))  # normalize over feature-dim
+    torch.testing.assert_close(model.teacher_latents(images), h, atol=1e-5, rtol=1e-5)
+    model.target_layer_norm = False  # stable-pretraining's SALT: the final-norm tokens as they are
+    raw = teacher.forward_features(images)[:, teacher.num_prefix_tokens :]
+    torch.testing.assert_close(model.teacher_latents(images), raw)
+    assert (raw - h).abs().max() > 0.1
+
+
+def test_predictor_fix_init_weight_is_ijepas():
+    """facebookresearch/ijepa src/models/vision_transformer.py:264-270 ``fix_init_weight``, ported and applied to a
+    predictor built with the same seed but without it."""
+    import math
+
+    from methods.salt import SALTPredictor
+
+    def fix_init_weight(self):
+        def rescale(param, layer_id):
+            param.div_(math.sqrt(2.0 * layer_id))
+
+        for layer_id, layer in enumerate(self.predictor_blocks):
+            rescale(layer.attn.proj.weight.data, layer_id + 1)
+            rescale(layer.mlp.fc2.weight.data, layer_id + 1)
+
+    torch.manual_seed(3)
+    ours = SALTPredictor(64, 32, 3, 2, 64)
+    torch.manual_seed(3)
+    plain = SALTPredictor(64, 32, 3, 2, 64, fix_init=False)
+    plain.predictor_blocks = plain.blocks
+    fix_init_weight(plain)
+    for a, b in zip(ours.state_dict().values(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert ours.blocks[2].mlp.fc2.weight.std() < ours.blocks[0].mlp.fc2.weight.std()
+
+
+def test_vjepa_mask_style_averages_two_mask_sets():
+    """mask_style='vjepa': V-JEPA's two sets (8 x 0.15, 2 x 0.7; contexts = complements), loss = their mean."""
+    torch.manual_seed(0)
+    model = _salt(mask_style="vjepa").train()
+    gens = model.mask_generators((8, 8))
+    assert [(g.num_targets, g.target_scale, g.style) for g in gens] == [(8, (0.15, 0.15), "vjepa"), (2, (0.7, 0.7), "vjepa")]
+    images = torch.randn(3, 3, 32, 32)
+    masks = [g(3, step=0) for g in gens]
+    out = model(images, masks=masks)
+    single = [model(images, masks=m).loss for m in masks]
+    torch.testing.assert_close(out.loss, (single[0] + single[1]) / 2)
+    for m in masks:
+        assert not (m.context_mask & m.target_mask).any()
+    model.on_train_step(7, 10, 0.7)
+    assert torch.isfinite(model(images).loss) and gens[0].calls == 8  # sizes seeded by the step
+
+
+def test_bad_mask_style_is_refused():
+    with pytest.raises(ValueError, match="mask_style"):
+        _salt(mask_style="random")
+    with pytest.raises(Exception, match="method.mask_style"):
+        SALT.check_kwargs({"mask_style": "random", "pretrained": True}, prefix="method.")

@@ -39,6 +39,25 @@ def test_decode_fits_the_canvas_keeping_aspect_and_never_enlarges():
     assert decode_to_canvas(grey.getvalue(), 32)[0].shape == (32, 32, 3)  # grey -> RGB
 
 
+def test_decode_keeps_full_resolution_up_to_the_canvas_and_draft_is_an_option():
+    rng = np.random.default_rng(1)
+    small = (rng.random((16, 21, 3)) * 255).astype(np.uint8)
+    jpeg = encode_image(np.asarray(Image.fromarray(small).resize((500, 375), Image.BICUBIC)))
+    decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    canvas, h, w = decode_to_canvas(jpeg, 512)  # the ImageNet recipes' canvas: ImageNet's 500x375 as it is
+    assert (h, w) == (375, 500) and np.array_equal(canvas[:h, :w], decoded) and canvas[h:].max() == 0
+    full, h, w = decode_to_canvas(jpeg, 128)
+    resized = np.asarray(Image.fromarray(decoded).resize((128, 96), Image.BILINEAR))
+    assert (h, w) == (96, 128) and np.array_equal(full[:96, :128], resized)  # full decode, antialiased resize
+    draft, dh, dw = decode_to_canvas(jpeg, 128, draft=True)  # the speed option: a 1/2-scale DCT decode first
+    assert (dh, dw) == (96, 128) and not np.array_equal(draft, full)
+    assert np.abs(draft.astype(int) - full.astype(int)).mean() < 3.0
+    assert np.array_equal(decode_to_canvas(jpeg, 512, draft=True)[0], canvas)  # no effect when the image fits
+    out = decode_batch({"image": np.array([jpeg], dtype=object), "path": np.array(["a.jpg"], dtype=object),
+                        "label": np.array([0])}, canvas=128, draft=True)
+    assert np.array_equal(out["image"][0], draft)
+
+
 def test_decode_batch_keeps_labels_and_flags_corrupt_and_missing_files(tmp_path):
     from pyarrow.fs import LocalFileSystem
 

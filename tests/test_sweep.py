@@ -166,6 +166,8 @@ def test_sweep_runs_three_trials_with_outputs_and_mlflow(asha_sweep):
     assert len(csv_rows) == 3
     assert sorted(float(r["optim.lr"]) for r in csv_rows) == sorted(LRS)
     assert (result.out_dir / "sweep_plot.png").stat().st_size > 1000
+    assert (result.out_dir / "sweep_curves.png").stat().st_size > 1000
+    assert all(1 <= len(r.history) <= r.epochs for r in result.rows if r.status != "ERROR")
 
     children = _children(sweep.base.tracking.uri, result.parent_run_id)
     assert len(children) == 3
@@ -179,7 +181,7 @@ def test_sweep_runs_three_trials_with_outputs_and_mlflow(asha_sweep):
     assert float(parent.data.tags["sweep.best.optim.lr"]) == result.best.values["optim.lr"]
     assert result.best.values["optim.lr"] in (1e-3, 2e-3)
     artifacts = {a.path for a in _mlflow(sweep.base.tracking.uri).list_artifacts(result.parent_run_id, "sweep")}
-    assert {"sweep/sweep_results.csv", "sweep/sweep_plot.png", "sweep/best_spec.yaml"} <= artifacts
+    assert {"sweep/sweep_results.csv", "sweep/sweep_plot.png", "sweep/sweep_curves.png", "sweep/best_spec.yaml"} <= artifacts
 
     best = yaml.safe_load((result.out_dir / "best_spec.yaml").read_text())
     assert "sweep" not in best and best["optim"]["lr"] == result.best.values["optim.lr"]

@@ -31,12 +31,17 @@ def test_cosine_ema_momentum_start_middle_end():
 
 
 def test_teacher_temperature_warmup_then_constant():
+    """DINO's per-epoch table (tests/test_dino.py checks it against main_dino.py): constant within an epoch,
+    the final value from epoch W - 1 on."""
     assert teacher_temperature(0.0, 0.04, 0.07, 30) == pytest.approx(0.04)
-    assert teacher_temperature(15.0, 0.04, 0.07, 30) == pytest.approx(0.055)
-    assert teacher_temperature(7.5, 0.04, 0.07, 30) == pytest.approx(0.04 + 0.03 * 7.5 / 30)
-    assert teacher_temperature(30.0, 0.04, 0.07, 30) == pytest.approx(0.07)
+    assert teacher_temperature(0.99, 0.04, 0.07, 30) == pytest.approx(0.04)
+    assert teacher_temperature(15.0, 0.04, 0.07, 30) == pytest.approx(0.04 + 0.03 * 15 / 29)
+    assert teacher_temperature(7.5, 0.04, 0.07, 30) == pytest.approx(0.04 + 0.03 * 7 / 29)
+    assert teacher_temperature(29.0, 0.04, 0.07, 30) == pytest.approx(0.07)
     assert teacher_temperature(100.0, 0.04, 0.07, 30) == pytest.approx(0.07)
     assert teacher_temperature(0.0, 0.04, 0.07, 0) == pytest.approx(0.07)
+    assert teacher_temperature(0.5, 0.04, 0.07, 1) == pytest.approx(0.04)  # np.linspace(a, b, 1) == [a]
+    assert teacher_temperature(1.0, 0.04, 0.07, 1) == pytest.approx(0.07)
 
 
 def test_teacher_starts_equal_has_no_grad_and_moves_only_by_ema():

@@ -15,7 +15,8 @@ the same distributions drawn per sample but applied to the whole batch at once, 
   one tensor op.
 * **Crop + resize:** torchvision's antialiased resize of each crop (``resized_crop(..., antialias=True)``: the
   triangle (bilinear) or Keys cubic (bicubic, ``a = -0.5``) filter stretched by the downscaling factor, as
-  Pillow), bicubic for DINO / iBOT views as their ``RandomResizedCrop`` and bilinear for the single view. On the
+  Pillow), bicubic for DINO / iBOT views as their ``RandomResizedCrop`` and the method's ``view_interpolation`` for
+  the single view (MAE: bicubic, its ``RandomResizedCrop(..., interpolation=3)``; default bilinear). On the
   CPU each crop is one call of PyTorch's vectorised uint8 kernel on its slice of the channels-last batch (the
   per-sample path's own kernel, so the pixels are the same); on a GPU a vectorised float resampler computes the
   same taps for all crops at once (two separable passes of gathered rows, rounded to uint8 levels after each pass
@@ -32,7 +33,8 @@ the same distributions drawn per sample but applied to the whole batch at once, 
 * **Grayscale** (ITU-R 601-2 luma, as torchvision), **Gaussian blur** (per-sample ``sigma ~ U(0.1, 2)``,
   torchvision's kernel and reflect padding, as two separable depthwise convolutions: ``2k`` instead of ``k^2``
   multiply-adds per pixel; a unit impulse where no blur is drawn), **solarisation** (``x >= 0.5 -> 1 - x``),
-  **normalisation** with ``ssl_platform.data.small_sets.MEAN / STD``.
+  **normalisation** with the method's ``input_mean / input_std`` (:class:`methods.base.SSLMethod`; ImageNet's
+  statistics for DINO, iBOT, MAE, data2vec, SALT; 0.5 / 0.5 for APL), the same in evaluation (:func:`eval_views`).
 
 Every random parameter is a tensor of one value per view and sample, drawn from ``generator`` (reproducible) on
 the generator's device. On a GPU no Python loop runs over samples: every step runs on every row with identity
@@ -115,7 +117,8 @@ class ViewRecipe:
     :param hflip_p: horizontal-flip probability.
     :param color_jitter_p: probability of colour jitter (brightness / contrast / saturation / hue below).
     :param grayscale_p: probability of a grey conversion (after the jitter).
-    :param blur_p: probability of a Gaussian blur, sigma ~ U(blur_sigma), kernel ``blur_kernel_size(size)``.
+    :param blur_p: probability of a Gaussian blur, sigma ~ U(blur_sigma).
+    :param blur_kernel: odd kernel side of the blur, or 0 (default): ``blur_kernel_size(size)``, about 10% of the view.
     :param solarize_p: probability of solarisation at 0.5.
     :param interpolation: resampling of the crop, ``bilinear`` or ``bicubic``, antialiased as torchvision's resize.
     """
@@ -134,8 +137,11 @@ class ViewRecipe:
     blur_sigma: tuple[float, float] = BLUR_SIGMA
     solarize_p: float = 0.0
     interpolation: str = "bilinear"
+    blur_kernel: int = 0
 
     def __post_init__(self) -> None:
+        if self.blur_kernel != 0 and (self.blur_kernel < 3 or self.blur_kernel % 2 == 0):
+            raise ValueError(f"ViewRecipe.blur_kernel must be 0 (auto) or an odd integer >= 3, got {self.blur_kernel}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"ViewRecipe.interpolation must be one of {list(INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.size < 1:
@@ -675,8 +681,10 @@ class BatchViews:
         for key, recipes in groups.items():
             if not recipes:
                 raise ValueError(f"BatchViews: {key!r} has no views")
-            if len({r.size for r in recipes}) != 1:
-                raise ValueError(f"BatchViews: the views of {key!r} differ in size: {[r.size for r in recipes]}")
+            for name in ("size", "interpolation", "blur_kernel"):  # one resampling / blur call covers all of them
+                if len({getattr(r, name) for r in recipes}) != 1:
+                    raise ValueError(f"BatchViews: the views of {key!r} differ in {name}: "
+                                     f"{[getattr(r, name) for r in recipes]}")
         if "images" in groups and len(groups["images"]) != 1:
             raise ValueError(f"BatchViews: 'images' is one view, got {len(groups['images'])}")
         self.groups = {k: list(v) for k, v in groups.items()}
@@ -685,20 +693,29 @@ class BatchViews:
         self.sparse = sparse
 
     @classmethod
-    def from_spec(cls, view_kind: str, data: DictConfig) -> BatchViews:
-        """The views of ``view_kind`` (``SSLMethod.view_kind``) from the spec's ``data`` section: ``images`` ->
-        ``data.augment`` (crop scale, optional flip), ``multicrop`` / ``global_views`` -> ``data.multicrop``."""
+    def from_spec(
+        cls, view_kind: str, data: DictConfig, interpolation: str = "bilinear", mean: Sequence[float] = MEAN,
+        std: Sequence[float] = STD,
+    ) -> BatchViews:
+        """The views of ``view_kind`` (``SSLMethod.view_kind``) from the spec's ``data`` section, normalised with
+        ``mean`` / ``std`` (``SSLMethod.input_mean`` / ``input_std``): ``images`` -> ``data.augment`` (crop scale,
+        flip, grey, blur) resampled with ``interpolation`` (``SSLMethod.view_interpolation``); ``multicrop`` /
+        ``global_views`` -> ``data.multicrop``, bicubic as DINO's and iBOT's ``RandomResizedCrop``."""
         if view_kind == "images":
             aug = data.augment
-            recipe = ViewRecipe(int(data.image_size), tuple(aug.crop_scale), hflip_p=0.5 if aug.hflip else 0.0)
-            return cls({"images": [recipe]})
+            recipe = ViewRecipe(
+                int(data.image_size), tuple(aug.crop_scale), hflip_p=0.5 if aug.hflip else 0.0,
+                grayscale_p=float(aug.grayscale_p), blur_p=float(aug.blur_p), blur_sigma=tuple(aug.blur_sigma),
+                blur_kernel=int(aug.blur_kernel), interpolation=interpolation,
+            )
+            return cls({"images": [recipe]}, mean, std)
         if view_kind in ("multicrop", "global_views"):
             mc = data.multicrop
             return cls(dino_recipes(
                 int(data.image_size), int(mc.local_size), int(mc.n_global),
                 int(mc.n_local) if view_kind == "multicrop" else 0, tuple(mc.global_scale), tuple(mc.local_scale),
                 float(mc.hflip_p), float(mc.color_jitter_p), float(mc.solarize_p),
-            ))  # fmt: skip
+            ), mean, std)  # fmt: skip
         raise ValueError(f"BatchViews.from_spec: unknown view kind {view_kind!r}; expected one of {list(VIEW_KINDS)}")
 
     @property
@@ -762,7 +779,8 @@ class BatchViews:
             if has["grayscale_p"]:
                 x = self._apply(x, p.grayscale[rows], sparse, lambda y, m, _: grayscale(y, m))
             if has["blur_p"]:
-                blur = functools.partial(_blur_rows, sigma=p.sigma[rows], kernel_size=blur_kernel_size(size))
+                kernel = recipes[0].blur_kernel or blur_kernel_size(size)
+                blur = functools.partial(_blur_rows, sigma=p.sigma[rows], kernel_size=kernel)
                 x = self._apply(x, p.blur[rows], sparse, blur)
             if has["solarize_p"]:
                 x = self._apply(x, p.solarize[rows], sparse, lambda y, m, _: solarize(y, m))
@@ -814,16 +832,27 @@ def _true_runs(flags: list[bool]) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi, v in _runs(flags) if v]
 
 
+EVAL_CROP_FRACTION = 224 / 256  # DINO / iBOT / MAE evaluation: Resize(256) (short side) + CenterCrop(224)
+
+
 def eval_views(
     images: torch.Tensor, sizes: torch.Tensor | None, image_size: int, mean: Sequence[float] = MEAN,
-    std: Sequence[float] = STD,
+    std: Sequence[float] = STD, crop_fraction: float = EVAL_CROP_FRACTION, interpolation: str = "bicubic",
 ) -> torch.Tensor:
-    """Un-augmented evaluation input (kNN / linear probe): the largest centred square of each valid region,
-    resized to ``image_size`` (area prefilter when downsampling), normalised -> float ``[B, 3, S, S]``."""
+    """Un-augmented evaluation input (kNN / linear probe) -> normalised float ``[B, 3, S, S]``, ``S = image_size``.
+
+    The reference protocol (DINO ``eval_linear.py`` / ``eval_knn.py``, MAE ``main_linprobe.py``): ``Resize(S / f,
+    bicubic)`` of the short side, then ``CenterCrop(S)``, with ``f = crop_fraction`` (224 / 256). Here in one
+    resampling from the decoded image: the centred square of side ``round(f * min(h, w))`` of each valid region,
+    resized to ``S`` (antialiased ``interpolation``); the same pixels up to the half-pixel rounding of the box.
+    ``crop_fraction=1``: the largest centred square (e.g. APL's STL-10 test transform, no crop)."""
+    if not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"eval_views: crop_fraction must be in (0, 1], got {crop_fraction}")
     images, sizes = _check_batch(images, sizes)
     b = images.shape[0]
     side = torch.minimum(sizes[:, 0], sizes[:, 1])
+    side = torch.round(side.double() * crop_fraction).long().clamp_(min=1)
     boxes = torch.stack([(sizes[:, 0] - side) // 2, (sizes[:, 1] - side) // 2, side, side], dim=1)
     source = _crop_source(images, per_crop=True)
-    x = _crops(source, boxes, torch.arange(b, device=images.device), int(image_size), None, "bilinear")
+    x = _crops(source, boxes, torch.arange(b, device=images.device), int(image_size), None, interpolation)
     return normalize_(x, mean, std)

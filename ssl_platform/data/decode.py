@@ -15,15 +15,20 @@ import numpy as np
 IMAGE_COLUMN, SIZE_COLUMN, LABEL_COLUMN, OK_COLUMN, PATH_COLUMN = "image", "size", "label", "ok", "path"
 
 
-def decode_to_canvas(encoded: bytes, canvas: int) -> tuple[np.ndarray, int, int]:
-    """Decode an image file's bytes to RGB and fit it into ``canvas x canvas`` (``uint8 [C, C, 3]``, h, w)."""
+def decode_to_canvas(encoded: bytes, canvas: int, draft: bool = False) -> tuple[np.ndarray, int, int]:
+    """Decode an image file's bytes to RGB and fit it into ``canvas x canvas`` (``uint8 [C, C, 3]``, h, w): scale
+    ``s = min(1, canvas / max(h, w))`` (aspect kept, never enlarged; ``s = 1``, full resolution, whenever the long
+    side fits), placed top-left, zero padded; ``(h, w)`` is the valid region the device-side crops are drawn in.
+
+    ``draft`` (a speed option): a JPEG larger than its fit is decoded at a reduced DCT scale (1/2, 1/4 or 1/8, the
+    smallest still >= the fit, ``PIL.Image.draft``) before the antialiased resize; off: the full decode is resized."""
     from PIL import Image
 
     with Image.open(io.BytesIO(encoded)) as img:
         w, h = img.size
         scale = min(1.0, canvas / max(w, h))
         tw, th = max(1, round(w * scale)), max(1, round(h * scale))
-        if scale < 1.0:
+        if scale < 1.0 and draft:
             img.draft("RGB", (tw, th))  # JPEG: decode at a reduced DCT scale, still >= the target size
         rgb = img.convert("RGB")
         if rgb.size != (tw, th):
@@ -33,12 +38,12 @@ def decode_to_canvas(encoded: bytes, canvas: int) -> tuple[np.ndarray, int, int]
     return out, th, tw
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, canvas: int, filesystem=None) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], *, canvas: int, filesystem=None, draft: bool = False) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: rows -> canvas rows.
 
     Input columns: ``path``, ``label`` and, for shards, the encoded ``image``; without it, the
     bytes are read from ``filesystem`` at ``path`` (an image folder's listing). Labels travel as given
-    (:data:`~ssl_platform.data.sources.NO_LABEL` for unlabelled images).
+    (:data:`~ssl_platform.data.sources.NO_LABEL` for unlabelled images). ``draft``: see :func:`decode_to_canvas`.
     """
     paths = [str(p) for p in batch[PATH_COLUMN]]
     encoded = batch.get(IMAGE_COLUMN)
@@ -48,7 +53,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, canvas: int, filesystem=None) 
     images, sizes, oks = [], [], []
     for data in encoded:
         try:
-            image, h, w = decode_to_canvas(bytes(data), canvas)
+            image, h, w = decode_to_canvas(bytes(data), canvas, draft)
             ok = True
         except Exception:  # noqa: BLE001 -- any decoder failure makes the file a bad row, named by the worker
             image, h, w, ok = np.zeros((canvas, canvas, 3), dtype=np.uint8), 0, 0, False

@@ -8,8 +8,10 @@ cluster's CPUs, split across the Train workers (``TorchTrainer(datasets=...)`` -
 ``ray.train.get_dataset_shard``) and prefetched. The CPU only decodes: each image is fitted into a
 ``decode_size x decode_size`` uint8 canvas (aspect kept, never enlarged, placed top-left, zero padded) and its
 valid ``(height, width)`` travels with it, so the device-side random crops (``ssl_platform.data.augment``) sample
-the real image exactly as torchvision's per-sample transforms would. JPEGs decode at reduced DCT scale when
-the canvas is smaller (``PIL.Image.draft``).
+the real image exactly as torchvision's per-sample transforms would: at full resolution when the image's long side
+is at most ``decode_size`` (the ImageNet recipes set 512, above ImageNet's typical 500 x 375), so the crops are cut
+from regions of the papers' sizes. ``data.decode_draft`` (a speed option, off by default) decodes JPEGs at a reduced
+DCT scale when the canvas is smaller (``PIL.Image.draft``).
 
 A file that cannot be decoded becomes a row with ``ok=False`` and its path: the worker drops it from the batch,
 warns naming it and counts it (``bad_images``); past ``data.max_bad_fraction`` of an epoch the run stops
@@ -306,7 +308,7 @@ def _read_shards(uri: str, files: list[str], shuffle, endpoint: str | None):
 
 
 def _decoded(ds, data: DictConfig, filesystem=None):
-    fn = partial(decode_batch, canvas=canvas_size(data), filesystem=filesystem)
+    fn = partial(decode_batch, canvas=canvas_size(data), filesystem=filesystem, draft=bool(data.get("decode_draft", False)))
     return ds.map_batches(fn, batch_format="numpy", batch_size=32, concurrency=int(data.num_workers) or None)
 
 
@@ -326,10 +328,12 @@ def streamed_batches(
             images, sizes, labels, paths = (b[c][ok_idx] for c in (IMAGE_COLUMN, SIZE_COLUMN, LABEL_COLUMN, PATH_COLUMN))
         else:
             images, sizes, labels, paths = (b[c] for c in (IMAGE_COLUMN, SIZE_COLUMN, LABEL_COLUMN, PATH_COLUMN))
+        # Arrow hands out read-only views; a tensor over them would let torch write into Arrow's buffers (and warns):
+        # writable, C-contiguous arrays, copied only when they are not already
         yield ImageBatch(
-            images=torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2),
-            sizes=torch.from_numpy(np.ascontiguousarray(sizes)).long(),
-            labels=torch.from_numpy(np.ascontiguousarray(labels)).long(),
+            images=torch.from_numpy(np.require(images, requirements=("C", "W"))).permute(0, 3, 1, 2),
+            sizes=torch.from_numpy(np.require(sizes, requirements=("C", "W"))).long(),
+            labels=torch.from_numpy(np.require(labels, requirements=("C", "W"))).long(),
             keys=[str(p) for p in paths],
             bad_paths=bad,
         )

@@ -37,7 +37,8 @@ from ssl_platform.storage.run_checkpoints import remote_manifest
 from ssl_platform.storage.s3 import filesystem, is_s3
 from ssl_platform.storage.training_checkpoints import CheckpointError
 from ssl_platform.storage.uri_files import read_text, write_text
-from ssl_platform.tracking import mlflow_runs as tracking
+from ssl_platform.tracking import run_log
+from ssl_platform.tracking.outbox import RunRef
 
 REF = re.compile(r"\$\{stages\.([A-Za-z0-9_-]+)\.([A-Za-z_]+)\}")
 REF_FIELDS = ("encoder",)
@@ -64,6 +65,8 @@ class Chain:
     experiment: str
     source: str
     endpoint_url: str | None = None  # checkpoint.endpoint_url of the stages (S3-compatible endpoint)
+    tracking: Any = None  # the stages' tracking section (the first stage's)
+    checkpoint: Any = None  # the stages' checkpoint section (the first stage's)
 
     @property
     def state_uri(self) -> str:
@@ -173,6 +176,7 @@ def load_chain(path: str | Path, overrides: list[str] | None = None) -> Chain:
                             f"{spec.checkpoint.uri}, {spec.tracking.uri}", source)
     chain.root_uri, chain.tracking_uri, chain.experiment = first.checkpoint.uri, first.tracking.uri, first.tracking.experiment
     chain.endpoint_url = first.checkpoint.get("endpoint_url")
+    chain.tracking, chain.checkpoint = first.tracking, first.checkpoint
     return chain
 
 
@@ -202,27 +206,18 @@ def _complete(uri: str | None, fs) -> bool:
         return False
 
 
-def _parent_run(chain: Chain, state: dict[str, Any]) -> str:
-    c = tracking.client(chain.tracking_uri)
-    run_id = state.get("parent_run_id")
-    if run_id:
-        try:
-            c.update_run(run_id, status="RUNNING")
-            return run_id
-        except Exception:  # the tracking store was reset: start a new parent run
-            pass
-    exp_id = tracking.experiment_id(c, chain.experiment)
-    run = c.create_run(exp_id, run_name=chain.name, tags={CHAIN_TAG: chain.name, "chain_state": chain.state_uri,
-                                                        "git_commit": tracking.git_commit()})
-    return run.info.run_id
+def _parent_run(chain: Chain, state: dict[str, Any]) -> run_log.TrackedRun:
+    """The chain's MLflow parent run: the recorded one (or the newest ``chain:<name>``) reopened, else a new one.
+    Queued: a tracking server that is down gets it when it answers."""
+    return run_log.open_run(chain.tracking, f"chain:{chain.name}", None, resume=True, display_name=chain.name,
+                            run_id_hint=state.get("parent_run_id"), journal=run_log.journal_for(chain.checkpoint, chain.name),
+                            extra_tags={CHAIN_TAG: chain.name, "chain_state": chain.state_uri})
 
 
 def _run_id(chain: Chain, spec: DictConfig, run_name: str) -> str | None:
-    try:
-        c = tracking.client(chain.tracking_uri)
-        return tracking.find_run(c, tracking.experiment_id(c, spec.tracking.experiment), run_name)
-    except Exception:  # best effort: the state file is still written
-        return None
+    """The run id of a stage's run if the store answers within a few seconds (best effort: the state file is
+    still written)."""
+    return run_log.find_run_id(run_log.TrackedRun(RunRef(chain.tracking_uri, spec.tracking.experiment, run_name)))
 
 
 @dataclass
@@ -240,6 +235,7 @@ def run_chain(chain: Chain, *, require_state: bool = False, step_hooks: dict[str
     Steps: :func:`_open_chain_run` -> per stage, :func:`_skip_stage` (complete before) or :func:`_run_stage`
     (-> :func:`_stage_tags`), then :func:`_record_outputs` -> :func:`_finish_chain`.
     """
+    run_log.check_server(chain.tracking)  # tracking.require_server_at_start
     run = _open_chain_run(chain, require_state)
     try:
         for stage in chain.stages:
@@ -250,7 +246,8 @@ def run_chain(chain: Chain, *, require_state: bool = False, step_hooks: dict[str
                 entry = _run_stage(run, stage, entry, (step_hooks or {}).get(stage.name))
             _record_outputs(run, stage, entry)
     except BaseException:
-        tracking.end_run(chain.tracking_uri, run.parent, "FAILED")
+        run.parent.end("FAILED")
+        run.parent.close()
         raise
     return _finish_chain(run)
 
@@ -263,7 +260,7 @@ class _ChainRun:
     chain: Chain
     state: dict[str, Any]  # the state file's content: parent_run_id, stage -> entry
     fs: Any  # pyarrow filesystem of an s3:// checkpoint.uri, else None
-    parent: str  # MLflow parent run id
+    parent: run_log.TrackedRun  # the MLflow parent run
     values: dict[tuple[str, str], str] = field(default_factory=dict)  # (stage, field) -> its ${stages.X.field} value
     stage_runs: dict[str, str] = field(default_factory=dict)  # stage -> MLflow run id ("" when unknown)
     skipped: set[str] = field(default_factory=set)  # stages complete before this run
@@ -279,9 +276,10 @@ def _open_chain_run(chain: Chain, require_state: bool) -> _ChainRun:
     state = load_state(chain, fs)
     if require_state and not state["stages"]:
         raise SpecError("--resume", f"an existing chain state at {chain.state_uri}", "none found")
-    state["parent_run_id"] = _parent_run(chain, state)
+    parent = _parent_run(chain, state)
+    state["parent_run_id"] = parent.run_id or state.get("parent_run_id")
     save_state(chain, state, fs)
-    return _ChainRun(chain, state, fs, state["parent_run_id"])
+    return _ChainRun(chain, state, fs, parent)
 
 
 def _skip_stage(run: _ChainRun, stage: Stage, entry: dict[str, Any]) -> None:
@@ -317,7 +315,7 @@ def _run_stage(run: _ChainRun, stage: Stage, previous: dict[str, Any], step_hook
     run.save()
     print(f"[chain {chain.name}] stage {stage.name}: run {run_name} (method {spec.method.name})", flush=True)
     try:
-        res = run_experiment(spec, run_name=run_name, resume=True, parent_run_id=run.parent, extra_tags=tags,
+        res = run_experiment(spec, run_name=run_name, resume=True, parent=run.parent, extra_tags=tags,
                              step_hooks=step_hooks)
     except BaseException:
         entry["status"] = "FAILED"
@@ -328,7 +326,7 @@ def _run_stage(run: _ChainRun, stage: Stage, previous: dict[str, Any], step_hook
         entry["status"] = "FAILED"
         run.save()
         raise RuntimeError(f"chain {chain.name}: stage {stage.name} finished without a checkpoint")
-    entry.update(run_id=res.mlflow_run_id, final_checkpoint=res.checkpoint_path, status="FINISHED")
+    entry.update(run_id=res.mlflow_run_id or None, final_checkpoint=res.checkpoint_path, status="FINISHED")
     run.save()
     return entry
 
@@ -343,10 +341,14 @@ def _record_outputs(run: _ChainRun, stage: Stage, entry: dict[str, Any]) -> None
 def _finish_chain(run: _ChainRun) -> ChainResult:
     """Tag the parent run with every stage's final checkpoint and close it FINISHED."""
     chain, state, parent = run.chain, run.state, run.parent
-    tracking.set_tags(chain.tracking_uri, parent, {f"stage.{s}.final_checkpoint": e["final_checkpoint"] for s, e in state["stages"].items()})
-    tracking.end_run(chain.tracking_uri, parent, "FINISHED")
+    parent.set_tags({f"stage.{s}.final_checkpoint": e["final_checkpoint"] for s, e in state["stages"].items()})
+    parent.end("FINISHED")
+    run_log.close_and_report(parent)
+    if parent.run_id and state.get("parent_run_id") != parent.run_id:
+        state["parent_run_id"] = parent.run_id
+        run.save()
     stages = {s: {**e, "skipped": s in run.skipped} for s, e in state["stages"].items()}
-    return ChainResult(chain.name, parent, stages, chain.state_uri)
+    return ChainResult(chain.name, parent.run_id or "", stages, chain.state_uri)
 
 
 def chain_table(res: ChainResult) -> str:

@@ -13,6 +13,8 @@ from omegaconf import DictConfig
 
 from ssl_platform.data.small_sets import DataError
 from ssl_platform.data.streaming import DataPlan, plan_data
+from ssl_platform.spec import SpecError
+from ssl_platform.storage.method_checkpoints import preflight_encoder_init
 
 
 class StorageError(OSError):
@@ -46,8 +48,31 @@ def check_storage(checkpoint: DictConfig) -> None:
         ) from None
 
 
+def check_scaling(spec: DictConfig) -> None:
+    """``scaling.strategy`` and ``optim.accumulation_steps`` against the batch: FSDP with one worker is allowed (a
+    notice: it shards nothing); the micro-batches must split each worker's batch evenly."""
+    workers = int(spec.scaling.num_workers)
+    if spec.scaling.strategy == "fsdp" and workers == 1:
+        print("[ssl_platform] notice: scaling.strategy: fsdp with scaling.num_workers=1 shards nothing (one worker "
+              "holds every parameter and optimizer state, as with ddp); it only pays off with more workers", flush=True)
+    k = int(spec.optim.accumulation_steps)
+    per_worker = max(1, int(spec.data.batch_size) // workers)
+    if per_worker % k != 0:
+        raise SpecError("optim.accumulation_steps", f"a divisor of the per-worker batch {per_worker} (data.batch_size "
+                        f"{spec.data.batch_size} over {workers} worker(s))", k)
+
+
+def check_encoder_init(spec: DictConfig) -> None:
+    """``method.encoder_init`` (released weights) is readable and fits the encoder, read from the checkpoint's shapes."""
+    layout = preflight_encoder_init(spec.method, spec.checkpoint)
+    if layout:
+        print(f"[ssl_platform] method.encoder_init: {layout} layout, fits {spec.method.get('encoder_name')!r}", flush=True)
+
+
 def preflight(spec: DictConfig) -> DataPlan:
-    """Data and checkpoint storage checks; returns the run's data plan."""
+    """Scaling, data, checkpoint storage and ``method.encoder_init`` checks; returns the run's data plan."""
+    check_scaling(spec)
     source = check_data(spec)
     check_storage(spec.checkpoint)
+    check_encoder_init(spec)
     return source

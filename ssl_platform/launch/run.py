@@ -14,6 +14,7 @@ from ssl_platform.launch.preflight import preflight
 from ssl_platform.storage.method_checkpoints import preflight_method_checkpoints
 from ssl_platform.storage.s3 import worker_storage_options
 from ssl_platform.tracking import mlflow_runs as tracking
+from ssl_platform.tracking import run_log
 from ssl_platform.training.fit import check_cpus_left_for_data, fit_tracked
 from ssl_platform.training.ray_runtime import init_ray
 from ssl_platform.training.trainer import build_trainer
@@ -30,6 +31,8 @@ class RunResult:
     storage_path: str
     tracking_uri: str
     history: list[dict[str, Any]] = field(default_factory=list)
+    tracking_pending: list[str] = field(default_factory=list)  # pending files of records not sent (sync-tracking)
+    sync_command: str = ""
 
 
 def default_run_name(name: str) -> str:
@@ -43,16 +46,22 @@ def run_experiment(
     run_name: str | None = None,
     resume: bool = False,
     resume_from: str | None = None,
-    parent_run_id: str | None = None,
+    parent: run_log.TrackedRun | None = None,
     extra_tags: dict[str, str] | None = None,
     step_hooks: list | None = None,
 ) -> RunResult:
     """Train ``spec`` with Ray Train and track it in MLflow. ``resume`` reuses ``run_name``'s checkpoints/run.
-    ``step_hooks``: :class:`ssl_platform.training.hooks.StepHook` objects run in every worker (tests inject faults)."""
+    ``parent``: the MLflow run this one is a child of (a chain's). ``step_hooks``:
+    :class:`ssl_platform.training.hooks.StepHook` objects run in every worker (tests inject faults).
+
+    Tracking never holds training back: MLflow writes are queued (:mod:`ssl_platform.tracking.run_log`); a server
+    that is down at start or during the run gets them when it answers, and what it did not get by the end (after
+    ``tracking.flush_timeout_s``) is kept beside the checkpoints for ``sync-tracking``."""
     if resume and not run_name:
         raise ValueError("resume needs the run name of the run to continue (see `ssl_platform runs` or the MLflow UI)")
     run_name = run_name or default_run_name(spec.name)
 
+    run_log.check_server(spec.tracking)  # tracking.require_server_at_start: refused before anything starts
     source = preflight(spec)  # data (listed once) and checkpoint location, before Ray starts
     extra_tags = {**(extra_tags or {}), **_evaluation_tags(source)}
     # a missing/incomplete/mismatched method checkpoint (e.g. SALT's teacher) too
@@ -61,21 +70,25 @@ def run_experiment(
     init_ray()
     if source.streamed:
         check_cpus_left_for_data(spec.scaling)  # before the MLflow run: a streamed run whose workers take every CPU would hang
-    run_id = tracking.start_run(spec.tracking, run_name, tracking.SpecRecord.of(spec), resume=resume,
-                                parent_run_id=parent_run_id, extra_tags=extra_tags)
-    trainer = build_trainer(spec, run_name, run_id, resume_from=resume_from, step_hooks=step_hooks, source=source, **storage)
+    run = run_log.open_run(spec.tracking, run_name, tracking.SpecRecord.of(spec), resume=resume, parent=parent,
+                           extra_tags=extra_tags, journal=run_log.journal_for(spec.checkpoint, run_name))
+    trainer = build_trainer(spec, run_name, run.identity, resume_from=resume_from, step_hooks=step_hooks, source=source,
+                            tracking_run=run.for_rank0(), **storage)
     del source  # the listing now lives in Ray's object store as blocks: the driver keeps no copy for the run
-    result = fit_tracked(trainer, spec, run_name, run_id)
+    result = fit_tracked(trainer, spec, run_name, run)
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     if ckpt:
-        tracking.set_tags(spec.tracking.uri, run_id, {"final_checkpoint": _uri(spec.checkpoint, ckpt)})
-    tracking.end_run(spec.tracking.uri, run_id, "FINISHED")
+        run.set_tags({"final_checkpoint": _uri(spec.checkpoint, ckpt)})
+    run.end("FINISHED")
+    pending = run_log.close_and_report(run)
     history = []
     if result.metrics_dataframe is not None:
         history = result.metrics_dataframe.to_dict("records")
     return RunResult(
         run_name=run_name,
-        mlflow_run_id=run_id,
+        mlflow_run_id=run.run_id or "",
+        tracking_pending=pending,
+        sync_command=run_log.sync_hint(run.journal) if pending else "",
         metrics=dict(result.metrics or {}),
         checkpoint_path=_uri(spec.checkpoint, ckpt) if ckpt else None,
         storage_path=f"{spec.checkpoint.uri.rstrip('/')}/{run_name}",
@@ -118,8 +131,9 @@ def result_table(res: RunResult) -> str:
             if "linear_top1" in m else []
         ),
         ("checkpoint", res.checkpoint_path or "none"),
-        ("MLflow run id", res.mlflow_run_id),
+        ("MLflow run id", res.mlflow_run_id or "not created yet (the tracking server did not answer)"),
         ("open MLflow", tracking.ui_command(res.tracking_uri)),
+        *([("tracking pending", f"{len(res.tracking_pending)} file(s): {res.sync_command}")] if res.tracking_pending else []),
     ]
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))

@@ -81,7 +81,8 @@ def spec_needs_s3(checkpoint: DictConfig, method: DictConfig) -> bool:
     """The spec keeps its checkpoints on S3 (its ``checkpoint`` section) or gives the method a checkpoint there
     (its ``method`` section, e.g. an ``s3://`` teacher)."""
 
-    return is_s3(checkpoint.uri) or any(is_s3(str(method[k])) for k in method_checkpoint_params(method))
+    return (is_s3(checkpoint.uri) or any(is_s3(str(method[k])) for k in method_checkpoint_params(method))
+            or is_s3(method.get("encoder_init")))  # released weights to start the encoder from
 
 
 def spec_filesystem(checkpoint: DictConfig) -> RetryingS3FileSystem:

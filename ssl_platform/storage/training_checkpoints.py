@@ -48,12 +48,21 @@ def write_training_checkpoint(
     scheduler,
     spec: DictConfig,
     state: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    encoder_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
+    """Write a checkpoint directory. ``model_state`` / ``optimizer_state`` / ``encoder_state``: full (unsharded) state
+    dicts gathered by the caller (the trainer passes them under every ``scaling.strategy``, the optimizer's keyed by
+    parameter names, :mod:`ssl_platform.training.sharding`); unset: ``method.state_dict()``, ``optimizer.state_dict()``
+    and ``method.encoder_state_dict()`` of an unsharded method."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    torch.save(method.state_dict(), d / "model.pt")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / "optimizer.pt")
-    checkpoint_io.save_encoder(d, method.method_name, method.encoder_config(), method.encoder_state_dict(), manifest=False)
+    torch.save(model_state if model_state is not None else method.state_dict(), d / "model.pt")
+    opt = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+    torch.save({"optimizer": opt, "scheduler": scheduler.state_dict()}, d / "optimizer.pt")
+    encoder = encoder_state if encoder_state is not None else method.encoder_state_dict()
+    checkpoint_io.save_encoder(d, method.method_name, method.encoder_config(), encoder, manifest=False)
     (d / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=float))
     (d / "spec.yaml").write_text(dump_yaml(spec))
     checkpoint_io.write_manifest(

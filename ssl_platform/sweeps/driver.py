@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from ssl_platform.sweeps.report import (
     collect_rows,
     results_table,
     write_csv,
+    write_curves,
     write_plot,
 )
 from ssl_platform.sweeps.sweep_spec import SweepSpec, apply_values, load_sweep
@@ -45,6 +47,7 @@ from ssl_platform.sweeps.trial import (
     trial_run_name,
 )
 from ssl_platform.tracking import mlflow_runs as tracking
+from ssl_platform.tracking import run_log
 from ssl_platform.training.ray_runtime import init_ray
 
 STATE_FILE = "sweep.json"
@@ -81,18 +84,20 @@ def run_sweep(sweep: SweepSpec, *, resume: bool = False) -> SweepResult:
     existing = _check_existing_state(sweep, paths, resume)
     out_dir = sweep.out_dir.resolve()
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # save the experiment state often (kill-safe resume)
+    run_log.check_server(sweep.base.tracking)  # tracking.require_server_at_start
     init_ray()
-    parent_run_id = _open_parent_run(sweep, paths, existing)
+    parent = _open_parent_run(sweep, paths, existing)
     fit = _concurrency(sweep)
-    trainable = _trainable(sweep, parent_run_id)
+    trainable = _trainable(sweep, parent)
     try:
         grid = _tuner(sweep, paths, trainable, resume=resume, fit=fit).fit()
     except BaseException:
-        tracking.end_run(sweep.base.tracking.uri, parent_run_id, "FAILED")
+        parent.end("FAILED")
+        parent.close()
         raise
     rows = collect_rows(grid, sweep)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = finish_sweep(sweep, rows, parent_run_id, out_dir, paths.experiment_path)
+    result = finish_sweep(sweep, rows, parent, out_dir, paths.experiment_path)
     result.state_uri = paths.root
     return result
 
@@ -108,27 +113,29 @@ def _check_existing_state(sweep: SweepSpec, paths: SweepPaths, resume: bool) -> 
     return existing
 
 
-def _open_parent_run(sweep: SweepSpec, paths: SweepPaths, existing: str | None) -> str:
+def _open_parent_run(sweep: SweepSpec, paths: SweepPaths, existing: str | None) -> run_log.TrackedRun:
     """The sweep's MLflow parent run: the recorded one set RUNNING again on resume (``existing``: its
-    ``sweep.json``), else a new one with the sweep's settings as params, recorded in a new ``sweep.json``."""
+    ``sweep.json``), else a new one with the sweep's settings as params, recorded in a new ``sweep.json``. Queued:
+    a tracking server that is down gets it when it answers (the run id in ``sweep.json`` is then empty)."""
     base = sweep.base
+    journal = run_log.journal_for(base.checkpoint, f"sweeps/{sweep.name}")
+    name = f"sweep-{sweep.name}"
     if existing is not None:
-        parent_run_id = json.loads(existing)["parent_run_id"]
-        tracking.client(base.tracking.uri).update_run(parent_run_id, status="RUNNING")
-        return parent_run_id
-    parent_run_id = tracking.start_run(base.tracking, f"sweep-{sweep.name}", tracking.SpecRecord.of(base), extra_tags={"sweep.name": sweep.name, "sweep.role": "parent"})
-    c = tracking.client(base.tracking.uri)
-    tracking.log_params(c, parent_run_id, {
+        return run_log.open_run(base.tracking, name, None, resume=True, journal=journal,
+                                run_id_hint=json.loads(existing).get("parent_run_id"))
+    parent = run_log.open_run(base.tracking, name, tracking.SpecRecord.of(base), journal=journal,
+                              extra_tags={"sweep.name": sweep.name, "sweep.role": "parent"})
+    parent.log_params({
         "sweep.metric": sweep.metric, "sweep.mode": sweep.mode, "sweep.num_samples": sweep.num_samples,
         "sweep.scheduler": sweep.scheduler.name, "sweep.searcher": sweep.searcher,
         **{f"sweep.params.{p.key}": p.describe() for p in sweep.params},
     })
-    tracking.set_tags(base.tracking.uri, parent_run_id, {"sweep.state_uri": paths.root})
+    parent.set_tags({"sweep.state_uri": paths.root})
     uri_files.write_text(paths.state_uri, json.dumps({
-        "name": sweep.name, "parent_run_id": parent_run_id, "experiment_path": paths.experiment_path,
+        "name": sweep.name, "parent_run_id": parent.run_id, "experiment_path": paths.experiment_path,
         "source": sweep.source, "tracking_uri": base.tracking.uri,
     }, indent=2), paths.fs)
-    return parent_run_id
+    return parent
 
 
 def _concurrency(sweep: SweepSpec) -> int:
@@ -140,14 +147,14 @@ def _concurrency(sweep: SweepSpec) -> int:
     return fit
 
 
-def _trainable(sweep: SweepSpec, parent_run_id: str) -> Any:
+def _trainable(sweep: SweepSpec, parent: run_log.TrackedRun) -> Any:
     """The Tune function of one trial (:func:`~ssl_platform.sweeps.trial.run_trial`) with its arguments and the
     driver's CPUs."""
     from ray import tune
 
     return tune.with_resources(
         tune.with_parameters(run_trial, base=to_container(sweep.base), keys=[p.key for p in sweep.params],
-                             sweep_name=sweep.name, parent_run_id=parent_run_id),
+                             sweep_name=sweep.name, parent=parent),
         {"cpu": DRIVER_CPUS},
     )
 
@@ -171,27 +178,24 @@ def _tuner(sweep: SweepSpec, paths: SweepPaths, trainable: Any, *, resume: bool,
     )
 
 
-def finish_sweep(sweep: SweepSpec, rows: list[TrialRow], parent_run_id: str, out_dir: Path, experiment_path: str) -> SweepResult:
-    """Close the child runs, write CSV / plot / best spec, tag the parent with the best trial."""
+def finish_sweep(sweep: SweepSpec, rows: list[TrialRow], parent: run_log.TrackedRun, out_dir: Path,
+                 experiment_path: str) -> SweepResult:
+    """Close the child runs, write CSV / plot / best spec, tag the parent with the best trial (all queued; the run
+    ids shown are those the store gives within a few seconds)."""
 
-    uri = sweep.base.tracking.uri
-    c = tracking.client(uri)
-    exp_id = tracking.experiment_id(c, sweep.base.tracking.experiment)
+    lookup = True  # a store that does not answer is asked once, not once per trial
     for row in rows:
-        row.run_id = tracking.find_run(c, exp_id, trial_run_name(sweep.name, row.trial_id))
-        if row.run_id:
-            c.set_tag(row.run_id, "sweep.status", row.status)
-            run = c.get_run(row.run_id)
-            final = {"COMPLETED": "FINISHED", "STOPPED_EARLY": "KILLED"}.get(row.status, "FAILED")
-            # Tune's view of the trial decides: the scheduler may end a trial's function (early, or right after
-            # its last report at max_t) before it closed its run, or while it was closing it (then the function
-            # saw an interruption and marked the run FAILED although every epoch was done).
-            if run.info.status == "RUNNING" or (run.info.status == "FAILED" and final != "FAILED"):
-                c.set_terminated(row.run_id, status=final)
+        trial = parent.named(trial_run_name(sweep.name, row.trial_id))
+        t0 = time.monotonic()
+        row.run_id = run_log.find_run_id(trial, timeout=5.0) if lookup else None
+        lookup = lookup and time.monotonic() - t0 < 5.0
+        # Tune's view of the trial decides (ssl_platform.tracking.outbox._close_trial)
+        trial.close_trial(row.status, {"COMPLETED": "FINISHED", "STOPPED_EARLY": "KILLED"}.get(row.status, "FAILED"))
     best = best_row(rows, sweep.mode)
     files = {
         "csv": write_csv(rows, sweep, out_dir / "sweep_results.csv"),
         "plot": write_plot(rows, sweep, out_dir / "sweep_plot.png"),
+        "curves": write_curves(rows, sweep, out_dir / "sweep_curves.png"),
     }
     if best is not None:
         spec = apply_values(to_container(sweep.base), best.values)
@@ -203,14 +207,14 @@ def finish_sweep(sweep: SweepSpec, rows: list[TrialRow], parent_run_id: str, out
         tags = {"sweep.best_trial_id": best.trial_id, "sweep.best_run_id": best.run_id or "",
                 f"sweep.best_{sweep.metric}": f"{best.metric:.6g}"}
         tags.update({f"sweep.best.{k}": v for k, v in best.values.items()})
-        tracking.set_tags(uri, parent_run_id, tags)
-        tracking.log_metrics(uri, parent_run_id, {f"best_{sweep.metric}": best.metric}, step=0)
-        if best.run_id:
-            c.set_tag(best.run_id, "sweep.best", "true")
-    tracking.log_artifacts(uri, parent_run_id, list(files.values()), "sweep")
-    tracking.end_run(uri, parent_run_id, "FINISHED")
+        parent.set_tags(tags)
+        parent.log_metrics({f"best_{sweep.metric}": best.metric}, step=0)
+        parent.named(trial_run_name(sweep.name, best.trial_id)).set_tags({"sweep.best": "true"})
+    parent.log_artifacts(list(files.values()), "sweep")
+    parent.end("FINISHED")
+    run_log.close_and_report(parent)
     return SweepResult(name=sweep.name, metric=sweep.metric, mode=sweep.mode, rows=rows, best=best,
-                       parent_run_id=parent_run_id, out_dir=out_dir, experiment_path=experiment_path, files=files)
+                       parent_run_id=parent.run_id or "", out_dir=out_dir, experiment_path=experiment_path, files=files)
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ class TrialRow:
     epochs: int
     status: str
     run_id: str | None = None
+    history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, metric) of every report
 
 
 @dataclass
@@ -62,9 +63,21 @@ def collect_rows(grid, sweep: SweepSpec) -> list[TrialRow]:
         rows.append(TrialRow(
             trial_id=str(trial_id), values={p.key: config.get(p.key) for p in sweep.params},
             metric=float(value) if _is_number(value) and math.isfinite(value) else None, epochs=epochs, status=status,
+            history=_history(getattr(res, "metrics_dataframe", None), sweep.metric),
         ))
     rows.sort(key=lambda r: r.trial_id)
     return rows
+
+
+def _history(frame, metric: str) -> list[tuple[int, float]]:
+    """``(epoch, metric)`` of every report of a trial (Tune's ``Result.metrics_dataframe``), finite values only."""
+    if frame is None or metric not in getattr(frame, "columns", ()) or "epoch" not in frame.columns:
+        return []
+    out = []
+    for epoch, value in zip(frame["epoch"], frame[metric]):
+        if _is_number(value) and math.isfinite(value) and _is_number(epoch):
+            out.append((int(epoch), float(value)))
+    return out
 
 
 def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
@@ -105,16 +118,33 @@ def write_csv(rows: list[TrialRow], sweep: SweepSpec, path: Path) -> Path:
     return path
 
 
-def write_plot(rows: list[TrialRow], sweep: SweepSpec, path: Path) -> Path:
-    """The metric against each swept parameter (one panel each; categorical axes for non-numeric values)."""
+STATUS_COLORS = {"COMPLETED": "tab:blue", "STOPPED_EARLY": "tab:orange", "ERROR": "tab:red", "NOT_RUN": "tab:gray"}
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _status_legend(ax, statuses: set[str]) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", linestyle="", color=STATUS_COLORS[s], label=s.lower().replace("_", " "))
+               for s in STATUS_COLORS if s in statuses]
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="best")
+
+
+def write_plot(rows: list[TrialRow], sweep: SweepSpec, path: Path) -> Path:
+    """The metric against each swept parameter (one panel each; categorical axes for non-numeric values)."""
+    plt = _pyplot()
     n = len(sweep.params)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
-    colors = {"COMPLETED": "tab:blue", "STOPPED_EARLY": "tab:orange", "ERROR": "tab:red", "NOT_RUN": "tab:gray"}
+    fig, axes = plt.subplots(1, n, figsize=(max(4.8, 4.2 * n), 3.6), squeeze=False)
+    colors = STATUS_COLORS
     for ax, p in zip(axes[0], sweep.params):
         pts = [(r.values[p.key], r.metric, r.status) for r in rows if r.metric is not None]
         numeric = all(_is_number(x) for x, _, _ in pts)
@@ -130,7 +160,32 @@ def write_plot(rows: list[TrialRow], sweep: SweepSpec, path: Path) -> Path:
         ax.set_xlabel(p.key)
         ax.set_ylabel(f"{sweep.metric} ({sweep.mode})")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"sweep {sweep.name}: orange = stopped early")
+        _status_legend(ax, {s for _, _, s in pts})
+    fig.suptitle(f"sweep {sweep.name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_curves(rows: list[TrialRow], sweep: SweepSpec, path: Path) -> Path:
+    """The sweep metric against epoch, one line per trial; an early-stopped trial's line ends in an ``x``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for r in rows:
+        if not r.history:
+            continue
+        epochs, values = zip(*r.history)
+        label = f"{r.trial_id}: " + ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in r.values.items())
+        (line,) = ax.plot(epochs, values, marker=".", linewidth=1.2, label=label[:60])
+        if r.status == "STOPPED_EARLY":
+            ax.plot(epochs[-1], values[-1], marker="x", markersize=9, color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{sweep.metric} ({sweep.mode})")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"sweep {sweep.name}: x = stopped early", fontsize=10)
+    if len(rows) <= 12:
+        ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

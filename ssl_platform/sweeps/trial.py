@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from ssl_platform.storage.s3 import worker_storage_options
 from ssl_platform.sweeps.sweep_spec import Param, SweepSpec, apply_values
 from ssl_platform.tracking import mlflow_runs as tracking
+from ssl_platform.tracking import run_log
 from ssl_platform.training.fit import fit_tracked
 from ssl_platform.training.trainer import build_trainer
 
@@ -69,8 +70,11 @@ def default_concurrency(sweep: SweepSpec) -> int:
     return max(1, fit)
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], sweep_name: str, parent_run_id: str) -> None:
-    """One trial (a plain Tune function): the run spec with the trial's values, fitted by a ``TorchTrainer``."""
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], sweep_name: str,
+              parent: run_log.TrackedRun) -> None:
+    """One trial (a plain Tune function): the run spec with the trial's values, fitted by a ``TorchTrainer``; its
+    MLflow child run of ``parent`` (the sweep's run, found by its key: it may not exist yet) is tracked through the
+    queue, as a single run's."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -78,18 +82,16 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], keys: list[str], 
     spec = apply_values(base, values)
     trial_id = tune.get_context().get_trial_id()
     run_name = trial_run_name(sweep_name, trial_id)
-    run_id = tracking.start_run(
-        spec.tracking, run_name, tracking.SpecRecord.of(spec), resume=True, parent_run_id=parent_run_id,
-        extra_tags={"sweep.name": sweep_name, "sweep.trial_id": trial_id},
-    )
-    c = tracking.client(spec.tracking.uri)
-    attempts = int(c.get_run(run_id).data.tags.get("sweep.attempts", "0")) + 1
-    c.set_tag(run_id, "sweep.attempts", str(attempts))
+    run = run_log.open_run(spec.tracking, run_name, tracking.SpecRecord.of(spec), resume=True, parent=parent,
+                           extra_tags={"sweep.name": sweep_name, "sweep.trial_id": trial_id},
+                           journal=run_log.journal_for(spec.checkpoint, run_name))
+    run.count_tag("sweep.attempts")
     # the trial's checkpoints go where the spec says (S3 included), as for a single run
-    trainer = build_trainer(spec, run_name, run_id, callbacks=[TuneReportCallback()],
-                            **worker_storage_options(spec.checkpoint, spec.method))
-    fit_tracked(trainer, spec, run_name, run_id)
-    tracking.end_run(spec.tracking.uri, run_id, "FINISHED")
+    trainer = build_trainer(spec, run_name, run.identity, callbacks=[TuneReportCallback()],
+                            tracking_run=run.for_rank0(), **worker_storage_options(spec.checkpoint, spec.method))
+    fit_tracked(trainer, spec, run_name, run)
+    run.end("FINISHED")
+    run_log.close_and_report(run)
 
 
 def trial_run_name(sweep_name: str, trial_id: str) -> str:

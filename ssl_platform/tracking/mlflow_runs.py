@@ -1,16 +1,16 @@
-"""MLflow tracking through ``MlflowClient`` (explicit run ids, so the driver and rank 0 share one run).
+"""MLflow stores and runs through ``MlflowClient``: the client of a store, experiments, the tags and spec record of a
+run, and looking a run up by its name.
 
 One run per training run: params = flattened resolved spec (secret-like keys dropped), metrics per epoch
 with ``step=epoch``, tags (method, git commit, spec hash, checkpoint URI, Ray job id), the resolved spec and
-the final encoder as artifacts. A resumed run (same run name) continues the same MLflow run.
+the final encoder as artifacts. A resumed run (same run name) continues the same MLflow run. Nothing here is
+called on the training path: the writes go through :mod:`ssl_platform.tracking.run_log`'s queue.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,12 @@ _READY_STORES: set[str] = set()
 
 
 def client(tracking_uri: str):
+    import logging
+
     import mlflow
 
+    # "Creating initial MLflow database tables..." / "Updating database tables" at INFO on every new sqlite store
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri)
     if tracking_uri.startswith("sqlite:///") and tracking_uri not in _READY_STORES:
         return _create_sqlite_store_once(tracking_uri)
@@ -79,14 +83,21 @@ def local_git_commit() -> str:
         return "unknown"
 
 
+# MLflow 3's UI opens an experiment of unknown kind on its GenAI overview (traces, prompts); this experiment tag
+# (the value its UI reads, ``ExperimentKind.CUSTOM_MODEL_DEVELOPMENT``) makes it open on the training runs.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(c, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG[0] not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND_TAG)
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, tags=dict([EXPERIMENT_KIND_TAG]))
     except Exception:  # created concurrently
         return c.get_experiment_by_name(name).experiment_id
 
@@ -114,45 +125,18 @@ class SpecRecord:
                    params=public_params(spec), yaml=dump_yaml(spec))
 
 
-def start_run(
-    tracking: DictConfig,
-    run_name: str,
-    record: SpecRecord,
-    *,
-    resume: bool = False,
-    parent_run_id: str | None = None,
-    extra_tags: dict[str, str] | None = None,
-) -> str:
-    """Create (or, with ``resume``, reopen) the MLflow run of a training run in the store and experiment of the
-    spec's ``tracking`` section; log params, tags and spec from ``record`` (:meth:`SpecRecord.of` the spec)."""
-    c = client(tracking.uri)
-    exp_id = experiment_id(c, tracking.experiment)
-    if resume:
-        existing = find_run(c, exp_id, run_name)
-        if existing:
-            c.update_run(existing, status="RUNNING")
-            return existing
-    tags = {
-        RUN_NAME_TAG: run_name,
-        "mlflow.runName": tracking.run_name or run_name,
-        "method": record.method,
-        "git_commit": git_commit(),
-        "spec_hash": record.spec_hash,
-        "checkpoint_uri": f"{record.checkpoint_root}/{run_name}",
-    }
+def run_tags(run_name: str, record: SpecRecord | None, *, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The tags a new run is created with: its name (``ssl.run_name``), method, git commit, spec hash, checkpoint
+    URI, the Ray job id when there is one, and ``extra``."""
+    tags = {RUN_NAME_TAG: run_name, "git_commit": git_commit()}
+    if record is not None:
+        tags.update({"method": record.method, "spec_hash": record.spec_hash,
+                     "checkpoint_uri": f"{record.checkpoint_root}/{run_name}"})
     job_id = os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID")
     if job_id:
         tags["ray_job_id"] = job_id
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    tags.update(extra_tags or {})
-    run = c.create_run(exp_id, tags=tags, run_name=tracking.run_name or run_name)
-    log_params(c, run.info.run_id, record.params)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "spec.yaml"
-        path.write_text(record.yaml)
-        c.log_artifact(run.info.run_id, str(path))
-    return run.info.run_id
+    tags.update(extra or {})
+    return tags
 
 
 def log_params(c, run_id: str, params: dict[str, Any]) -> None:
@@ -161,37 +145,6 @@ def log_params(c, run_id: str, params: dict[str, Any]) -> None:
     items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         c.log_batch(run_id, params=items[i : i + 100])
-
-
-def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
-    from mlflow.entities import Metric
-
-    c = client(tracking_uri)
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if isinstance(v, (int, float))]
-    if items:
-        c.log_batch(run_id, metrics=items)
-
-
-def logged_steps(tracking_uri: str, run_id: str, key: str) -> set[int]:
-    """The steps at which ``key`` was logged in a run."""
-    return {m.step for m in client(tracking_uri).get_metric_history(run_id, key)}
-
-
-def log_artifacts(tracking_uri: str, run_id: str, paths: list[str | Path], artifact_path: str | None = None) -> None:
-    c = client(tracking_uri)
-    for p in paths:
-        c.log_artifact(run_id, str(p), artifact_path)
-
-
-def set_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
-    c = client(tracking_uri)
-    for k, v in tags.items():
-        c.set_tag(run_id, k, str(v))
-
-
-def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
-    client(tracking_uri).set_terminated(run_id, status=status)
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -13,8 +13,9 @@ from ssl_platform.spec import SpecError
 from ssl_platform.storage.retry import StorageUnavailableError, find_storage_error
 from ssl_platform.storage.run_checkpoints import prune_checkpoints_beyond_keep
 from ssl_platform.storage.uri_files import storage_uri
-from ssl_platform.tracking import mlflow_runs as tracking
+from ssl_platform.tracking.run_log import TrackedRun
 from ssl_platform.training.resource_wait import ResourceWaitNotice
+from ssl_platform.training.watch import CollapseStop, take_collapse_stop
 
 
 def check_cpus_left_for_data(scaling: DictConfig) -> None:
@@ -36,24 +37,34 @@ def check_cpus_left_for_data(scaling: DictConfig) -> None:
     print(f"[ssl_platform] warning: {error} -- the run waits until the cluster has CPUs free for decoding", flush=True)
 
 
-def fit_tracked(trainer, spec: DictConfig, run_name: str, run_id: str):
-    """``trainer.fit()`` (with a message while it waits for resources); a failed fit marks the MLflow run FAILED,
-    and one stopped by its storage ends with one clear error (:func:`_raise_if_storage_failure`). Used by single
-    runs and by every sweep trial."""
+def fit_tracked(trainer, spec: DictConfig, run_name: str, run: TrackedRun):
+    """``trainer.fit()`` (with a message while it waits for resources); a failed fit marks the MLflow run FAILED
+    (queued, then sent or kept within ``tracking.flush_timeout_s``), and one stopped by its storage ends with one clear
+    error (:func:`_raise_if_storage_failure`). Used by single runs and by every sweep trial."""
 
+    take_collapse_stop(spec.checkpoint, run_name)  # a resumed run starts without an earlier stop's reason
     try:
         with ResourceWaitNotice.for_scaling(spec.scaling):  # says so while the workers wait for resources
             result = trainer.fit()
     except BaseException as err:
-        tracking.end_run(spec.tracking.uri, run_id, "FAILED")
+        _end_failed(run)
         _raise_if_storage_failure(spec.checkpoint, run_name, err)
         raise
     if result.error is not None:
-        tracking.end_run(spec.tracking.uri, run_id, "FAILED")
+        _end_failed(run)
         _raise_if_storage_failure(spec.checkpoint, run_name, result.error)
         raise result.error
+    stopped = take_collapse_stop(spec.checkpoint, run_name)
+    if stopped:  # eval.stop_on_collapse: the workers left the loop together, rank 0 wrote why
+        _end_failed(run)
+        raise CollapseStop(f"run {run_name!r} stopped: {stopped}")
     prune_lost_checkpoints(result, spec.checkpoint.keep)
     return result
+
+
+def _end_failed(run: TrackedRun) -> None:
+    run.end("FAILED")
+    run.close()
 
 
 def prune_lost_checkpoints(result, keep: int) -> None:

@@ -2,8 +2,8 @@
 
 The spec never names hooks: they are Python objects (picklable, shipped to every worker) for what a YAML
 should not express, such as the fault injection of the tests (``tests/fault_hooks.py``).
-A hook sees each step and its batch before it runs (:meth:`StepHook.before_step`) and may replace its loss
-(:meth:`StepHook.transform_loss`).
+A hook sees the method once when the worker builds it (:meth:`StepHook.setup`), each step and its batch before
+it runs (:meth:`StepHook.before_step`) and may replace its loss (:meth:`StepHook.transform_loss`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ class StepInfo:
 
 
 class StepHook:
-    """Base class: both calls do nothing."""
+    """Base class: every call does nothing."""
+
+    def setup(self, method: torch.nn.Module) -> None:
+        """Called once per worker with the built method, before its weights are restored or wrapped."""
 
     def before_step(self, info: StepInfo, batch: ImageBatch) -> None:
         """Called before the step's forward pass, with its uint8 batch (on the host)."""

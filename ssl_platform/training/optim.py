@@ -19,6 +19,18 @@ Gradient clipping (``optim.clip_grad`` > 0): ``clip_mode: global`` rescales all 
 ``min(1, c / ||g||_2)`` over the whole model (``torch.nn.utils.clip_grad_norm_``, data2vec); ``per_param`` rescales
 each parameter's gradient on its own, ``g_p <- g_p * c / (||g_p|| + 1e-6)`` when that factor is < 1 (DINO/iBOT's
 ``utils.clip_gradients``). MAE and APL do not clip (``clip_grad: 0``).
+
+``optim.schedule: linear_cosine_epochs`` is APL's schedule instead (le0x99/self-supervised-vision-transformers,
+``APL/PreTrainer.py``, ``Trainer.train``): ``ChainedScheduler([LinearLR(start_factor=f, total_iters=W),
+CosineAnnealingLR(T_max=E, eta_min=lr_min)])`` stepped once per epoch, so the lr is constant within an epoch and
+follows torch's recursive forms after ``e`` epochs (:func:`chained_linear_cosine_lrs`), starting at ``f * lr0``.
+
+Weight-decay exclusions (``optim.weight_decay_exclude``): ``bias_norm`` (default) is DINO's ``utils.get_params_groups``
+(``name.endswith(".bias") or len(param.shape) == 1``; iBOT copies it, MAE's pre-training ``optim_factory.add_weight_decay``
+and I-JEPA's ``init_opt`` do the same): biases and norms only, so ``pos_embed``, the CLS / mask tokens and LayerScale
+gains... are decayed when they have more than one dimension. ``bias_norm_tokens`` also exempts every parameter whose
+name holds ``pos_embed`` or ``token`` (the platform's earlier rule, as timm's ``no_weight_decay()`` names for
+fine-tuning); ``none`` decays every parameter (fairseq's Adam in data2vec's image pre-training: no exclusions).
 """
 
 from __future__ import annotations
@@ -55,23 +67,54 @@ def base_lr(optim: DictConfig, global_batch: int) -> float:
     return float(optim.lr) * scale
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, tokens and 1-D parameters (standard for ViTs).
+WEIGHT_DECAY_EXCLUDES = ("bias_norm", "bias_norm_tokens", "none")
+SCHEDULES = ("warmup_cosine", "linear_cosine_epochs")
 
-    The first group decays (``"decayed": True``); the weight-decay schedule changes only that group.
-    """
+
+def no_weight_decay(name: str, p: torch.Tensor, exclude: str = "bias_norm") -> bool:
+    """Whether parameter ``name`` is exempt from weight decay under ``exclude`` (module docstring)."""
+    if exclude == "none":
+        return False
+    if name.endswith(".bias") or p.ndim <= 1:  # DINO's get_params_groups
+        return True
+    return exclude == "bias_norm_tokens" and ("token" in name or "pos_embed" in name)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, exclude: str = "bias_norm") -> list[dict]:
+    """Two groups: decayed (``"decayed": True``; the weight-decay schedule changes only that one) and exempt
+    (:func:`no_weight_decay`). Frozen parameters are left out, as in DINO."""
+    if exclude not in WEIGHT_DECAY_EXCLUDES:
+        raise ValueError(f"optim.weight_decay_exclude: expected one of {list(WEIGHT_DECAY_EXCLUDES)}, got {exclude!r}")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        (no_decay if no_weight_decay(name, p, exclude) else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "decayed": True},
         {"params": no_decay, "weight_decay": 0.0, "decayed": False},
     ]
+
+
+def chained_linear_cosine_lrs(lr0: float, lr_min: float, start_factor: float, warmup_epochs: int, epochs: int) -> list[float]:
+    """The lr of each epoch ``0..epochs`` under APL's ``ChainedScheduler([LinearLR, CosineAnnealingLR])`` stepped per
+    epoch, from torch's recursive ``get_lr`` forms (``W = warmup_epochs``, ``T = epochs``, ``lr_0 = f * lr0``):
+
+        LinearLR, e <= W:  lr <- lr * (1 + (1 - f) / (W f + (e - 1)(1 - f)))      (e > W: unchanged)
+        Cosine:            lr <- (1 + cos(pi e / T)) / (1 + cos(pi (e - 1) / T)) * (lr - lr_min) + lr_min
+
+    (the cosine's other branch, ``(e - 1 - T) % 2T == 0``, only occurs after the last epoch). With ``W = 0`` the start
+    factor is never undone, as in torch (``int(0.05 * E)`` is 0 for ``E < 20``)."""
+    lr, out = lr0 * start_factor, [lr0 * start_factor]
+    for e in range(1, epochs + 1):
+        if e <= warmup_epochs:
+            lr *= 1.0 + (1.0 - start_factor) / (warmup_epochs * start_factor + (e - 1) * (1.0 - start_factor))
+        if (e - 1 - epochs) % (2 * epochs) == 0:
+            lr += (lr0 - lr_min) * (1.0 - math.cos(math.pi / epochs)) / 2.0
+        else:
+            lr = (1.0 + math.cos(math.pi * e / epochs)) / (1.0 + math.cos(math.pi * (e - 1) / epochs)) * (lr - lr_min) + lr_min
+        out.append(lr)
+    return out
 
 
 def build_optimizer(model: torch.nn.Module, optim: DictConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -80,7 +123,8 @@ def build_optimizer(model: torch.nn.Module, optim: DictConfig, device: torch.dev
         # fused AdamW (CUDA; CPU since torch 2.4): on CPU 2.9x faster per optimizer step than the default
         # for-loop implementation in benchmarks/README.md
         kwargs["fused"] = True
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), **kwargs)
+    groups = param_groups(model, optim.weight_decay, optim.get("weight_decay_exclude", "bias_norm"))
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 class StepSchedule:
@@ -101,10 +145,18 @@ class StepSchedule:
         self.wd0 = float(optim.weight_decay)
         wd_end = optim.get("weight_decay_end")
         self.wd_end = float(wd_end) if wd_end is not None else self.wd0
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.epoch_lrs: list[float] | None = None  # linear_cosine_epochs: the lr of each epoch
+        if optim.get("schedule", "warmup_cosine") == "linear_cosine_epochs":
+            self.epoch_lrs = chained_linear_cosine_lrs(
+                self.lr0, self.min_lr, float(optim.get("warmup_start_factor", 0.5)), int(optim.warmup_epochs), int(optim.epochs)
+            )
         self.steps_taken = 0
         self._apply()
 
     def lr_at(self, step: int) -> float:
+        if self.epoch_lrs is not None:
+            return self.epoch_lrs[min(max(step, 0) // self.steps_per_epoch, len(self.epoch_lrs) - 1)]
         ratio = self.min_lr / self.lr0 if self.lr0 > 0 else 0.0
         return self.lr0 * lr_factor(step, self.total_steps, self.warmup_steps, ratio)
 

@@ -126,13 +126,15 @@ class Progress:
             return True
         return now - self._last_line_t >= EVERY_S
 
-    def update(self, epoch: int, step: int, loss: float, images_seen: int, lr: float | None = None) -> None:
-        """``epoch`` and ``step`` count from 1; ``images_seen``: images of all workers so far in this epoch."""
+    def update(self, epoch: int, step: int, loss: float, images_seen: int, lr: float | None = None,
+               extra: str = "") -> None:
+        """``epoch`` and ``step`` count from 1; ``images_seen``: images of all workers so far in this epoch; ``extra``:
+        a note appended to the line (e.g. health metrics past their collapse bound)."""
         self._steps_done = self._global_step(epoch, step)
         ips = images_seen / self._epoch_elapsed()
         lr_text = f" lr {lr:.1e}" if lr is not None else ""
         head = f"[{self.run_name}] epoch {epoch}/{self.epochs}"
-        tail = f"loss {loss:.4f}{lr_text} | {ips:.0f} img/s | {self._eta_text()}"
+        tail = f"loss {loss:.4f}{lr_text} | {ips:.0f} img/s | {self._eta_text()}" + (f" | {extra}" if extra else "")
         if self.is_terminal:
             filled = int(BAR_WIDTH * step / self.steps_per_epoch)
             bar = "#" * filled + "-" * (BAR_WIDTH - filled)
@@ -156,7 +158,7 @@ class Progress:
             parts.append(f"loss {float(metrics['loss']):.4f}")
         if "images_per_sec" in metrics:
             parts.append(f"{float(metrics['images_per_sec']):.0f} img/s")
-        for key in ("knn_top1", "linear_top1"):
+        for key in ("knn_top1", "linear_top1", "online_probe_top1"):
             if key in metrics:
                 parts.append(f"{key} {float(metrics[key]):.4f}")
         seconds = metrics.get("epoch_time_s", self._epoch_elapsed())

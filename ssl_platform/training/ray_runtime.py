@@ -22,6 +22,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    _quiet_default_token_notice()
     cpus = num_cpus or int(os.environ.get("SSL_PLATFORM_NUM_CPUS", 0)) or max(2, os.cpu_count() or 2)
     ray.init(
         num_cpus=cpus,
@@ -35,6 +36,25 @@ def init_ray(num_cpus: int | None = None) -> None:
             "worker_process_setup_hook": "ssl_platform.training.ray_runtime.pin_ray_address",
         },
     )
+
+
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _DropDefaultTokenNotice:
+    """Drops Ray 2.60's "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt
+    out" (a WARNING on every new local instance, about the default it chose); its other records still show."""
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _quiet_default_token_notice() -> None:
+    import logging
+
+    log = logging.getLogger(TOKEN_NOTICE_LOGGER)
+    if not any(isinstance(f, _DropDefaultTokenNotice) for f in log.filters):
+        log.addFilter(_DropDefaultTokenNotice())
 
 
 LOCAL_OBJECT_STORE_MB = 2048

@@ -19,6 +19,7 @@ from ``ray.train.get_checkpoint()`` at the next epoch, with its LR schedule, EMA
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -34,8 +35,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from methods import checkpoint_io
-from methods.checkpoint_io import load_state_dict_strict
+from methods.checkpoint_io import check_state_dict
 from methods.distributed import all_reduce_mean, all_reduce_sum
+from methods.pretrained import load_encoder_init
 from methods.registry import build_method, get_method_class
 from ssl_platform.data.augment import BatchViews, eval_views
 from ssl_platform.data.small_sets import load_split
@@ -49,17 +51,35 @@ from ssl_platform.data.streaming import (
 )
 from ssl_platform.spec import STREAMED_DATASETS, eval_data_section, method_kwargs, to_container
 from ssl_platform.storage.checkpoint_upload import upload_checkpoint_dir
-from ssl_platform.storage.method_checkpoints import localize_method_checkpoints
+from ssl_platform.storage.method_checkpoints import localize_encoder_init, localize_method_checkpoints
 from ssl_platform.storage.training_checkpoints import (
     latest_checkpoint_of_run,
     load_training_checkpoint,
     write_training_checkpoint,
 )
-from ssl_platform.tracking import mlflow_runs as tracking
 from ssl_platform.training.evaluation import embed_batches, gather_to_rank0, knn_top1, linear_probe_top1
 from ssl_platform.training.hooks import StepHook, StepInfo
 from ssl_platform.training.optim import build_optimizer, build_scheduler, clip_gradients, maybe_sync_batchnorm
 from ssl_platform.training.progress import Progress, default_log_every, quiet_ray_train_logs
+from ssl_platform.training.sharding import (
+    enable_activation_checkpointing,
+    encoder_state_from,
+    equal_length_batches,
+    full_model_state,
+    full_optimizer_state,
+    gradient_norm_and_clip,
+    gradient_sync,
+    is_sharded,
+    load_full_state,
+    shard_method,
+)
+from ssl_platform.training.watch import (
+    PICTURE_IMAGES,
+    CollapseStop,
+    RunWatch,
+    notable_health,
+    write_collapse_stop,
+)
 
 EVAL_BATCH_SIZE = 256
 
@@ -93,6 +113,7 @@ class LoopConfig:
     num_train: int | None = None  # streamed sources: images of the training split (listing / manifest)
     num_classes: int | None = None  # of a streamed evaluation source; 0: no evaluation data; None: in memory
     step_hooks: list[StepHook] = field(default_factory=list)
+    tracking_run: Any = None  # rank 0's ssl_platform.tracking.run_log.TrackedRun: queued, never waited for
 
 
 @dataclass
@@ -133,6 +154,8 @@ class Training:
     skipped_steps: int = 0
     baseline: dict[str, float] = field(default_factory=dict)
     logged_epochs: set[int] = field(default_factory=set)  # rank 0: epochs already in the MLflow run (restarts)
+    watch: RunWatch | None = None  # health metrics, collapse warnings, online probe, pictures (rank 0)
+    last_output: Any = None  # the output of the step's last micro-batch (what the watch reads)
 
 
 # ---- the loop -------------------------------------------------------------------------------------------
@@ -147,13 +170,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    start_epoch=training.epoch)
     random_init_baseline(worker, data, training)
     training.model = _wrap_for_steps(worker, training.method)
-    for epoch in range(training.epoch, worker.spec.optim.epochs):
-        metrics = train_one_epoch(worker, data, training, epoch)
-        metrics.update(evaluate(worker, data, training.method, final=epoch + 1 == worker.spec.optim.epochs, epoch=epoch + 1))
-        if worker.progress:
-            worker.progress.end_epoch(epoch + 1, metrics)
-        report_epoch(worker, training, metrics)
+    try:
+        for epoch in range(training.epoch, worker.spec.optim.epochs):
+            metrics = train_one_epoch(worker, data, training, epoch)
+            metrics.update(evaluate(worker, data, training.method, final=epoch + 1 == worker.spec.optim.epochs,
+                                    epoch=epoch + 1, watch=training.watch))
+            if worker.progress:
+                worker.progress.end_epoch(epoch + 1, metrics)
+            report_epoch(worker, training, metrics)
+    except CollapseStop as stop:
+        report_collapse_stop(worker, training, str(stop))
+        return
     export_encoder(worker, training)
+
+
+def report_collapse_stop(worker: Worker, training: Training, message: str) -> None:
+    """``eval.stop_on_collapse``: every rank leaves the loop at the same step, without a checkpoint (the last complete
+    one stays the latest); rank 0 writes the reason beside the checkpoints, where the driver finds it and ends the
+    run with it as an error."""
+    if worker.rank != 0:
+        return
+    write_collapse_stop(worker.spec.checkpoint, worker.loop.run_name, message, worker.loop.s3_filesystem)
+    if worker.loop.tracking_run:
+        worker.loop.tracking_run.set_tags({"collapse.stopped": message})
+        worker.loop.tracking_run.close()
 
 
 def setup_worker(loop: LoopConfig) -> Worker:
@@ -176,7 +216,11 @@ def setup_data(worker: Worker) -> WorkerData:
     None and kNN / the probe are skipped."""
     spec = worker.spec
     data = spec.data
-    batch_views = BatchViews.from_spec(get_method_class(spec.method.name).view_kind, data)
+    method = get_method_class(spec.method.name)  # its views, resampling and normalisation (training = evaluation)
+    batch_views = BatchViews.from_spec(method.view_kind, data, method.view_interpolation, method.input_mean,
+                                       method.input_std)
+    eval_views_of = functools.partial(eval_views, mean=method.input_mean, std=method.input_std,
+                                      crop_fraction=float(spec.eval.crop_fraction))
     train, num_train, per_worker = _training_batches(worker)
     evaluation, num_classes, eval_size = _evaluation_batches(worker)
     device = worker.device
@@ -187,7 +231,7 @@ def setup_data(worker: Worker) -> WorkerData:
         train=train,
         evaluation=evaluation,
         views=lambda batch, gen: batch_views(batch.images, batch.sizes, gen),
-        eval_input=lambda batch: _eval_input(batch.to(device), eval_size, eval_views),
+        eval_input=lambda batch: _eval_input(batch.to(device), eval_size, eval_views_of),
     )
 
 
@@ -278,12 +322,22 @@ def build_training(worker: Worker, data: WorkerData) -> Training:
     seed_everything(spec.seed)
     # an s3:// teacher: a verified local copy
     method = build_method_from_spec(localize_method_checkpoints(spec.method, spec.checkpoint, worker.loop.s3_filesystem))
+    for hook in worker.loop.step_hooks:
+        hook.setup(method)
+    if spec.method.get("encoder_init"):  # released weights (a restored checkpoint overrides them)
+        load_encoder_init(method, localize_encoder_init(spec.method.encoder_init, spec.checkpoint, worker.loop.s3_filesystem))
     seed_everything(spec.seed + 1000 * worker.rank)  # different masks per rank
     method = maybe_sync_batchnorm(method, worker.world, worker.device)  # BatchNorm heads over the global batch (DINO)
     method.to(worker.device)
+    if spec.scaling.activation_checkpointing:
+        enable_activation_checkpointing(method)  # student blocks recompute activations in backward
+    if spec.scaling.strategy == "fsdp":
+        shard_method(method, worker.device)  # before the optimizer: its parameters become the shards
     optimizer = build_optimizer(method, spec.optim, worker.device)
     scheduler = build_scheduler(optimizer, spec.optim, data.steps_per_epoch, global_batch=data.batch_size * worker.world)
-    return Training(method=method, model=method, optimizer=optimizer, scheduler=scheduler)
+    probe_classes = data.num_classes if spec.data.labels != "none" and data.evaluation is not None else 0
+    watch = RunWatch(spec.eval, method, worker.device, worker.rank, worker.world, probe_classes)
+    return Training(method=method, model=method, optimizer=optimizer, scheduler=scheduler, watch=watch)
 
 
 def restore(worker: Worker, training: Training) -> None:
@@ -305,8 +359,8 @@ def restore(worker: Worker, training: Training) -> None:
     if loaded is None:
         return
     what = f"training checkpoint ({loaded['manifest'].get('method')!r} -> {worker.spec.method.name!r})"
-    load_state_dict_strict(training.method, loaded["model"], what)
-    training.optimizer.load_state_dict(loaded["optimizer"])
+    check_state_dict(training.method.state_dict(), loaded["model"], what)  # names and (global) shapes
+    load_full_state(training.method, training.optimizer, loaded["model"], loaded["optimizer"])  # DDP or FSDP
     training.scheduler.load_state_dict(loaded["scheduler"])
     state = loaded["state"]
     training.epoch, training.global_step = int(state["epoch"]), int(state["global_step"])
@@ -321,14 +375,13 @@ def _log_restored_epoch(worker: Worker, training: Training, state: dict[str, Any
     """After a restart, the MLflow run keeps one entry per epoch: the epochs it already has are not logged again, and
     the restored epoch is logged from its checkpoint if the lost worker died between the checkpoint and the log."""
 
-    run_id = worker.loop.mlflow_run_id
-    if not run_id or state.get("mlflow_run_id") not in (None, run_id):
+    run = worker.loop.tracking_run
+    if run is None or state.get("mlflow_run_id") not in (None, worker.loop.mlflow_run_id):
         return
-    training.logged_epochs = tracking.logged_steps(worker.spec.tracking.uri, run_id, "epoch")
-    if training.epoch not in training.logged_epochs:
-        metrics = {k: v for k, v in state.items() if isinstance(v, (int, float)) and not k.startswith("baseline_")}
-        tracking.log_metrics(worker.spec.tracking.uri, run_id, metrics, step=training.epoch)
-        training.logged_epochs.add(training.epoch)
+    # queued: the sender leaves out the steps the MLflow run already has (nothing is read here, the server may be down)
+    metrics = {k: v for k, v in state.items() if isinstance(v, (int, float)) and not k.startswith("baseline_")}
+    run.log_metrics(metrics, step=training.epoch)
+    training.logged_epochs.add(training.epoch)
 
 
 def random_init_baseline(worker: Worker, data: WorkerData, training: Training) -> None:
@@ -341,14 +394,16 @@ def random_init_baseline(worker: Worker, data: WorkerData, training: Training) -
         return
     baseline = evaluate(worker, data, training.method, final=True, epoch=0)
     training.baseline = {f"baseline_{k}": v for k, v in baseline.items()}
-    if worker.rank == 0 and worker.loop.mlflow_run_id:
-        tracking.log_metrics(spec.tracking.uri, worker.loop.mlflow_run_id, {f"{k}_random_init": v for k, v in baseline.items()}, 0)
+    if worker.rank == 0 and worker.loop.tracking_run:
+        worker.loop.tracking_run.log_metrics({f"{k}_random_init": v for k, v in baseline.items()}, 0)
 
 
 def _wrap_for_steps(worker: Worker, method: torch.nn.Module) -> torch.nn.Module:
     import ray.train.torch
 
     model = torch.compile(method) if worker.spec.scaling.compile else method
+    if is_sharded(method):  # FSDP: already sharded (build_training); no DDP wrapper
+        return model
     return ray.train.torch.prepare_model(model, move_to_device=False)
 
 
@@ -448,17 +503,17 @@ def train_step(
     spec, method, optimizer = worker.spec, training.method, training.optimizer
     method.on_train_step(training.global_step, spec.optim.epochs * data.steps_per_epoch, epoch_progress)
     views = data.views(batch.to(worker.device), generator)
-    with torch.autocast(worker.device.type, dtype=worker.autocast_dtype, enabled=worker.autocast_dtype is not None):
-        out = training.model(**views)
-    loss = out.loss
-    for hook in worker.loop.step_hooks:
-        loss = hook.transform_loss(loss, info)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss, metrics = accumulate_gradients(worker, training, views, info)
+    if training.watch is not None:  # the last micro-batch's output (and its labels, for the online probe)
+        k = int(spec.optim.accumulation_steps)
+        training.watch.after_step(training.last_output, batch.labels.tensor_split(k)[-1] if k > 1 else batch.labels)
     method.before_optimizer_step(epoch_progress)
     params = [p for p in method.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    clip_gradients(params, spec.optim, grad_norm)  # optim.clip_mode: global | per_param
+    if is_sharded(method):  # norms over the shards (one all-reduce), both clip modes
+        grad_norm = gradient_norm_and_clip(params, spec.optim)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        clip_gradients(params, spec.optim, grad_norm)  # optim.clip_mode: global | per_param
     skipped = (~torch.isfinite(grad_norm)).float()
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = skipped  # the fused kernel skips the update on the device
@@ -467,7 +522,48 @@ def train_step(
         optimizer.step()
     training.scheduler.step()
     method.after_optimizer_step()
-    return loss.detach(), out.metric_tensors(), skipped
+    return loss, metrics, skipped
+
+
+def micro_batches(views: dict[str, Any], k: int) -> list[dict[str, Any]]:
+    """The views of one batch cut into ``k`` micro-batches along the batch dimension (a list of views: each cut)."""
+    if k == 1:
+        return [views]
+
+    def parts(value: Any) -> list[Any]:
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return list(value.tensor_split(k))
+        if isinstance(value, (list, tuple)):
+            return [list(p) for p in zip(*(parts(v) for v in value))] if value else [value] * k
+        return [value] * k
+
+    split = {key: parts(value) for key, value in views.items()}
+    return [{key: split[key][j] for key in views} for j in range(k)]
+
+
+def accumulate_gradients(
+    worker: Worker, training: Training, views: dict[str, Any], info: StepInfo,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward of ``optim.accumulation_steps`` micro-batches of ``views``, each loss divided by their
+    number: the gradients of the whole batch's mean loss. Only the last backward all-reduces (DDP ``no_sync``, FSDP
+    ``set_requires_gradient_sync``). Returns the mean loss and mean output metrics (detached, on the device)."""
+    k = int(worker.spec.optim.accumulation_steps)
+    training.optimizer.zero_grad(set_to_none=True)
+    losses: list[torch.Tensor] = []
+    metrics: dict[str, torch.Tensor] = {}
+    for j, micro in enumerate(micro_batches(views, k)):
+        with gradient_sync(training.model, enabled=j == k - 1):
+            with torch.autocast(worker.device.type, dtype=worker.autocast_dtype, enabled=worker.autocast_dtype is not None):
+                out = training.model(**micro)
+            loss = out.loss
+            for hook in worker.loop.step_hooks:
+                loss = hook.transform_loss(loss, info)
+            (loss / k if k > 1 else loss).backward()
+        losses.append(loss.detach())
+        training.last_output = out
+        for name, value in out.metric_tensors().items():
+            metrics[name] = metrics[name] + value / k if name in metrics else value / k
+    return (torch.stack(losses).mean() if k > 1 else losses[0]), metrics
 
 
 def _step_line(worker: Worker, data: WorkerData, training: Training, sums: _DeviceSums, epoch: int, i: int, *,
@@ -476,15 +572,39 @@ def _step_line(worker: Worker, data: WorkerData, training: Training, sums: _Devi
     (one host sync) and checks for non-finite steps, and rank 0 prints a line; rank 0 also prints one between them
     when :meth:`Progress.line_due` says so (the first steps of a long epoch, every 30 s)."""
     due = worker.progress is not None and worker.progress.line_due(epoch + 1, i + 1)
+    health: dict[str, float] = {}
     if regular:
         read = _check_nonfinite(worker, training, sums.read(), skipped_before, data.steps_per_epoch)
+        health = _watch_step(worker, training)
     elif due:
         read = sums.read()
     else:
         return
     if worker.progress:
         worker.progress.update(epoch + 1, i + 1, read["loss"], (i + 1) * data.batch_size * worker.world,
-                               lr=training.scheduler.get_last_lr()[0])
+                               lr=training.scheduler.get_last_lr()[0], extra=notable_health(health, worker.spec.eval.health))
+
+
+def _watch_step(worker: Worker, training: Training) -> dict[str, float]:
+    """At a log interval: the health metrics and probe accuracy (rank 0: logged with the global step), collapse
+    warnings (printed once, tagged in MLflow) and, with ``eval.stop_on_collapse``, the stop (every rank)."""
+    watch = training.watch
+    if watch is None:
+        return {}
+    values = watch.read(training.global_step)
+    run = worker.loop.tracking_run
+    if values and run:
+        run.log_metrics(values, step=training.global_step)  # queued
+    events = watch.take_events()
+    for event in events:
+        message = event.message(training.last_output.embedding.shape[1] if event.rule.metric == "rank_fraction" else None)
+        print(f"[{worker.loop.run_name}] {message}", flush=True)
+        if run:
+            run.set_tags({f"collapse.{event.rule.metric}": message})
+    if watch.stop_requested():
+        raise CollapseStop(f"eval.stop_on_collapse: {watch.stop_reason or 'collapse warning on rank 0'} "
+                           f"(the last complete checkpoint is kept)")
+    return values
 
 
 def _check_nonfinite(
@@ -516,17 +636,22 @@ def _check_bad_data(bad: int, seen: int, examples: list[str], max_fraction: floa
 
 
 # ---- evaluation, report, export -------------------------------------------------------------------------
-def evaluate(worker: Worker, data: WorkerData, method: Any, *, final: bool, epoch: int) -> dict[str, float]:
+def evaluate(worker: Worker, data: WorkerData, method: Any, *, final: bool, epoch: int,
+             watch: RunWatch | None = None) -> dict[str, float]:
     """kNN top-1 (and the linear probe on the last epoch) of the frozen encoder. Every rank embeds its share of
-    the train bank and the validation split in streamed batches; rank 0 gathers the features and scores them."""
+    the train bank and the validation split in streamed batches; rank 0 gathers the features and scores them.
+    With a ``watch``: the online probe's validation accuracy and the pictures (``eval.pictures``) as well."""
 
     spec = worker.spec
     knn = spec.eval.knn
     due = final or (knn.every_epochs and epoch % knn.every_epochs == 0)
     if not knn.enabled or not due or data.evaluation is None:
         return {}
-    bank = gather_to_rank0(*embed_batches(method, data.evaluation("train"), data.eval_input, worker.device))
-    val = gather_to_rank0(*embed_batches(method, data.evaluation("val"), data.eval_input, worker.device))
+    bank = gather_to_rank0(*embed_batches(method, _eval_batches(method, data, "train"), data.eval_input, worker.device))
+    first: list[ImageBatch] = []
+    val_batches = keep_first(_eval_batches(method, data, "val"), first)
+    val = gather_to_rank0(*embed_batches(method, val_batches, data.eval_input, worker.device))
+    pictures = _pictures(worker, data, method, watch, first, epoch)
     if worker.rank != 0:
         return {}
     (tr, tr_y), (te, te_y) = bank, val
@@ -534,7 +659,39 @@ def evaluate(worker: Worker, data: WorkerData, method: Any, *, final: bool, epoc
     if final and spec.eval.linear.enabled:
         lin = spec.eval.linear
         out["linear_top1"] = linear_probe_top1(tr, tr_y, te, te_y, lin.epochs, lin.lr, spec.seed)
+    if watch is not None:
+        out.update(watch.probe_accuracy(te, te_y))
+        if pictures is not None and worker.loop.tracking_run:
+            worker.loop.tracking_run.log_artifacts(watch.pictures(pictures, te, te_y, epoch), "images")
     return out
+
+
+def keep_first(batches: Iterator[ImageBatch], first: list[ImageBatch]) -> Iterator[ImageBatch]:
+    """``batches`` unchanged, the first non-empty one also appended to ``first``."""
+    for batch in batches:
+        if not first and len(batch.labels):
+            first.append(batch)
+        yield batch
+
+
+def _pictures(worker: Worker, data: WorkerData, method: Any, watch: RunWatch | None, first: list[ImageBatch],
+              epoch: int) -> torch.Tensor | None:
+    """Rank 0: the evaluation images the method's panels show (its first validation batch, as the method sees
+    them); an empty tensor for the embedding plot alone (under FSDP: a panel's forward on rank 0 alone would wait
+    for the other ranks' shards); None without ``eval.pictures``."""
+    if watch is None or worker.rank != 0 or not worker.spec.eval.pictures or epoch == 0 or not first:
+        return None
+    images = data.eval_input(first[0].to(worker.device))[:PICTURE_IMAGES]
+    return images[:0] if is_sharded(method) else images
+
+
+def _eval_batches(method: Any, data: WorkerData, split: str) -> Iterator[ImageBatch]:
+    """``data.evaluation(split)``; under FSDP padded with empty batches so that every rank runs as many forwards."""
+    batches = data.evaluation(split)
+    if not is_sharded(method):
+        return batches
+    return equal_length_batches(batches, lambda b: ImageBatch(b.images[:0], None if b.sizes is None else b.sizes[:0],
+                                                              b.labels[:0]))
 
 
 def report_epoch(worker: Worker, training: Training, metrics: dict[str, float]) -> None:
@@ -546,32 +703,54 @@ def report_epoch(worker: Worker, training: Training, metrics: dict[str, float]) 
     epoch = int(metrics["epoch"])
     training.epoch = epoch
     metrics.update({f"{k[len('baseline_'):]}_random_init": v for k, v in training.baseline.items()})
-    if worker.rank != 0 or not (epoch == spec.optim.epochs or epoch % spec.checkpoint.every_epochs == 0):
+    due = epoch == spec.optim.epochs or epoch % spec.checkpoint.every_epochs == 0
+    full = _full_states(worker, training) if due else None  # under FSDP a collective: every rank gathers
+    if worker.rank != 0 or not due:
         ray.train.report(metrics, checkpoint=None)
     else:
         state = {"epoch": epoch, "global_step": training.global_step, "mlflow_run_id": loop.mlflow_run_id,
                  **training.baseline, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         with tempfile.TemporaryDirectory() as tmp:
             write_training_checkpoint(tmp, method=training.method, optimizer=training.optimizer,
-                                      scheduler=training.scheduler, spec=spec, state=state)
+                                      scheduler=training.scheduler, spec=spec, state=state, **full)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_upload_fn=_checkpoint_uploader(spec.checkpoint))
-    if worker.rank == 0 and loop.mlflow_run_id and epoch not in training.logged_epochs:
-        tracking.log_metrics(spec.tracking.uri, loop.mlflow_run_id, metrics, step=epoch)
+    if worker.rank == 0 and loop.tracking_run and epoch not in training.logged_epochs:
+        loop.tracking_run.log_metrics(metrics, step=epoch)  # queued: an epoch never waits on the tracking server
         training.logged_epochs.add(epoch)
 
 
-def export_encoder(worker: Worker, training: Training) -> None:
-    """The trained encoder as an MLflow artifact of the run (rank 0)."""
-
-    loop = worker.loop
-    if worker.rank != 0 or not loop.mlflow_run_id or training.epoch == 0:
-        return
+def _full_states(worker: Worker, training: Training) -> dict[str, Any]:
+    """The keyword arguments of :func:`write_training_checkpoint`: full (unsharded) model, optimizer (keyed by
+    parameter names) and encoder state dicts on the CPU, the same under DDP and FSDP; under FSDP every rank calls
+    this (gathers), rank 0 gets the states."""
     method = training.method
+    if worker.rank != 0 and not is_sharded(method):
+        return {}
+    model_state = full_model_state(method)
+    optimizer_state = full_optimizer_state(method, training.optimizer)
+    if worker.rank != 0:
+        return {}
+    return {"model_state": model_state, "optimizer_state": optimizer_state,
+            "encoder_state": encoder_state_from(method, model_state)}
+
+
+def export_encoder(worker: Worker, training: Training) -> None:
+    """The trained encoder as an MLflow artifact of the run (rank 0): a plain timm state dict, also under FSDP (every
+    rank takes part in gathering it). Then rank 0's tracking records are sent, waiting at most
+    ``tracking.flush_timeout_s`` (what is left goes to its pending file beside the checkpoints)."""
+
+    loop, method = worker.loop, training.method
+    # under FSDP a collective: every rank gathers, whether or not it holds a tracking run
+    full = full_model_state(method) if is_sharded(method) and training.epoch > 0 else None
+    if not loop.tracking_run or training.epoch == 0 or worker.rank != 0:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         enc = Path(tmp) / "encoder"
-        checkpoint_io.save_encoder(enc, method.method_name, method.encoder_config(), method.encoder_state_dict())
-        tracking.log_artifacts(worker.spec.tracking.uri, loop.mlflow_run_id, [enc])
+        state = encoder_state_from(method, full) if full is not None else method.encoder_state_dict()
+        checkpoint_io.save_encoder(enc, method.method_name, method.encoder_config(), state)
+        loop.tracking_run.log_artifacts([enc])
+    loop.tracking_run.close()
 
 
 def _checkpoint_uploader(checkpoint_section: DictConfig):
@@ -609,6 +788,7 @@ def build_trainer(
     s3_filesystem=None,
     step_hooks: list[StepHook] | None = None,
     source=None,
+    tracking_run=None,
 ):
     """The ``TorchTrainer`` for a spec (Ray Train V2). Streamed data (``source``: the run's
     :class:`~ssl_platform.data.streaming.DataPlan`, planned here when not given) goes in as Ray Data datasets."""
@@ -631,7 +811,7 @@ def build_trainer(
         callbacks=callbacks or None,
     )
     loop = LoopConfig(spec=to_container(spec), run_name=run_name, mlflow_run_id=mlflow_run_id, resume_from=resume_from,
-                      s3_filesystem=s3_filesystem, step_hooks=list(step_hooks or []))
+                      s3_filesystem=s3_filesystem, step_hooks=list(step_hooks or []), tracking_run=tracking_run)
     root = storage_path or spec.checkpoint.uri
     if storage_filesystem is None and "://" not in root:
         loop.local_run_dir = str(Path(root) / run_name)
