@@ -32,7 +32,8 @@ import torch
 from benchmarks import common
 from benchmarks.common import METHODS, RESULTS_DIR
 
-SECTIONS = ("steps", "pipeline", "augment", "opt", "compile", "overhead", "shards", "data", "peer", "memory", "tracking")
+SECTIONS = ("steps", "pipeline", "augment", "opt", "compile", "overhead", "shards", "data", "peer", "memory", "tracking",
+            "health")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -194,6 +195,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             record("tracking", lambda: run_tracking_outage(epochs=4 if args.tiny else 8,
                                                            outage_s=10.0 if args.tiny else 45.0, log=log))
+        if "health" in sections:  # issue 30: the health metrics' share of the step
+            from benchmarks.health import run_health
+
+            record("health", lambda: run_health(2 if args.tiny else (3 if quick else 5), log,
+                                                methods=("mae",) if args.tiny else ("mae", "dino"),
+                                                batch_size=16 if args.tiny else 64))
         if "memory" in sections:
             from benchmarks.memory import run_memory
 

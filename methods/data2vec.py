@@ -93,6 +93,8 @@ class Data2Vec(EMATeacherMethod):
     """
 
     view_kind = "images"
+    # fairseq examples/data2vec/data/mae_image_dataset.py: RandomResizedCrop(input_size, interpolation=3), bicubic
+    view_interpolation = "bicubic"
     # masked prediction: the scale of its regression targets and predictions (methods/health.py)
     health_metrics = ("rank_fraction", "normalized_std", "target_scale", "prediction_scale")
     constraints = (

@@ -105,7 +105,7 @@ def test_shards_section(tmp_path):
 
 def test_sections_and_stats():
     assert select_sections("", "cpu") == (["steps", "pipeline", "augment", "opt", "overhead", "shards", "data", "peer",
-                                          "memory", "tracking"], False)
+                                          "memory", "tracking", "health"], False)
     assert "compile" in select_sections("", "cuda")[0]
     assert select_sections("salt", "cpu") == (["steps"], True)
     with pytest.raises(SystemExit):

@@ -78,9 +78,13 @@ def test_imagenet_recipes_keep_full_resolution_and_the_papers_views():
     assert (ibot.n_global, ibot.n_local, ibot.local_size) == (2, 10, 96) and iBOT.view_kind == DINO.view_kind
     assert list(ibot.global_scale) == [0.25, 1.0] and list(ibot.local_scale) == [0.05, 0.25]
     for path in ("experiments/imagenet/dino_vit_small_100ep.yaml", "experiments/imagenet/mae_vit_base.yaml",
-                 "experiments/imagenette/dino_vit_small.yaml", "experiments/imagenette/mae_vit_small.yaml"):
+                 "experiments/imagenet/ibot_vit_small.yaml", "experiments/imagenet/data2vec_vit_base.yaml",
+                 "experiments/imagenette/dino_vit_small.yaml", "experiments/imagenette/mae_vit_small.yaml",
+                 "experiments/imagenette/ibot_vit_small.yaml", "experiments/imagenette/data2vec_vit_small.yaml"):
         data = load_spec(path).data
         assert canvas_size(data) >= 500 and not data.decode_draft, path
+    # fairseq examples/data2vec/data/mae_image_dataset.py: RandomResizedCrop(..., interpolation=3), as MAE's
+    assert get_method_class("data2vec").view_interpolation == "bicubic"
 
 
 # ---- 4. normalisation: declared by the method, the same in training and evaluation ---------------------------

@@ -39,7 +39,7 @@ def test_a_collapsed_encoder_is_warned_tagged_and_stopped_keeping_the_last_check
     # 64 training images in batches of 16: 4 steps per epoch, a health reading after each; the collapse is there from
     # the first step and lasts 5 steps (window_steps) at step 5, in epoch 2, after epoch 1's checkpoint
     spec = tiny_spec(["eval.stop_on_collapse=true", "eval.health.window_steps=5", "optim.epochs=3"])
-    with pytest.raises(CollapseStop, match=r"normalized_std 0 \(below 0.05"):
+    with pytest.raises(CollapseStop, match=r"normalized_std 0 \(below 0.01"):
         run_experiment(spec, run_name="health-collapse", step_hooks=[ConstantEncoder()])
     client = mlflow.MlflowClient(tracking_uri=spec.tracking.uri)
     (run,) = client.search_runs(client.get_experiment_by_name(spec.tracking.experiment).experiment_id,

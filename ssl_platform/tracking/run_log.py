@@ -138,8 +138,8 @@ class Outbox:
         """Wait until ``rec`` was sent (True), or it failed once (``until_failure``) or ``timeout`` passed."""
         deadline = time.monotonic() + timeout
         while not rec.done.is_set() and time.monotonic() < deadline:
-            if until_failure and rec.failed.is_set():
-                break
+            if until_failure and (rec.failed.is_set() or self.behind_since is not None):
+                break  # it failed, or records ahead of it do: the queue is behind, the caller goes on
             rec.done.wait(0.05)
         return rec.done.is_set()
 
@@ -260,17 +260,19 @@ class Outbox:
             self.write_pending_files()
 
 
-_OUTBOX: Outbox | None = None
+_OUTBOXES: dict[str, Outbox] = {}
 _OUTBOX_LOCK = threading.Lock()
 
 
-def outbox() -> Outbox:
-    global _OUTBOX
+def outbox(uri: str) -> Outbox:
+    """This process's queue and sender for the tracking store ``uri``: one per store, so that a store that does not
+    answer (a server that is down, a test's store that is gone) holds back its own records only."""
     with _OUTBOX_LOCK:
-        if _OUTBOX is None:
-            _OUTBOX = Outbox()
-            atexit.register(_OUTBOX.shutdown)
-        return _OUTBOX
+        box = _OUTBOXES.get(uri)
+        if box is None:
+            box = _OUTBOXES[uri] = Outbox()
+            atexit.register(box.shutdown)
+        return box
 
 
 def http_env(uri: str) -> dict[str, str]:
@@ -295,7 +297,7 @@ class TrackedRun:
     @property
     def run_id(self) -> str | None:
         """The server's run id once known in this process (None while the run was not created)."""
-        return self.ref.run_id or outbox().sender.run_ids.get(self.ref.cache_key)
+        return self.ref.run_id or outbox(self.ref.uri).sender.run_ids.get(self.ref.cache_key)
 
     @property
     def identity(self) -> str:
@@ -312,7 +314,7 @@ class TrackedRun:
     def put(self, kind: str, payload: dict[str, Any]) -> Record:
         for k, v in self.env.items():
             os.environ[k] = v  # rank 0: the driver's MLflow HTTP settings
-        box = outbox()
+        box = outbox(self.ref.uri)
         box.adopt(self.journal, self.role)
         rec = box.put(Record(kind, self.ref, payload, self.journal, self.role))
         if not is_remote(self.ref.uri):
@@ -346,7 +348,7 @@ class TrackedRun:
     def close(self, timeout: float | None = None) -> list[tuple[str, int]]:
         """Wait up to ``timeout`` (``tracking.flush_timeout_s``) for this process's records to be sent, then keep
         what is left in the pending files and say so. Returns ``(pending file URI, records)``."""
-        box = outbox()
+        box = outbox(self.ref.uri)
         box.flush(self.flush_timeout_s if timeout is None else timeout)
         left = box.write_pending_files()
         for uri, n in left:
@@ -390,7 +392,7 @@ def open_run(tracking: DictConfig, run_name: str, record: SpecRecord | None, *, 
                "parent": parent.ref.__dict__ if parent else None, "run_id_hint": run_id_hint,
                "params": record.params if record else None, "spec_yaml": record.yaml if record else None}
     rec = run.put("create_run", payload)
-    if not outbox().wait(rec, START_WAIT_S, until_failure=True):
+    if not outbox(run.ref.uri).wait(rec, START_WAIT_S, until_failure=True):
         log(f"{tracking.uri} does not answer ({rec.error or 'no answer yet'}); training starts anyway and the MLflow run "
             f"{run_name!r} is created when it answers (tracking.require_server_at_start=true refuses to start instead)")
     return run
@@ -428,7 +430,7 @@ def find_run_id(run: TrackedRun, timeout: float = 10.0) -> str | None:
 
     def look() -> None:
         try:
-            out.append(outbox().sender.resolve(client(run.ref.uri), run.ref))
+            out.append(outbox(run.ref.uri).sender.resolve(client(run.ref.uri), run.ref))
         except Exception:  # noqa: BLE001 - not created yet, or no answer: unknown
             out.append(None)
 

@@ -41,20 +41,26 @@ def init_ray(num_cpus: int | None = None) -> None:
 TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
-class _DropDefaultTokenNotice:
-    """Drops Ray 2.60's "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt
-    out" (a WARNING on every new local instance, about the default it chose); its other records still show."""
+def _quiet_default_token_notice() -> None:
+    _add_filter(TOKEN_NOTICE_LOGGER, "Token authentication is enabled for this Ray cluster")
+
+
+class _DropNotice:
+    """A logging filter that drops the records of one logger whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
 
     def filter(self, record) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+        return not record.getMessage().startswith(self.prefix)
 
 
-def _quiet_default_token_notice() -> None:
+def _add_filter(logger: str, prefix: str) -> None:
     import logging
 
-    log = logging.getLogger(TOKEN_NOTICE_LOGGER)
-    if not any(isinstance(f, _DropDefaultTokenNotice) for f in log.filters):
-        log.addFilter(_DropDefaultTokenNotice())
+    log = logging.getLogger(logger)
+    if not any(isinstance(f, _DropNotice) and f.prefix == prefix for f in log.filters):
+        log.addFilter(_DropNotice(prefix))
 
 
 LOCAL_OBJECT_STORE_MB = 2048
@@ -80,10 +86,12 @@ def local_object_store_bytes(total_memory: int | None = None) -> int:
 
 
 def pin_ray_address() -> None:
-    """Worker setup hook: point the State API at this cluster (it cannot guess when several run locally)."""
+    """Worker setup hook: point the State API at this cluster (it cannot guess when several run locally), and drop
+    Ray Data's "Progress bars disabled" notice there (the platform turns the bars off on purpose)."""
     import ray
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    _add_filter("ray.data._internal.progress", "Progress bars disabled")
 
 
 def free_port() -> int:

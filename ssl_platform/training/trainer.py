@@ -820,4 +820,18 @@ def build_trainer(
     loop.num_classes = plan.num_classes
     datasets = plan.datasets(spec)
     return TorchTrainer(train_loop_per_worker, train_loop_config={"loop": loop}, scaling_config=scaling,
-                        run_config=run_config, datasets=datasets)
+                        run_config=run_config, datasets=datasets, dataset_config=_ingest_config() if datasets else None)
+
+
+def _ingest_config():
+    """Ray Train's default data ingest options without their deprecated ``exclude_resources`` argument (whose
+    setter warns on every run; it copied the context's value, zero unless a user set it, which is kept here)."""
+    from ray.data import DataContext, ExecutionOptions
+    from ray.train import DataConfig
+
+    ctx = DataContext.get_current().execution_options
+    options = ExecutionOptions(resource_limits=ctx.resource_limits, preserve_order=ctx.preserve_order,
+                               verbose_progress=ctx.verbose_progress)
+    if not ctx.exclude_resources.is_zero():
+        options.exclude_resources = ctx.exclude_resources
+    return DataConfig(execution_options=options)
