@@ -23,16 +23,21 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ssl_platform.training.ray_runtime import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH_DONE = re.compile(r"epoch (\d+)/(\d+) done")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_mlflow_server(root: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:``port`` (sqlite store, artifacts and ``mlflow.log`` in ``root``) in its own
+    process group, so that it can be killed as a whole."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+         f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=(root / "mlflow.log").open("a"),
+        stderr=subprocess.STDOUT, start_new_session=True)
 
 
 class Server:
@@ -42,12 +47,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-             f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination", str(self.root / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            env=env, stdout=(self.root / "mlflow.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = start_mlflow_server(self.root, self.port, dict(os.environ))
         for _ in range(600):
             try:
                 urllib.request.urlopen(f"{self.url}/health", timeout=2)

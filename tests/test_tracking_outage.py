@@ -12,7 +12,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import requests
 import yaml
 from conftest import tiny_spec_dict
 
+from benchmarks.tracking_outage import start_mlflow_server
 from ssl_platform.cli import main
 from ssl_platform.training.ray_runtime import free_port
 from tests.tracking_hooks import EpochGates, epoch_times
@@ -43,13 +43,8 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-        log = (self.root / "mlflow.log").open("a")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # not the client's retry budget
+        self.proc = start_mlflow_server(self.root, self.port, env)
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
