@@ -198,7 +198,7 @@ def prepare(method: str, cfg: BenchConfig, workdir: Path, seed: int = 0, optimiz
     seed_everything(seed)
     model = build_method_from_spec(spec.method).to(device)
     split = train_split(spec)
-    ds = ViewDataset(split, build_view_transform(model.view_kind, spec.data))
+    ds = ViewDataset(split, build_view_transform(model, spec.data))
     batch = to_device(default_collate([ds[i] for i in range(cfg.batch_size)]), device)
     if optimizer_kwargs is None:
         optimizer = build_optimizer(model, spec.optim, device)

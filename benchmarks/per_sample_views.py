@@ -12,8 +12,10 @@ Each image gives ``n_global`` global crops (``RandomResizedCrop`` to ``global_si
 ``global_scale``) and ``n_local`` local crops (``local_size``, scale in ``local_scale``), each followed by
 horizontal flip (p=0.5), colour jitter (0.4, 0.4, 0.2, 0.1; p=0.8), grayscale (p=0.2), Gaussian blur
 (sigma in [0.1, 2]; p=1.0 on the first global crop, 0.1 on the other globals, 0.5 on local crops),
-solarisation (p=0.2, on the globals after the first) and normalisation. With ``n_local=0`` this is iBOT's
-``view_kind="global_views"`` input.
+solarisation (p=0.2, on the globals after the first) and normalisation.
+
+- :class:`DeclaredViewsTransform` / :func:`build_view_transform`: any method's declared views
+  (:meth:`methods.base.SSLMethod.training_views`) rendered per image with torchvision.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from ssl_platform.data.small_sets import MEAN, STD, DataError, Split, normalize
+from methods.base import SSLMethod
+from methods.views import TrainingViews, ViewRecipe
+from ssl_platform.data.small_sets import MEAN, STD, Split, normalize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -186,25 +190,53 @@ class SingleViewTransform:
         return {"images": normalize(self.transform(image))}
 
 
-def build_view_transform(view_kind: str, data: DictConfig):
-    if view_kind == "images":
-        return SingleViewTransform(data.image_size, tuple(data.augment.crop_scale), data.augment.hflip)
-    if view_kind in ("multicrop", "global_views"):
-        mc = data.multicrop
-        return MultiCropTransform(
-            global_size=data.image_size,
-            local_size=mc.local_size,
-            n_global=mc.n_global,
-            n_local=mc.n_local if view_kind == "multicrop" else 0,
-            global_scale=tuple(mc.global_scale),
-            local_scale=tuple(mc.local_scale),
-            mean=MEAN,  # the same normalisation as eval_tensors (kNN / probe), not ImageNet's
-            std=STD,
-            hflip_p=mc.hflip_p,
-            color_jitter_p=mc.color_jitter_p,
-            solarize_p=mc.solarize_p,
-        )
-    raise DataError(f"unknown view kind {view_kind!r}")
+def recipe_transform(recipe: ViewRecipe, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """One :class:`methods.views.ViewRecipe` as torchvision's per-image pipeline: ``RandomResizedCrop``, flip,
+    ``RandomApply(ColorJitter)``, ``RandomGrayscale``, ``RandomApply(GaussianBlur)``, ``RandomSolarize(0.5)``,
+    normalisation (the steps and probabilities the batched views draw per sample)."""
+    mode = InterpolationMode.BICUBIC if recipe.interpolation == "bicubic" else InterpolationMode.BILINEAR
+    ops: list[Any] = [T.RandomResizedCrop(recipe.size, scale=tuple(recipe.scale), ratio=tuple(recipe.ratio),
+                                          interpolation=mode, antialias=True), _Clamp01()]
+    if recipe.hflip_p > 0:
+        ops.append(T.RandomHorizontalFlip(p=recipe.hflip_p))
+    if recipe.color_jitter_p > 0:
+        jitter = T.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)
+        ops.append(T.RandomApply([jitter], p=recipe.color_jitter_p))
+    if recipe.grayscale_p > 0:
+        ops.append(T.RandomGrayscale(p=recipe.grayscale_p))
+    if recipe.blur_p > 0:
+        kernel = recipe.blur_kernel or _blur_kernel(recipe.size)
+        ops.append(T.RandomApply([T.GaussianBlur(kernel, sigma=tuple(recipe.blur_sigma))], p=recipe.blur_p))
+    if recipe.solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=0.5, p=recipe.solarize_p))
+    ops.append(T.Normalize(mean=list(mean), std=list(std)))
+    return T.Compose(ops)
+
+
+class DeclaredViewsTransform:
+    """``image [3, H, W] float in [0, 1]`` -> the keyword arguments of a method's training ``forward``, per image,
+    from the views it declares (:meth:`methods.base.SSLMethod.training_views`): a ``single`` group gives a tensor,
+    any other a list of tensors (one per recipe)."""
+
+    def __init__(self, views: TrainingViews, mean: Sequence[float] = MEAN, std: Sequence[float] = STD):
+        self.groups = {key: (g.single, [recipe_transform(r, mean, std) for r in g.recipes]) for key, g in views.items()}
+
+    def __call__(self, image: torch.Tensor) -> dict[str, Any]:
+        x = image.float().clamp(0.0, 1.0)
+        if x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
+        out: dict[str, Any] = {}
+        for key, (single, transforms) in self.groups.items():
+            views = [t(x) for t in transforms]
+            out[key] = views[0] if single else views
+        return out
+
+
+def build_view_transform(method: type[SSLMethod] | SSLMethod, data: DictConfig) -> DeclaredViewsTransform:
+    """The per-sample path of ``method``'s declared training views for the spec's ``data`` section, normalised with
+    the data's statistics (the same as the small sets' evaluation tensors)."""
+    return DeclaredViewsTransform(type(method).training_views(data) if isinstance(method, SSLMethod)
+                                  else method.training_views(data))
 
 
 class ViewDataset(Dataset):

@@ -73,6 +73,7 @@ def run_pipeline(
     from benchmarks.per_sample_views import ViewDataset, build_view_transform
     from methods import vit as V
     from methods.masks import MultiBlockMaskGenerator
+    from methods.registry import get_method_class
 
     n = min(samples_per_call, cfg.batch_size)
     cores = usable_cores()
@@ -80,9 +81,9 @@ def run_pipeline(
     for kind, method in VIEW_KINDS.items():
         spec = method_spec(method, cfg)
         split = train_split(spec)
-        tf = build_view_transform(kind, spec.data)
-        mc = spec.data.multicrop
-        vpi = {"multicrop": mc.n_global + mc.n_local, "global_views": mc.n_global}.get(kind, 1)
+        declared = get_method_class(method).training_views(spec.data)
+        tf = build_view_transform(get_method_class(method), spec.data)
+        vpi = sum(len(group.recipes) for group in declared.values())
         entry: dict[str, Any] = {"method": method, "views_per_image": int(vpi), "samples_per_batch": n}
         # ViewDataset as the platform builds it (transform_threads=None: the process's threads, the usable cores)
         # against transform_threads=1 (1 torch thread while augmenting a batch), each in a Python thread (as

@@ -49,7 +49,7 @@ def step_flops_per_image(spec, count_batch: int = 2) -> float:
     seed_everything(0)
     method = build_method_from_spec(spec.method).train()
     split = make_synthetic_split(max(8, 4 * count_batch), 2, spec.data.image_size, 0.2).train
-    ds = ViewDataset(split, build_view_transform(method.view_kind, spec.data))
+    ds = ViewDataset(split, build_view_transform(method, spec.data))
     batch = default_collate([ds[i] for i in range(count_batch)])
     method.on_train_step(10, 1000, 5.0)  # past warm-ups: masks and schedules as in most of a run
 

@@ -30,13 +30,8 @@ from benchmarks.common import (
 
 
 def views_per_image(p) -> int:
-    kind = p.method.view_kind
-    mc = p.spec.data.multicrop
-    if kind == "multicrop":
-        return int(mc.n_global + mc.n_local)
-    if kind == "global_views":
-        return int(mc.n_global)
-    return 1
+    """Views per image of the method's declared training views (:meth:`methods.base.SSLMethod.training_views`)."""
+    return sum(len(group.recipes) for group in type(p.method).training_views(p.spec.data).values())
 
 
 def run_steps(

@@ -4,6 +4,6 @@ Use :func:`methods.build_method` with a spec's ``method.name`` and keyword argum
 """
 
 from methods.base import MethodOutput, SSLMethod
-from methods.registry import available_methods, build_method, get_method_class, register
+from methods.registry import BUILTIN_METHODS, available_methods, build_method, get_method_class
 
-__all__ = ["MethodOutput", "SSLMethod", "available_methods", "build_method", "get_method_class", "register"]
+__all__ = ["MethodOutput", "SSLMethod", "available_methods", "build_method", "get_method_class", "BUILTIN_METHODS"]

@@ -40,7 +40,6 @@ from torch import nn
 from methods import constraints as C
 from methods.base import MethodOutput, SSLMethod
 from methods.checkpoint_io import load_state_dict_strict
-from methods.registry import register
 
 APL_METHODS = ("PLT", "PLT_MASKED")
 APL_ENCODERS = ("MECHANICAL", "LEARNED")
@@ -255,7 +254,6 @@ class APLEmbedding(nn.Module):
         return self.encoder.embed(images)
 
 
-@register("apl")
 class APL(SSLMethod):
     """Absolute position learning (seed setting names in the module docstring).
 
@@ -282,7 +280,8 @@ class APL(SSLMethod):
         not counted in the loss).
     """
 
-    view_kind = "images"
+    method_name = "apl"
+
     input_mean = (0.5, 0.5, 0.5)  # the reference's Normalize((0.5,), (0.5,)) (APL/PreTrainer.py, pt_train_transforms)
     input_std = (0.5, 0.5, 0.5)
     constraints = (

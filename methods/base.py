@@ -3,15 +3,16 @@
 A method is an ``nn.Module`` whose constructor takes keyword arguments named as in the seeds. The platform
 (``ssl_platform``) drives it only through what is defined here:
 
-* ``view_kind`` tells the data pipeline which inputs ``forward`` takes in training mode:
-  ``"images"``       -> ``forward(images=[B,C,H,W])`` (MAE, SALT, data2vec, APL)
-  ``"multicrop"``    -> ``forward(global_views=[...], local_views=[...])`` (DINO, iBOT; no locals when
-  ``data.multicrop.n_local`` is 0)
-  ``"global_views"`` -> ``forward(global_views=[...])`` (the global views alone)
+* ``training_views(data)`` declares, as data (:mod:`methods.views`), the views that ``forward`` takes in training
+  mode: keyword argument -> :class:`methods.views.ViewGroup` of recipes. Default: ``forward(images=[B,C,H,W])``, one
+  crop from ``data.augment`` (MAE, SALT, data2vec, APL); DINO / iBOT declare ``global_views`` + ``local_views``;
+  the joint-embedding methods ``views=[v1, v2]``. The platform renders whatever is declared.
+* ``backbones`` names the encoder families the method supports (:mod:`methods.backbones`: ``vit``, ``resnet``);
+  ``encoder_name`` of another family is refused by :meth:`SSLMethod.check_kwargs`, before anything is built.
 * ``input_mean`` / ``input_std`` are the per-channel normalisation ``(x - mean) / std`` of every input the method
   sees, training views and evaluation images alike (default: ImageNet's statistics, as DINO, iBOT, MAE, data2vec's
   ``MaeImageDataset`` and I-JEPA / V-JEPA, SALT's code base; APL keeps its reference's 0.5 / 0.5);
-  ``view_interpolation`` is the resampling of the single ``"images"`` view (``"bilinear"``, torchvision's default,
+  ``view_interpolation`` is the resampling of the default single ``images`` view (``"bilinear"``, torchvision's default,
   or ``"bicubic"``); multi-crop views are bicubic as DINO's and iBOT's ``RandomResizedCrop``.
 * Every method accepts ``forward(images=...)`` in eval mode and returns an output whose ``embedding`` is the
   frozen encoder's ``[B, D]`` representation and whose ``loss`` is zero.
@@ -45,11 +46,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from methods.backbones import backbone_family, create_backbone, input_shape
 from methods.checkpoint_io import load_encoder_file, load_state_dict_strict
-from methods.constraints import Constraint
+from methods.constraints import Constraint, ConstraintError
 from methods.health import HealthInputs
+from methods.views import TrainingViews, single_view
 from methods.visualize import Panel
-from methods.vit import create_vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision / timm IMAGENET_DEFAULT_MEAN
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,7 +84,8 @@ class SSLMethod(nn.Module):
     """Base class of all methods (see the module docstring for the protocol)."""
 
     method_name: ClassVar[str] = ""
-    view_kind: ClassVar[str] = "images"
+    #: encoder families (:data:`methods.backbones.FAMILIES`) the method supports as ``encoder_name``
+    backbones: ClassVar[tuple[str, ...]] = ("vit",)
     #: input normalisation (x - mean) / std per RGB channel, in training and evaluation (ImageNet's statistics)
     input_mean: ClassVar[tuple[float, float, float]] = IMAGENET_MEAN
     input_std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
@@ -96,6 +99,12 @@ class SSLMethod(nn.Module):
     checkpoint_params: ClassVar[tuple[str, ...]] = ()
 
     # ---- configuration --------------------------------------------------------------------------------
+    @classmethod
+    def training_views(cls, data: Mapping[str, Any]) -> TrainingViews:
+        """The views of the training ``forward``, from the spec's ``data`` section (:mod:`methods.views`);
+        default: ``images``, one crop from ``data.augment`` resampled with :attr:`view_interpolation`."""
+        return single_view(data, cls.view_interpolation)
+
     @classmethod
     def constructor_defaults(cls) -> dict[str, Any]:
         """The constructor's keyword arguments that have a default, with it."""
@@ -123,6 +132,15 @@ class SSLMethod(nn.Module):
         full = {**cls.constructor_defaults(), **kwargs}
         for constraint in cls.declared_constraints():
             constraint.check(full, prefix)
+        name = full.get("encoder_name")
+        if isinstance(name, str):
+            expected = f"a timm backbone of a family {cls.__name__} supports ({', '.join(cls.backbones)})"
+            try:
+                family = backbone_family(name)
+            except ValueError:
+                raise ConstraintError(f"{prefix}encoder_name", expected, name) from None
+            if family not in cls.backbones:
+                raise ConstraintError(f"{prefix}encoder_name", f"{expected}, not a {family}", name)
 
     @classmethod
     def check_checkpoint(cls, param: str, path: str, kwargs: Mapping[str, Any], label: str) -> None:
@@ -171,11 +189,9 @@ class SSLMethod(nn.Module):
         takes. Default: the timm ViT (``num_classes=0``: its forward is the pooled embedding)."""
 
         name, kwargs = encoder_config["encoder_name"], dict(encoder_config.get("encoder_kwargs") or {})
-        model = create_vit(name, kwargs)
+        model = create_backbone(name, kwargs)
         load_state_dict_strict(model, state_dict, f"encoder {name}")
-        img = model.patch_embed.img_size
-        size = int(img[0] if isinstance(img, (tuple, list)) else img)
-        return model, (int(kwargs.get("in_chans", 3)), size, size)
+        return model, input_shape(model, kwargs, encoder_config.get("image_size"))
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:

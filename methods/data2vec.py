@@ -44,7 +44,6 @@ from methods import constraints as C
 from methods import vit as V
 from methods.base import MethodOutput
 from methods.health import HealthInputs
-from methods.registry import register
 from methods.teacher_student import EMATeacherMethod, TeacherStudent
 
 
@@ -73,7 +72,6 @@ class BeitForSharedBias(C.Constraint):
             raise C.ConstraintError(prefix + self.param, f"false unless {prefix}encoder_name is a timm Beit (beit_*)", True)
 
 
-@register("data2vec")
 class Data2Vec(EMATeacherMethod):
     """data2vec: predict the EMA teacher's top-K block average at masked patches.
 
@@ -92,7 +90,8 @@ class Data2Vec(EMATeacherMethod):
         timm ``beit_*`` encoder; default False, as the seed's default encoder is a plain ViT; the ImageNet recipe sets it).
     """
 
-    view_kind = "images"
+    method_name = "data2vec"
+
     # fairseq examples/data2vec/data/mae_image_dataset.py: RandomResizedCrop(input_size, interpolation=3), bicubic
     view_interpolation = "bicubic"
     # masked prediction: the scale of its regression targets and predictions (methods/health.py)

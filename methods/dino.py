@@ -14,8 +14,9 @@ during the first epoch. The exported encoder is the teacher backbone (DINO evalu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +24,8 @@ from torch import nn
 from methods.base import MethodOutput
 from methods.heads import DINOHead
 from methods.losses import DINOLoss
-from methods.registry import register
 from methods.teacher_student import SelfDistillationMethod, TeacherStudent
+from methods.views import TrainingViews, multicrop_views
 from methods.vit import cls_embedding
 
 
@@ -68,7 +69,6 @@ class BackboneHead(nn.Module):
         return embeddings, list(logits)
 
 
-@register("dino")
 class DINO(SelfDistillationMethod):
     """DINO with a timm ViT backbone, multi-crop views and an EMA teacher.
 
@@ -94,7 +94,12 @@ class DINO(SelfDistillationMethod):
         True uses timm's ``resample_abs_pos_embed`` (bicubic with antialiasing when shrinking).
     """
 
-    view_kind = "multicrop"
+    method_name = "dino"
+
+    @classmethod
+    def training_views(cls, data: Mapping[str, Any]) -> TrainingViews:
+        """2 global views + ``data.multicrop.n_local`` local crops (:func:`methods.views.multicrop_views`)."""
+        return multicrop_views(data)
 
     def __init__(
         self,

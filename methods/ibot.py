@@ -33,8 +33,9 @@ patch head are final-norm tokens also under ``global_pool='avg'`` (:func:`method
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,9 +46,9 @@ from methods.heads import DINOHead, iBOTHead
 from methods.heads import _project as project_and_normalize
 from methods.losses import DINOLoss, iBOTPatchLoss
 from methods.masks import block_masks, sample_mask_ratios
-from methods.registry import register
 from methods.schedules import teacher_temperature
 from methods.teacher_student import SelfDistillationMethod, TeacherStudent
+from methods.views import TrainingViews, multicrop_views
 
 
 @dataclass
@@ -191,7 +192,6 @@ def _build_net(
     return iBOTNet(backbone, None, None, shared)
 
 
-@register("ibot")
 class iBOT(SelfDistillationMethod):
     """iBOT with a timm ViT backbone, an EMA teacher, global views and optional local crops (``data.multicrop``).
 
@@ -227,7 +227,13 @@ class iBOT(SelfDistillationMethod):
         patch prototypes apart) or ``"all"`` (``--shared_head``: one MLP and one set of prototypes).
     """
 
-    view_kind = "multicrop"  # 2 global views + data.multicrop.n_local local crops (0: global views only)
+    method_name = "ibot"
+
+    @classmethod
+    def training_views(cls, data: Mapping[str, Any]) -> TrainingViews:
+        """2 global views + ``data.multicrop.n_local`` local crops (:func:`methods.views.multicrop_views`)."""
+        return multicrop_views(data)
+
     #: EMA momentum of the CLS and patch centres (iBOT: 0.9 for both).
     center_momentum: float = 0.9
 

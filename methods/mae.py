@@ -27,7 +27,6 @@ from methods import vit as V
 from methods.base import MethodOutput, SSLMethod
 from methods.health import HealthInputs
 from methods.masks import MultiBlockMaskGenerator  # SALT's I-JEPA multi-block masks
-from methods.registry import register
 from methods.visualize import Panel, masked_prediction_panels
 
 
@@ -40,7 +39,6 @@ class MAEOutput(MethodOutput):
     mask: torch.Tensor | None = None
 
 
-@register("mae")
 class MAE(SSLMethod):
     """Masked autoencoder with a timm ViT encoder.
 
@@ -60,7 +58,8 @@ class MAE(SSLMethod):
         :func:`methods.vit.mae_init_`).
     """
 
-    view_kind = "images"
+    method_name = "mae"
+
     health_metrics = ("rank_fraction", "normalized_std", "target_scale", "prediction_scale")
     view_interpolation = "bicubic"  # main_pretrain.py: RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=3)
     constraints = (

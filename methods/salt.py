@@ -57,7 +57,6 @@ from methods.base import MethodOutput, SSLMethod
 from methods.checkpoint_io import check_encoder_config, load_encoder_file, load_state_dict_strict
 from methods.health import HealthInputs
 from methods.masks import MASK_STYLES, MultiBlockMaskGenerator, MultiBlockMasks
-from methods.registry import register
 
 TARGET_LAYOUTS = ("union", "blocks")
 # V-JEPA's mask sets (jepa configs/pretrain/vitl16.yaml, spatial part): 8 blocks at scale 0.15, 2 blocks at scale 0.7
@@ -139,7 +138,6 @@ class SALTPredictor(nn.Module):
         return out.reshape(b, t, kt, -1)
 
 
-@register("salt")
 class SALT(SSLMethod):
     """SALT stage 2 with a frozen teacher and a fresh student (timm ViTs of the same architecture).
 
@@ -170,7 +168,8 @@ class SALT(SSLMethod):
     :param predictor_fix_init: extension: I-JEPA's ``fix_init_weight`` of the predictor (default True).
     """
 
-    view_kind = "images"
+    method_name = "salt"
+
     # masked prediction: the scale of its regression targets and predictions (methods/health.py)
     health_metrics = ("rank_fraction", "normalized_std", "target_scale", "prediction_scale")
     constraints = (

@@ -26,7 +26,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from methods import constraints as C
 from methods.constraints import Constraint, ConstraintError
-from methods.registry import available_methods, get_method_class
+from methods.registry import MethodNotFound, available_methods, get_method_class, is_plugin_path
+from methods.views import ViewGroup
 
 
 class SpecError(ValueError):
@@ -560,6 +561,19 @@ def validate(spec: DictConfig, source: str | None = None) -> None:
            "false with a separate eval.data (the probe learns the training data's classes and is scored on the "
            "evaluation features: one label set)", spec.eval.online_probe, source)
     validate_method(spec.method, source)
+    _check_training_views(spec, source)
+
+
+def _check_training_views(spec: DictConfig, source: str | None) -> None:
+    """The method's declared views (:meth:`methods.base.SSLMethod.training_views`) from this ``data`` section."""
+    cls = get_method_class(spec.method.name)
+    try:
+        views = cls.training_views(spec.data)
+    except (ValueError, KeyError, TypeError) as err:
+        raise SpecError("data", f"settings from which {cls.__name__} declares its training views", str(err),
+                        source) from None
+    _check(isinstance(views, dict) and views and all(isinstance(g, ViewGroup) for g in views.values()),
+           f"method {spec.method.name}", "training_views() returning {argument: methods.views.ViewGroup}", views, source)
 
 
 def _check_eval_data(data: DictConfig | None, source: str | None) -> None:
@@ -576,10 +590,13 @@ def validate_method(method: DictConfig, source: str | None = None) -> None:
     constraints (ranges, choices, required settings), and the timm model."""
 
     name = method.get("name") if isinstance(method, DictConfig) else None
-    names = available_methods()
-    _check(name is not None, "method.name", f"one of {names}", name, source)
-    _check(name in names, "method.name", f"one of {names}", name, source)
-    cls = get_method_class(name)
+    expected = f"one of {available_methods()} or a plug-in path 'package.module:ClassName'"
+    _check(isinstance(name, str) and (name in available_methods() or is_plugin_path(name)), "method.name", expected,
+           name, source)
+    try:
+        cls = get_method_class(name)
+    except MethodNotFound as err:
+        raise SpecError("method.name", f"an importable SSLMethod ({err})", name, source) from None
     params = inspect.signature(cls.__init__).parameters
     allowed = {p for p in params if p != "self"}
     hints = typing.get_type_hints(cls.__init__)
@@ -599,11 +616,6 @@ def validate_method(method: DictConfig, source: str | None = None) -> None:
         cls.check_kwargs(kwargs, prefix="method.")
     except ConstraintError as err:
         raise SpecError(err.key, err.expected, err.seen, source) from None
-    enc = method.get("encoder_name", params.get("encoder_name").default if "encoder_name" in params else None)
-    if isinstance(enc, str):
-        import timm
-
-        _check(enc in timm.list_models(), "method.encoder_name", "a timm model name (timm.list_models())", enc, source)
 
 
 def _check_type(value: Any, hint: Any, default: Any, key: str, source: str | None) -> None:

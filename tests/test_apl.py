@@ -89,7 +89,7 @@ def test_no_positional_parameters_and_permutation_equivariance():
 def test_eval_embedding_export_and_rebuild():
     torch.manual_seed(0)
     model = build_method("apl", **SMALL).eval()
-    assert APL.view_kind == "images"
+    assert list(APL.training_views({"image_size": 24})) == ["images"]
     x = torch.randn(2, 3, 24, 24)
     out = model(x)
     assert out.loss.item() == 0.0 and out.embedding.shape == (2, 75)  # 3 * (6 - 1)^2

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 from torchvision.transforms import InterpolationMode
 
+from methods.views import ViewGroup, multicrop_views, single_view
 from ssl_platform.data import augment as A
 from ssl_platform.data.augment import BatchViews, ViewRecipe, dino_recipes, eval_views
 from ssl_platform.data.small_sets import MEAN, STD
@@ -264,7 +265,9 @@ def test_crop_resize_is_torchvisions_antialiased_resized_crop(interpolation):
 @pytest.mark.parametrize("view_kind", ["images", "multicrop", "global_views"])
 def test_outputs_per_view_kind_are_the_forward_kwargs(view_kind):
     data = _data(image_size=24, **{"multicrop.local_size": 12, "multicrop.n_local": 3})
-    views = BatchViews.from_spec(view_kind, data)
+    declared = {"images": single_view(data), "multicrop": multicrop_views(data),
+                "global_views": multicrop_views(data, with_locals=False)}[view_kind]
+    views = BatchViews(declared)
     out = views(_canvases(5, 30), generator=torch.Generator().manual_seed(0))
     if view_kind == "images":
         assert set(out) == {"images"} and out["images"].shape == (5, 3, 24, 24)
@@ -284,7 +287,7 @@ def test_outputs_per_view_kind_are_the_forward_kwargs(view_kind):
 def test_normalisation_and_identity_crop():
     """A full-image crop at the canvas size is the normalised image; a black image stays black in every view."""
     images = _canvases(3, 16)
-    out = BatchViews({"images": [ViewRecipe(16, (1.0, 1.0))]})(images, generator=torch.Generator().manual_seed(0))
+    out = BatchViews({"images": ViewGroup((ViewRecipe(16, (1.0, 1.0)),), single=True)})(images, generator=torch.Generator().manual_seed(0))
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     torch.testing.assert_close(out["images"], (images.float() / 255 - mean) / std, atol=1e-6, rtol=0)
     black = BatchViews(dino_recipes(16, 8, n_local=2))(torch.zeros(4, 3, 20, 20, dtype=torch.uint8))
@@ -365,15 +368,17 @@ def test_eval_views_are_the_centred_square_of_the_valid_region():
 
 
 def test_bad_inputs_are_refused_with_the_reason():
-    views = BatchViews.from_spec("images", _data(image_size=16))
+    views = BatchViews(single_view(_data(image_size=16)))
     with pytest.raises(ValueError, match="uint8"):
         views(torch.rand(2, 3, 16, 16))
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         views(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
     with pytest.raises(ValueError, match="sizes"):
         views(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.tensor([16, 16]))
-    with pytest.raises(ValueError, match="unknown view kind 'pairs'"):
-        BatchViews.from_spec("pairs", _data())
+    with pytest.raises(ValueError, match="differ in size"):
+        BatchViews({"views": [ViewRecipe(16, (0.5, 1.0)), ViewRecipe(8, (0.5, 1.0))]})
+    with pytest.raises(ValueError, match="exactly one recipe"):
+        ViewGroup((ViewRecipe(16, (0.5, 1.0)),) * 2, single=True)
     with pytest.raises(ValueError, match="scale"):
         ViewRecipe(16, (0.0, 1.0))
     with pytest.raises(ValueError, match="solarize_p"):

@@ -50,7 +50,7 @@ def test_signature_matches_seed():
                                                                                   "pos_embed_antialias": False}
     assert {k: params[k].default for k in expected} == expected
     assert list(inspect.signature(DINO.forward).parameters)[1:] == ["global_views", "local_views", "images"]
-    assert get_method_class("dino") is DINO and DINO.view_kind == "multicrop"
+    assert get_method_class("dino") is DINO and set(DINO.training_views({"image_size": 32, "multicrop": {"n_local": 2}})) == {"global_views", "local_views"}
 
 
 def _direct_dino_loss(student, teacher, center, ts, tt, skip_same=True):

@@ -24,6 +24,7 @@ from methods.dino import DINO
 from methods.ibot import iBOT
 from methods.mae import MAE
 from methods.registry import get_method_class
+from methods.views import ViewGroup
 from ssl_platform.data.augment import BatchViews, ViewRecipe, eval_views, sample_view_params
 from ssl_platform.data.decode import decode_to_canvas
 from ssl_platform.data.streaming import ImageBatch, canvas_size
@@ -55,10 +56,10 @@ def test_recipe_local_crops_are_cut_from_regions_of_the_papers_size(path):
     _, h, w = decode_to_canvas(encode_image(photo()), canvas_size(spec.data), bool(spec.data.decode_draft))
     assert (h, w) == (375, 500)
     method = get_method_class(spec.method.name)
-    views = BatchViews.from_spec(method.view_kind, spec.data, method.view_interpolation, method.input_mean, method.input_std)
+    views = BatchViews(method.training_views(spec.data), method.input_mean, method.input_std)
     for key, (lo_scale, hi_scale) in (("local_views", tuple(spec.data.multicrop.local_scale)),
                                       ("global_views", tuple(spec.data.multicrop.global_scale))):
-        recipe = views.groups[key][0]
+        recipe = views.groups[key].recipes[0]
         assert recipe.scale == (lo_scale, hi_scale) and recipe.interpolation == "bicubic"
         n = 4000
         p = sample_view_params([recipe], torch.full((n,), h), torch.full((n,), w), torch.Generator().manual_seed(0))
@@ -73,9 +74,10 @@ def test_recipe_local_crops_are_cut_from_regions_of_the_papers_size(path):
 
 
 def test_imagenet_recipes_keep_full_resolution_and_the_papers_views():
-    ibot = load_spec("experiments/imagenet/ibot_vit_small.yaml").data.multicrop
+    ibot_spec = load_spec("experiments/imagenet/ibot_vit_small.yaml")
+    ibot = ibot_spec.data.multicrop
     # iBOT README, ViT-S/16: --local_crops_number 10 --global_crops_scale 0.25 1 --local_crops_scale 0.05 0.25
-    assert (ibot.n_global, ibot.n_local, ibot.local_size) == (2, 10, 96) and iBOT.view_kind == DINO.view_kind
+    assert (ibot.n_global, ibot.n_local, ibot.local_size) == (2, 10, 96) and iBOT.training_views(ibot_spec.data) == DINO.training_views(ibot_spec.data)
     assert list(ibot.global_scale) == [0.25, 1.0] and list(ibot.local_scale) == [0.05, 0.25]
     for path in ("experiments/imagenet/dino_vit_small_100ep.yaml", "experiments/imagenet/mae_vit_base.yaml",
                  "experiments/imagenet/ibot_vit_small.yaml", "experiments/imagenet/data2vec_vit_base.yaml",
@@ -147,11 +149,11 @@ def test_mae_view_is_the_references_bicubic_random_resized_crop():
     #   transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(ImageNet mean, std)
     assert MAE.view_interpolation == "bicubic" and APL.view_interpolation == "bilinear"
     data = load_spec("experiments/imagenet/mae_vit_base.yaml").data
-    views = BatchViews.from_spec("images", data, MAE.view_interpolation, MAE.input_mean, MAE.input_std)
+    views = BatchViews(MAE.training_views(data), MAE.input_mean, MAE.input_std)
     image = photo(seed=1)
     heights, widths = torch.tensor([375]), torch.tensor([500])
     out = views(_batch(image), torch.tensor([[375, 500]]), torch.Generator().manual_seed(3))["images"][0]
-    p = sample_view_params(views.groups["images"], heights, widths, torch.Generator().manual_seed(3))  # the same draws
+    p = sample_view_params(list(views.groups["images"].recipes), heights, widths, torch.Generator().manual_seed(3))  # the same draws
     top, left, bh, bw = p.boxes[0].tolist()
     normalize = T.Compose([T.ToTensor(), T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
 
@@ -173,7 +175,7 @@ def test_apl_recipes_carry_the_references_grey_and_blur():
     #   RandomApply([GaussianBlur(kernel_size=9, sigma=(0.1, 0.5))], 0.5), ToTensor(), Normalize((0.5,), (0.5,))
     for path in ("experiments/imagenet/apl_stl10_96px.yaml", "experiments/imagenette/apl_96px.yaml"):
         spec = load_spec(path)
-        r = BatchViews.from_spec("images", spec.data, APL.view_interpolation, APL.input_mean, APL.input_std).groups["images"][0]
+        r = APL.training_views(spec.data)["images"].recipes[0]
         assert (r.size, r.scale, r.hflip_p, r.grayscale_p, r.blur_p, r.blur_sigma, r.blur_kernel, r.interpolation) == (
             96, (0.6, 1.0), 0.5, 0.2, 0.5, (0.1, 0.5), 9, "bilinear"), path
         assert spec.eval.crop_fraction == 1.0  # ft_test_transforms: ToTensor + Normalize, no crop
@@ -185,7 +187,7 @@ def test_apl_recipes_carry_the_references_grey_and_blur():
 
 def test_blur_is_torchvisions_gaussian_blur_with_the_given_kernel():
     recipe = ViewRecipe(96, (1.0, 1.0), blur_p=1.0, blur_sigma=(0.1, 0.5), blur_kernel=9)
-    views = BatchViews({"images": [recipe]}, mean=(0.0,) * 3, std=(1.0,) * 3)
+    views = BatchViews({"images": ViewGroup((recipe,), single=True)}, mean=(0.0,) * 3, std=(1.0,) * 3)
     images = torch.from_numpy(np.stack([photo(96, 96, seed=s) for s in range(6)])).permute(0, 3, 1, 2).contiguous()
     images[:, :, ::7] = 255  # sharp edges, so that the kernel and sigma matter
     out = views(images, None, torch.Generator().manual_seed(0))["images"]

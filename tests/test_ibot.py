@@ -54,7 +54,7 @@ def test_signature_matches_seed_plus_encoder_kwargs_last():
         "unmasked_fraction": 0.0, "mask_aspect_ratio": (0.3, 1 / 0.3), "mask_start_epoch": 0, "head_sharing": "none",
     }
     assert {k: params[k].default for k in expected} == expected
-    assert get_method_class("ibot") is iBOT and iBOT.view_kind == "multicrop"
+    assert get_method_class("ibot") is iBOT and set(iBOT.training_views({"image_size": 32, "multicrop": {"n_local": 2}})) == {"global_views", "local_views"}
 
 
 def _direct_patch_loss(s, t, m, center, ts, tt):

@@ -58,7 +58,7 @@ def test_example_sweeps_validate(path, tmp_path):
     spec = apply_values(to_container(sweep.base), {p.key: p.args[0] for p in sweep.params})
     torch.manual_seed(0)
     method = build_method_from_spec(spec.method).train()
-    batch = next(iter(DataLoader(ViewDataset(load_split(spec.data).train, build_view_transform(method.view_kind, spec.data)), batch_size=4)))
+    batch = next(iter(DataLoader(ViewDataset(load_split(spec.data).train, build_view_transform(method, spec.data)), batch_size=4)))
     method.on_train_step(0, 10, 0.0)
     loss = method(**batch).loss
     loss.backward()

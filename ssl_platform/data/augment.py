@@ -61,21 +61,19 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
+from methods.views import INTERPOLATIONS, ViewGroup, ViewRecipe, dino_recipes
 from ssl_platform.data.small_sets import MEAN, STD
 
-VIEW_KINDS = ("images", "multicrop", "global_views")
-INTERPOLATIONS = ("bilinear", "bicubic")
-RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+__all__ = ["BatchViews", "ViewGroup", "ViewRecipe", "dino_recipes", "eval_views"]
+
 RRC_TRIES = 10
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
-BLUR_SIGMA = (0.1, 2.0)
 CPU_BLOCK_VALUES = 1 << 20  # values per block of rows processed together on the CPU (4 MiB of float32)
 CPU_JITTER_CHUNK_VALUES = 1 << 18  # values per chunk of rows jittered together on the CPU (1 MiB of float32)
 CPU_BLUR_CHUNK_VALUES = 1 << 19  # values per blur call on the CPU
@@ -105,90 +103,6 @@ def normalize_(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     m = constant(tuple(mean), x.device, x.dtype).view(1, 3, 1, 1)
     inv = constant(tuple(1.0 / v for v in std), x.device, x.dtype).view(1, 3, 1, 1)
     return x.sub_(m).mul_(inv)
-
-
-@dataclass(frozen=True)
-class ViewRecipe:
-    """The augmentation of one view (one entry of DINO's ``DataAugmentationDINO``), probabilities per sample.
-
-    :param size: output side (pixels).
-    :param scale: random-resized-crop area range, relative to the sample's valid region.
-    :param ratio: aspect-ratio range (width / height), sampled log-uniformly.
-    :param hflip_p: horizontal-flip probability.
-    :param color_jitter_p: probability of colour jitter (brightness / contrast / saturation / hue below).
-    :param grayscale_p: probability of a grey conversion (after the jitter).
-    :param blur_p: probability of a Gaussian blur, sigma ~ U(blur_sigma).
-    :param blur_kernel: odd kernel side of the blur, or 0 (default): ``blur_kernel_size(size)``, about 10% of the view.
-    :param solarize_p: probability of solarisation at 0.5.
-    :param interpolation: resampling of the crop, ``bilinear`` or ``bicubic``, antialiased as torchvision's resize.
-    """
-
-    size: int
-    scale: tuple[float, float]
-    ratio: tuple[float, float] = RRC_RATIO
-    hflip_p: float = 0.0
-    color_jitter_p: float = 0.0
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.0
-    blur_p: float = 0.0
-    blur_sigma: tuple[float, float] = BLUR_SIGMA
-    solarize_p: float = 0.0
-    interpolation: str = "bilinear"
-    blur_kernel: int = 0
-
-    def __post_init__(self) -> None:
-        if self.blur_kernel != 0 and (self.blur_kernel < 3 or self.blur_kernel % 2 == 0):
-            raise ValueError(f"ViewRecipe.blur_kernel must be 0 (auto) or an odd integer >= 3, got {self.blur_kernel}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"ViewRecipe.interpolation must be one of {list(INTERPOLATIONS)}, got {self.interpolation!r}")
-        if self.size < 1:
-            raise ValueError(f"ViewRecipe.size must be >= 1, got {self.size}")
-        lo, hi = self.scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"ViewRecipe.scale must be (min, max) with 0 < min <= max <= 1, got {self.scale}")
-        if not 0.0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"ViewRecipe.ratio must be (min, max) with 0 < min <= max, got {self.ratio}")
-        for name in ("hflip_p", "color_jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"ViewRecipe.{name} must be a probability in [0, 1], got {p}")
-        for name, bound in (("brightness", math.inf), ("contrast", math.inf), ("saturation", math.inf), ("hue", 0.5)):
-            v = getattr(self, name)
-            if not 0.0 <= v <= bound:
-                raise ValueError(f"ViewRecipe.{name} must be in [0, {bound}], got {v}")
-        if not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ValueError(f"ViewRecipe.blur_sigma must be (min, max) with 0 < min <= max, got {self.blur_sigma}")
-
-
-def dino_recipes(
-    global_size: int,
-    local_size: int,
-    n_global: int = 2,
-    n_local: int = 6,
-    global_scale: tuple[float, float] = (0.4, 1.0),
-    local_scale: tuple[float, float] = (0.05, 0.4),
-    hflip_p: float = 0.5,
-    color_jitter_p: float = 0.8,
-    solarize_p: float = 0.2,
-) -> dict[str, list[ViewRecipe]]:
-    """DINO's multi-crop (Caron et al. 2021, ``DataAugmentationDINO``) with ``MultiCropTransform``'s probabilities:
-    flip ``hflip_p``, jitter (0.4, 0.4, 0.2, 0.1) ``color_jitter_p``, grey 0.2 on every view; blur 1.0 on the first
-    global view, 0.1 on the others, 0.5 on local views; solarisation ``solarize_p`` on the globals after the first.
-    ``n_local=0``: iBOT's global views only."""
-    if n_global < 1:
-        raise ValueError(f"n_global must be >= 1, got {n_global}")
-    if n_local < 0:
-        raise ValueError(f"n_local must be >= 0, got {n_local}")
-    common = dict(hflip_p=hflip_p, color_jitter_p=color_jitter_p, grayscale_p=0.2, interpolation="bicubic")
-    first = ViewRecipe(global_size, tuple(global_scale), blur_p=1.0, **common)
-    other = ViewRecipe(global_size, tuple(global_scale), blur_p=0.1, solarize_p=solarize_p, **common)
-    out = {"global_views": [first] + [other] * (n_global - 1)}
-    if n_local > 0:
-        out["local_views"] = [ViewRecipe(local_size, tuple(local_scale), blur_p=0.5, **common)] * n_local
-    return out
 
 
 # ---- random parameters (one value per row = view x sample) ---------------------------------------------
@@ -659,8 +573,9 @@ def _crops(
 class BatchViews:
     """Builds a method's training views from a uint8 batch on its device (see the module docstring).
 
-    :param groups: output key -> recipes of its views (``images`` takes exactly one recipe and gives a tensor;
-        other keys give a list of ``[B, 3, S, S]`` tensors, one per recipe; all recipes of a key share one size).
+    :param groups: keyword argument of the method's training ``forward`` -> its views: a
+        :class:`methods.views.ViewGroup` (``single=True``: one tensor) or a sequence of recipes (a list of
+        ``[B, 3, S, S]`` tensors, one per recipe), as :meth:`methods.base.SSLMethod.training_views` declares them.
     :param mean, std: normalisation (default ``ssl_platform.data.small_sets.MEAN / STD``).
     :param sparse: run the randomly applied steps only on the rows that draw them (data-dependent shapes: cheap on
         a CPU, a host synchronisation on a GPU) instead of on every row with identity parameters, and, on the CPU,
@@ -671,56 +586,21 @@ class BatchViews:
 
     def __init__(
         self,
-        groups: dict[str, list[ViewRecipe]],
+        groups: Mapping[str, ViewGroup | Sequence[ViewRecipe]],
         mean: Sequence[float] = MEAN,
         std: Sequence[float] = STD,
         sparse: bool | None = None,
     ):
         if not groups:
             raise ValueError("BatchViews needs at least one output key")
-        for key, recipes in groups.items():
-            if not recipes:
-                raise ValueError(f"BatchViews: {key!r} has no views")
-            for name in ("size", "interpolation", "blur_kernel"):  # one resampling / blur call covers all of them
-                if len({getattr(r, name) for r in recipes}) != 1:
-                    raise ValueError(f"BatchViews: the views of {key!r} differ in {name}: "
-                                     f"{[getattr(r, name) for r in recipes]}")
-        if "images" in groups and len(groups["images"]) != 1:
-            raise ValueError(f"BatchViews: 'images' is one view, got {len(groups['images'])}")
-        self.groups = {k: list(v) for k, v in groups.items()}
+        self.groups = {k: v if isinstance(v, ViewGroup) else ViewGroup(tuple(v)) for k, v in groups.items()}
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.sparse = sparse
 
-    @classmethod
-    def from_spec(
-        cls, view_kind: str, data: DictConfig, interpolation: str = "bilinear", mean: Sequence[float] = MEAN,
-        std: Sequence[float] = STD,
-    ) -> BatchViews:
-        """The views of ``view_kind`` (``SSLMethod.view_kind``) from the spec's ``data`` section, normalised with
-        ``mean`` / ``std`` (``SSLMethod.input_mean`` / ``input_std``): ``images`` -> ``data.augment`` (crop scale,
-        flip, grey, blur) resampled with ``interpolation`` (``SSLMethod.view_interpolation``); ``multicrop`` /
-        ``global_views`` -> ``data.multicrop``, bicubic as DINO's and iBOT's ``RandomResizedCrop``."""
-        if view_kind == "images":
-            aug = data.augment
-            recipe = ViewRecipe(
-                int(data.image_size), tuple(aug.crop_scale), hflip_p=0.5 if aug.hflip else 0.0,
-                grayscale_p=float(aug.grayscale_p), blur_p=float(aug.blur_p), blur_sigma=tuple(aug.blur_sigma),
-                blur_kernel=int(aug.blur_kernel), interpolation=interpolation,
-            )
-            return cls({"images": [recipe]}, mean, std)
-        if view_kind in ("multicrop", "global_views"):
-            mc = data.multicrop
-            return cls(dino_recipes(
-                int(data.image_size), int(mc.local_size), int(mc.n_global),
-                int(mc.n_local) if view_kind == "multicrop" else 0, tuple(mc.global_scale), tuple(mc.local_scale),
-                float(mc.hflip_p), float(mc.color_jitter_p), float(mc.solarize_p),
-            ), mean, std)  # fmt: skip
-        raise ValueError(f"BatchViews.from_spec: unknown view kind {view_kind!r}; expected one of {list(VIEW_KINDS)}")
-
     @property
     def views_per_image(self) -> int:
-        return sum(len(r) for r in self.groups.values())
+        return sum(len(g.recipes) for g in self.groups.values())
 
     def __call__(
         self, images: torch.Tensor, sizes: torch.Tensor | None = None, generator: torch.Generator | None = None
@@ -735,10 +615,11 @@ class BatchViews:
         source = _crop_source(images, per_crop=sparse)
         heights, widths = sizes[:, 0].to(pdev), sizes[:, 1].to(pdev)
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
-        for key, recipes in self.groups.items():
+        for key, group in self.groups.items():
+            recipes = list(group.recipes)
             params = sample_view_params(recipes, heights, widths, generator)
             views = self._render(source, params, recipes, b, sparse)
-            out[key] = views[0] if key == "images" else views
+            out[key] = views[0] if group.single else views
         return out
 
     def _render(

@@ -22,7 +22,7 @@ from torch import nn
 
 from methods.base import SSLMethod
 from methods.checkpoint_io import CheckpointError, load_encoder_file
-from methods.registry import available_methods, get_method_class
+from methods.registry import available_methods, get_method_class, is_plugin_path
 from ssl_platform.tracking import mlflow_runs as tracking
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
@@ -61,7 +61,7 @@ def rebuild_encoder(payload: dict[str, Any]) -> tuple[nn.Module, torch.Tensor]:
     method that wrote it rebuilds it: ``SSLMethod.embedding_encoder``), and an input example."""
 
     method = payload.get("method")
-    cls = get_method_class(method) if method in available_methods() else SSLMethod
+    cls = get_method_class(method) if method in available_methods() or is_plugin_path(method) else SSLMethod
     config = {"encoder_name": payload["encoder_name"], "encoder_kwargs": payload["encoder_kwargs"]}
     model, (chans, height, width) = cls.embedding_encoder(config, payload["state_dict"])
     model.eval()

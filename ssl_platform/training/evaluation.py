@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from methods.base import SSLMethod
+
 
 @torch.no_grad()
 def embed_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -26,7 +28,7 @@ def embed_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int =
     try:
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size].to(device, non_blocking=True)
-            result = model(images=x) if hasattr(model, "view_kind") else model(x)
+            result = model(images=x) if isinstance(model, SSLMethod) else model(x)
             emb = result.embedding if hasattr(result, "embedding") else result
             if emb.ndim == 3:
                 emb = emb.mean(dim=1)
@@ -47,7 +49,7 @@ def embed_batches(
     try:
         for batch in batches:
             x = to_input(batch)
-            result = model(images=x) if hasattr(model, "view_kind") else model(x)
+            result = model(images=x) if isinstance(model, SSLMethod) else model(x)
             emb = result.embedding if hasattr(result, "embedding") else result
             embs.append((emb.mean(dim=1) if emb.ndim == 3 else emb).float().cpu())
             labels.append(batch.labels.cpu())

@@ -103,6 +103,8 @@ def free_port() -> int:
 
 
 def _pythonpath() -> str:
+    """The workers' PYTHONPATH: this repository, the submitting directory (a plug-in method's package,
+    ``method.name: my_pkg.module:Class``, imports there as in the driver) and the caller's PYTHONPATH."""
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    parts = [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    parts = [here, os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return os.pathsep.join(dict.fromkeys(parts))

@@ -217,8 +217,7 @@ def setup_data(worker: Worker) -> WorkerData:
     spec = worker.spec
     data = spec.data
     method = get_method_class(spec.method.name)  # its views, resampling and normalisation (training = evaluation)
-    batch_views = BatchViews.from_spec(method.view_kind, data, method.view_interpolation, method.input_mean,
-                                       method.input_std)
+    batch_views = BatchViews(method.training_views(data), method.input_mean, method.input_std)
     eval_views_of = functools.partial(eval_views, mean=method.input_mean, std=method.input_std,
                                       crop_fraction=float(spec.eval.crop_fraction))
     train, num_train, per_worker = _training_batches(worker)
