@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_spec_dict
+from conftest import ROOT, TINY_VIT, tiny_spec_dict
 
 from ssl_platform.launch import jobs
 from ssl_platform.spec import SpecError
@@ -158,11 +158,17 @@ def test_jobs_on_a_cluster_with_ray_cli_and_ssl_platform_submit(ray_cluster, tmp
     env = dict(ray_cluster["env"])
     client = _client(ray_cluster)
 
-    # 1. plain `ray job submit` (the Ray CLI: RAY_AUTH_MODE=token + RAY_AUTH_TOKEN), no wait
+    # 1. plain `ray job submit` (the Ray CLI: RAY_AUTH_MODE=token + RAY_AUTH_TOKEN), no wait, of a plug-in method
+    # from the working directory (examples/custom_method): it ships with the job and imports in its workers
+    plugin_spec = tmp_path / "plugin.yaml"
+    plugin_spec.write_text(yaml.safe_dump({**tiny_spec_dict(tmp_path), "method": {
+        "name": "examples.custom_method.simsiam:SimSiam", "encoder_name": "vit_tiny_patch16_224",
+        "encoder_kwargs": dict(TINY_VIT), "proj_dim": 32, "pred_dim": 16}}))
     cli_id = f"raycli-{uuid.uuid4().hex[:8]}"
     out = subprocess.run(
         [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster["address"], "--working-dir", ".",
-         "--submission-id", cli_id, "--no-wait", "--", "python", "-m", "ssl_platform", "run", str(spec), "--name", "via-ray-cli"],
+         "--submission-id", cli_id, "--no-wait", "--", "python", "-m", "ssl_platform", "run", str(plugin_spec), "--name",
+         "via-ray-cli"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
     )
     assert out.returncode == 0, out.stdout + out.stderr
@@ -199,6 +205,7 @@ def test_jobs_on_a_cluster_with_ray_cli_and_ssl_platform_submit(ray_cluster, tmp
     assert set(by_name) == {"via-ray-cli", "via-submit"}
     assert all(r.info.status == "FINISHED" and "knn_top1" in r.data.metrics for r in runs)
     assert by_name["via-submit"].data.tags.get("ray_job_id") == job_id
+    assert by_name["via-ray-cli"].data.tags["method"] == "examples.custom_method.simsiam:SimSiam"
 
     # stop: a long job is stopped through our CLI
     sleeper = client.submit_job(entrypoint="python -c 'import time; time.sleep(300)'")
