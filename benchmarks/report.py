@@ -99,6 +99,9 @@ def render_machine(data: dict[str, Any], plot_name: str | None = None) -> str:
     peer = sec.get("peer")
     if peer:
         out += _render_peer(peer)
+    e2e = sec.get("e2e")
+    if e2e:
+        out += _render_e2e(e2e)
 
     ov = sec.get("overhead")
     if ov:
@@ -277,6 +280,34 @@ def _render_peer(peer: dict[str, Any]) -> list[str]:
         out.append(_row([name, _stat(ours["images_per_s"]), _stat(theirs["images_per_s"]), _ratio(e["speedup"]), ok,
                          f"{_num(ours['flops_per_step'] / 1e9)} / {_num(theirs['flops_per_step'] / 1e9)}",
                          f"{_num(ours['first_step_loss'], 4)} / {_num(theirs['first_step_loss'], 4)}"]))  # fmt: skip
+    out.append("")
+    return out
+
+
+def _render_e2e(e2e: dict[str, Any]) -> list[str]:
+    """One epoch over a JPEG folder: the project's command line against the peer's training entry point."""
+    c = e2e["config"]
+    first = next(iter(e2e["methods"].values()), {}).get("peer", {})
+    out = [
+        "#### End to end: one epoch over a JPEG folder, `ssl_platform run` against stable-pretraining's trainer",
+        "",
+        f"{c['description']}; {e2e.get('cores')} cores. Project: `python -m ssl_platform run` (image_folder spec, 1 "
+        f"Train worker reserving {e2e.get('project_cpus_per_worker')} CPU(s), the rest for Ray Data's decode; it steps "
+        "on its share of the node's CPUs). Peer: "
+        f"stable-pretraining {first.get('version')} (`spt.Manager` + Lightning, torchvision `ImageFolder`, its "
+        f"transforms, {first.get('loader_workers')} DataLoader worker(s), {first.get('threads')} torch threads). "
+        f"Timed {e2e['timing']}; {e2e['order']}.",
+        "",
+    ]
+    out += _header(["method", "project images/s (s, images)", "peer images/s (s, images)", "project / peer", "target",
+                    "met", "project wait for the first batch s", "wall s project / peer"])  # fmt: skip
+    for name, e in e2e["methods"].items():
+        ours, theirs = e["project"], e["peer"]
+        out.append(_row([name, f"{_num(ours['images_per_s'])} ({_num(ours['seconds'])}, {ours['images']})",
+                         f"{_num(theirs['images_per_s'])} ({_num(theirs['seconds'])}, {theirs['images']})",
+                         f"{_num(e['ratio'])}x", f">= {e['target']}x", "yes" if e["met"] else "**no**",
+                         _num(ours.get("first_batch_wait_s")),
+                         f"{_num(ours.get('wall_s'))} / {_num(theirs.get('wall_s_outside'))}"]))  # fmt: skip
     out.append("")
     return out
 

@@ -12,7 +12,8 @@ peak RSS at two dataset sizes), ``peer`` (every method's step against stable-pre
 creates ``.peer-venv/`` on first use), ``memory`` (peak memory per worker, MAE ViT-B/16 at 224, batch 16, 2 CPU
 workers: DDP vs FSDP, with and without activation checkpointing; ``benchmarks/memory.py``), ``tracking`` (epoch 2 to
 8 of a digits run through the command line with a real MLflow server up, and killed for 45 s after epoch 2: the
-stall; ``benchmarks/tracking_outage.py``). ``salt`` is an alias of
+stall; ``benchmarks/tracking_outage.py``), ``e2e`` (one epoch over ~2,000 generated JPEGs: ``ssl_platform run`` against
+stable-pretraining's own trainer, DINO / iBOT / MAE / SALT, side by side; ``benchmarks/e2e.py``). ``salt`` is an alias of
 ``steps`` restricted to SALT, DINO and MAE. A run of some sections updates those sections of an existing
 results file of the same machine and keeps the others.
 """
@@ -33,7 +34,7 @@ from benchmarks import common
 from benchmarks.common import METHODS, RESULTS_DIR
 
 SECTIONS = ("steps", "pipeline", "augment", "opt", "compile", "overhead", "shards", "data", "peer", "memory", "tracking",
-            "health")
+            "health", "e2e")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--peer-venv", type=Path, default=None, help="the peer's virtual environment (default .peer-venv, created if missing)")
     ap.add_argument("--peer-python", type=Path, default=None, help="an interpreter that imports stable_pretraining (instead of --peer-venv)")
     ap.add_argument("--peer-standin", action="store_true", help="peer section: the project in a subprocess plays the peer (tests; installs nothing)")
+    ap.add_argument("--e2e-images", type=int, default=None, help="e2e: images in the generated folder (default 2000, quick 320)")
+    ap.add_argument("--lock", type=Path, default=None, help="e2e: a lock file held around each side-by-side pair (a shared machine)")
     ap.add_argument("--report-only", action="store_true", help="measure nothing: redraw the plot and README from the results")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README")
     ap.add_argument("--no-plot", action="store_true", help="do not draw the throughput plot")
@@ -215,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             record("peer", lambda: P.run_peer(peer_cfg, methods, warmup, repeats, log, peer_python=args.peer_python,
                                               venv=venv, standin=args.peer_standin))  # fmt: skip
 
+        if "e2e" in sections:  # issue 31: one epoch over a JPEG folder against the peer's own trainer
+            record("e2e", lambda: run_e2e_section(args, methods, quick, work))
+
     if not args.no_plot:
         from benchmarks.report import plot_throughput
 
@@ -227,6 +233,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"README: {args.readme}")
     log(f"results: {out_path}")
     return data
+
+
+def run_e2e_section(args: argparse.Namespace, methods: list[str], quick: bool, work: Path) -> dict[str, Any]:
+    """``e2e``: one epoch per method of ``--methods`` that it covers (DINO, iBOT, MAE, SALT), both libraries."""
+    from benchmarks.e2e import METHODS as E2E_METHODS
+    from benchmarks.e2e import E2EConfig, run_e2e
+
+    cfg = E2EConfig(num_images=args.e2e_images or (320 if quick else 2000))
+    return run_e2e(cfg, [m for m in methods if m in E2E_METHODS], work, log, peer_python=args.peer_python,
+                   venv=args.peer_venv, lock=args.lock)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ Stage 1 ("V-Pixel") is pixel reconstruction with multi-block masks: :class:`meth
   holding the context and that union ``U = B_1 u ... u B_T`` (a patch covered by several blocks is predicted
   once). Union sizes differ between samples: the query tokens are padded to the batch maximum and the padding
   is masked out of every attention (as keys) and of the loss, so each sample's prediction is exactly that of its
-  own unpadded sequence (V-JEPA instead truncates every union to the batch minimum). ``target_layout="blocks"``
+  own unpadded sequence (V-JEPA instead truncates every union to the batch minimum). The padding costs no per-token
+  work: norms, qkv, projections and MLPs run on the real rows only, the padded layout exists only inside the
+  attention (:func:`methods.vit.packed_block`; ~13% of the predictor's rows at the seed defaults). ``target_layout="blocks"``
   is I-JEPA's layout: one sequence ``[context; B_t]`` per target block (the context repeated ``T`` times, a
   patch in two blocks predicted twice): ~2x the predictor tokens of the union at the seed defaults;
 * loss: L1 at target positions only, averaged over the predicted tokens and channels. Union:
@@ -113,29 +115,56 @@ class SALTPredictor(nn.Module):
         grid: tuple[int, int],
         n_prefix: int,
         target_valid: torch.Tensor | None = None,
+        n_valid: int | None = None,
     ) -> torch.Tensor:
         """``context_tokens`` ``[B, P + Kc, D]``, ``context_idx`` ``[B, Kc]``, ``target_idx`` ``[B, T, Kt]`` (one
         sequence ``[context; queries at target_idx[:, t]]`` per ``t``) -> predictions ``[B, T, Kt, out_dim]``.
 
-        ``target_valid`` ``[B, T, Kt]`` (optional, False = padding): padded queries are hidden from every token
-        as attention keys, so the other outputs equal those of the unpadded sequence."""
+        ``target_valid`` ``[B, T, Kt]`` (optional, False = padding; ``n_valid`` its count of True if known): padded
+        queries are hidden from every token as attention keys, so the other outputs equal those of the unpadded
+        sequence; they are not computed at all (:meth:`_packed`) and their predictions are zero."""
         b, t, kt = target_idx.shape
         x = self.embed(context_tokens)
         pos = V.sincos_pos_embed_2d(self.predictor_embed_dim, grid, device=x.device).to(x.dtype)  # [N, Dp]
         prefix, ctx = x[:, :n_prefix], x[:, n_prefix:] + pos[context_idx]
         queries = self.mask_token.to(x.dtype) + pos[target_idx]  # [B, T, Kt, Dp]
-        seq = torch.cat(
-            [prefix.repeat_interleave(t, dim=0), ctx.repeat_interleave(t, dim=0), queries.reshape(b * t, kt, -1)],
-            dim=1,
-        )
-        attn_mask = None
-        if target_valid is not None:  # [B*T, 1, 1, L] boolean, True = may be attended to
-            keys = torch.cat([target_valid.new_ones(b * t, seq.shape[1] - kt), target_valid.reshape(b * t, kt)], dim=1)
-            attn_mask = keys[:, None, None, :]
+        if t > 1:
+            prefix, ctx = prefix.repeat_interleave(t, dim=0), ctx.repeat_interleave(t, dim=0)
+        seq = torch.cat([prefix, ctx, queries.reshape(b * t, kt, -1)], dim=1)
+        if target_valid is None:
+            for block in self.blocks:
+                seq = block(seq)
+            return self.proj(self.norm(seq[:, -kt:])).reshape(b, t, kt, -1)
+        # [B*T, L] True = a real token (context or a valid query)
+        keys = torch.cat([target_valid.new_ones(b * t, seq.shape[1] - kt), target_valid.reshape(b * t, kt)], dim=1)
+        if all(V.split_block_supported(block) for block in self.blocks):
+            n_valid = int(target_valid.sum()) if n_valid is None else int(n_valid)
+            return self._packed(seq, keys, n_valid, kt).reshape(b, t, kt, -1)
         for block in self.blocks:
-            seq = block(seq, attn_mask=attn_mask)
-        out = self.proj(self.norm(seq[:, -kt:]))
-        return out.reshape(b, t, kt, -1)
+            seq = block(seq, attn_mask=keys[:, None, None, :])
+        return self.proj(self.norm(seq[:, -kt:])).reshape(b, t, kt, -1)
+
+    def _packed(self, seq: torch.Tensor, keys: torch.Tensor, n_valid: int, kt: int) -> torch.Tensor:
+        """The padded batch ``seq`` ``[S, L, Dp]`` (``keys`` ``[S, L]``, True = real; the last ``kt`` tokens are
+        queries, ``n_valid`` of them real) with every per-token computation on its real rows only
+        (:func:`methods.vit.packed_block`), the final norm and projection on the real queries only -> ``[S, kt, out]``,
+        zero at the padding. ``M = S (L - kt) + n_valid`` rows instead of ``S L``; same outputs (tested)."""
+        s, length, _ = seq.shape
+        n_rows = s * (length - kt) + n_valid
+        flat = keys.reshape(-1)
+        ar = torch.arange(flat.numel(), device=flat.device)
+        rows = torch.where(flat, ar, ar + flat.numel()).argsort()[:n_rows]  # real rows, ascending (no host sync)
+        x = seq.reshape(s * length, -1).index_select(0, rows)
+        mask = keys[:, None, None, :]
+        for block in self.blocks:
+            x = V.packed_block(block, x, rows, (s, length), mask)
+        col = rows % length
+        is_query = col >= length - kt
+        order = torch.arange(n_rows, device=x.device)
+        at = torch.where(is_query, order, order + n_rows).argsort()[:n_valid]  # packed positions of real queries
+        dest = (rows[at] // length) * kt + col[at] - (length - kt)  # their flat index into [S * kt]
+        out = self.proj(self.norm(x.index_select(0, at)))
+        return out.new_zeros(s * kt, out.shape[-1]).index_copy(0, dest, out).reshape(s, kt, -1)
 
 
 class SALT(SSLMethod):
@@ -337,9 +366,11 @@ class SALT(SSLMethod):
 
     def _masked_prediction(self, images: torch.Tensor, masks: MultiBlockMasks, z: torch.Tensor, grid: tuple[int, int]) -> SALTOutput:
         """Student on the context, predictor at the targets, L1 against the teacher latents ``z`` of one mask set."""
+        n_valid = None
         if self.target_layout == "union":
             target_idx, valid = masks.union_target_idx()  # [B, U] each
             query_idx, query_valid = target_idx[:, None], valid[:, None]
+            n_valid = int(valid.sum())  # a host sync next to union_target_idx's own
         else:
             target_idx, valid = masks.target_idx, None  # [B, T, Kt]
             query_idx, query_valid = target_idx, None
@@ -348,7 +379,7 @@ class SALT(SSLMethod):
             latent = V.encode_visible(self.student, images, masks.context_idx)  # [B, P + Kc, D]
             pred = self.predictor(
                 V.per_token_norm(self.student, latent), masks.context_idx, query_idx, grid,
-                V.num_prefix_tokens(self.student), query_valid,
+                V.num_prefix_tokens(self.student), query_valid, n_valid,
             )  # fmt: skip
         pred = pred.reshape(*target_idx.shape, -1)
         b = z.shape[0]

@@ -8,6 +8,7 @@ it through these helpers, so masking is written once. Encoders are plain ``timm`
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import timm
@@ -71,8 +72,8 @@ def embed_patches(
             raise ValueError("embed_patches: a mask needs a mask_token")
         shape = x.shape
         flat = x.reshape(shape[0], -1, shape[-1])
-        m = mask.reshape(shape[0], -1, 1).to(flat.dtype)
-        flat = flat * (1 - m) + mask_token.to(flat.dtype) * m
+        # one pass, the same values and gradients as ``x (1 - m) + t m`` for a 0/1 mask
+        flat = torch.where(mask.reshape(shape[0], -1, 1).bool(), mask_token.to(flat.dtype), flat)
         x = flat.reshape(shape)
     return add_pos_embed(vit, x)
 
@@ -223,15 +224,20 @@ def forward_features(vit: nn.Module, images: torch.Tensor, antialias: bool = Fal
 
 
 def _cls_row_supported(vit: nn.Module) -> bool:
-    from timm.layers.attention import Attention
-    from timm.models.vision_transformer import Block
-
     if not isinstance(vit, VisionTransformer) or vit.global_pool != "token" or vit.attn_pool is not None:
         return False
     if getattr(vit, "grad_checkpointing", False) or len(vit.blocks) == 0:
         return False
-    block = vit.blocks[-1]
-    attn = block.attn
+    return split_block_supported(vit.blocks[-1])
+
+
+def split_block_supported(block: nn.Module) -> bool:
+    """``block`` is a plain timm ``Block`` with timm's ``Attention`` (no gate), which :func:`block_rows` and
+    :func:`packed_block` compute piece by piece."""
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block
+
+    attn = getattr(block, "attn", None)
     known = all(hasattr(attn, name) for name in ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "proj", "norm"))
     return type(block) is Block and type(attn) is Attention and known and getattr(attn, "gate", None) is None
 
@@ -240,21 +246,56 @@ def cls_row_of_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``block(x)[:, :1]`` of a timm ``Block`` (pre-norm attention + MLP, timm's ``Attention``) computed for the
     first token's row only: ``c' = c + attn(norm1(x))_0``, ``c'' = c' + mlp(norm2(c'))``, where the attention row
     is ``softmax(q_0 K^T / sqrt(d)) V`` with ``K, V`` of every token."""
+    return _block_at(block, x, lambda t: t[:, :1])
+
+
+def block_rows(block: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``gather(block(x), 1, rows)`` of a timm ``Block`` computed for those rows only (``rows`` ``[B, R]`` token
+    indices): keys and values of every token, query, attention row, projection and MLP of the ``R`` rows alone,
+    ``c'_r = x_r + attn(norm1(x))_r``, ``c''_r = c'_r + mlp(norm2(c'_r))`` -> ``[B, R, D]``."""
+    return _block_at(block, x, lambda t: torch.gather(t, 1, rows[..., None].expand(-1, -1, t.shape[-1])))
+
+
+def _block_at(block: nn.Module, x: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The rows ``pick(.)`` selects of ``block(x)`` (``pick``: ``[B, N, C] -> [B, R, C]``), queries only for them."""
     attn = block.attn
     b, n, _ = x.shape
     h = block.norm1(x)
     heads, head_dim = attn.num_heads, attn.head_dim
     dim = heads * head_dim
     weight, bias = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(h[:, :1], weight[:dim], None if bias is None else bias[:dim])
+    q = F.linear(pick(h), weight[:dim], None if bias is None else bias[:dim])
+    r = q.shape[1]
     kv = F.linear(h, weight[dim:], None if bias is None else bias[dim:])
-    q = q.reshape(b, 1, heads, head_dim).transpose(1, 2)
+    q = q.reshape(b, r, heads, head_dim).transpose(1, 2)
     k, v = kv.reshape(b, n, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(b, 1, dim))))
-    c = x[:, :1] + block.drop_path1(block.ls1(o))
+    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(b, r, dim))))
+    c = pick(x) + block.drop_path1(block.ls1(o))
     return c + block.drop_path2(block.ls2(block.mlp(block.norm2(c))))
+
+
+def packed_block(
+    block: nn.Module, x: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int], attn_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``block(padded, attn_mask)`` at the rows that exist, for a timm ``Block`` whose batch ``[B, L]`` is padded:
+    ``x`` ``[M, D]`` holds only the ``M`` real rows (``rows``: their flat indices into ``B * L``, ascending).
+
+    Every per-token part (norms, qkv, projection, MLP, residuals) runs on the ``M`` rows; only the attention sees the
+    padded layout (queries, keys and values scattered into zeros at the padding, which ``attn_mask`` ``[B, 1, 1, L]``
+    must hide as keys). The real rows equal those of the padded block (tested): padding changes no real row's output."""
+    attn = block.attn
+    b, length = shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(block.norm1(x))  # [M, 3D]
+    full = qkv.new_zeros(b * length, qkv.shape[-1]).index_copy(0, rows, qkv)
+    q, k, v = full.reshape(b, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    o = o.transpose(1, 2).reshape(b * length, heads * head_dim).index_select(0, rows)
+    x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(o)))))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 def random_masking(

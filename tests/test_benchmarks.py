@@ -105,7 +105,7 @@ def test_shards_section(tmp_path):
 
 def test_sections_and_stats():
     assert select_sections("", "cpu") == (["steps", "pipeline", "augment", "opt", "overhead", "shards", "data", "peer",
-                                          "memory", "tracking", "health"], False)
+                                          "memory", "tracking", "health", "e2e"], False)
     assert "compile" in select_sections("", "cuda")[0]
     assert select_sections("salt", "cpu") == (["steps"], True)
     with pytest.raises(SystemExit):
@@ -209,3 +209,56 @@ def test_peer_tiny_configuration_needs_the_standin():
         run_peer(peer_config("cpu", tiny=True), ["mae"], 1, 1, log=lambda _: None)
     with pytest.raises(ValueError, match="no method"):
         run_peer(peer_config("cpu", tiny=True), ["apl"], 1, 1, log=lambda _: None, standin=True)
+
+
+def test_e2e_times_the_epoch_from_its_first_step_and_reports_the_ratio(tiny_spec, tmp_path):
+    """The ``e2e`` section's parts that need neither Ray nor the peer: the run id from the table ``ssl_platform run``
+    prints, the epoch's time from its first step (``epoch_time_s - first_batch_wait_s``, which the training loop now
+    reports), the specs it writes for every method, and the report's ratios against the targets."""
+    from benchmarks.e2e import METHODS as E2E_METHODS
+    from benchmarks.e2e import E2EConfig, compare, epoch_timing, project_spec, run_id_from_output
+    from ssl_platform.launch.run import RunResult, result_table
+    from ssl_platform.spec import spec_from_dict
+    from ssl_platform.training.trainer import local_worker, train_one_epoch
+
+    run_id = "0123456789abcdef" * 2
+    table = result_table(RunResult("r", run_id, {"epoch": 1, "loss": 0.5}, None, "/x", "sqlite:///m.db"))
+    assert run_id_from_output("[r] epoch 1/1 done\n" + table + "\n") == run_id
+    with pytest.raises(RuntimeError, match="MLflow run id"):
+        run_id_from_output(result_table(RunResult("r", "", {}, None, "/x", "sqlite:///m.db")))
+
+    worker, data, training = local_worker(tiny_spec())
+    metrics = train_one_epoch(worker, data, training, 0)
+    assert 0.0 < metrics["first_batch_wait_s"] < metrics["epoch_time_s"]
+    timing = epoch_timing({**metrics, "global_step": training.global_step}, data.batch_size)
+    assert timing["seconds"] == pytest.approx(metrics["epoch_time_s"] - metrics["first_batch_wait_s"], abs=1e-3)
+    assert timing["images"] == data.steps_per_epoch * data.batch_size == 64
+    with pytest.raises(RuntimeError, match="first_batch_wait_s"):
+        epoch_timing({"epoch_time_s": 1.0, "global_step": 2}, 32)
+
+    cfg = E2EConfig(num_images=40)
+    for method in E2E_METHODS:  # every spec the section writes is a valid spec: one Train worker, a CPU left over
+        spec = spec_from_dict(project_spec(method, cfg, tmp_path, tmp_path, teacher=str(tmp_path / "teacher")))
+        assert spec.data.name == "image_folder" and spec.optim.epochs == 1 and spec.scaling.num_workers == 1
+        assert spec.data.multicrop.n_local == (6 if method == "dino" else 0)
+    slow, fast = {"images_per_s": 2.0}, {"images_per_s": 3.0}
+    assert compare(fast, slow, 1.3) == {"project": fast, "peer": slow, "ratio": 1.5, "target": 1.3, "met": True}
+    assert compare(slow, fast, 1.0)["met"] is False
+    section = {"config": {"description": "d"}, "timing": "t", "order": "o", "methods": {
+        "dino": compare({**fast, "seconds": 10.0, "images": 30}, {**slow, "seconds": 15.0, "images": 30}, 1.3),
+        "mae": compare({**slow, "seconds": 15.0, "images": 30}, {**fast, "seconds": 10.0, "images": 30}, 1.0)}}
+    text = "\n".join(report._render_e2e(section))
+    assert "| dino | 3 (10, 30) | 2 (15, 30) | 1.5x | >= 1.3x | yes |" in text
+    assert "| mae | 2 (15, 30) | 3 (10, 30) | 0.667x | >= 1.0x | **no** |" in text
+
+
+def test_a_streamed_cpu_run_computes_on_the_cpus_it_leaves_for_decoding():
+    """Issue 31's cause: the Train worker of a CPU run that streams its data stepped on its ``cpus_per_worker``
+    threads while the CPUs left to Ray Data's decode tasks idled. It now takes its share of the node's CPUs."""
+    from ssl_platform.training.ray_runtime import train_worker_threads
+
+    assert train_worker_threads(1, 2.0, 1) == 2  # this machine: 1 worker of 1 CPU on 2 cores
+    assert train_worker_threads(1, 16.0, 2) == 8  # two workers share the node
+    assert train_worker_threads(4, 2.0, 1) == 4  # never fewer than Ray assigned
+    assert train_worker_threads(1, 2.0, 4) == 1
+    assert train_worker_threads(0, 2.0, 1) == 0  # no OMP_NUM_THREADS: torch's default stays

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from methods import vit as V
 from methods.data2vec import Data2Vec
 from methods.registry import build_method
 from tests.conftest import layer_norm_reference, randomize_layer_norm_
@@ -238,3 +239,48 @@ def test_beit_layer_scale_and_shared_relative_position_bias():
         Data2Vec(shared_rel_pos_bias=True, encoder_kwargs=ENC, image_size=32, top_k_blocks=2)
     with pytest.raises(ValueError, match="method.loss_scale"):
         Data2Vec.check_kwargs({"loss_scale": 0.0}, prefix="method.")
+
+
+@pytest.mark.parametrize("enc", [{}, {"reg_tokens": 2}])
+def test_masked_rows_only_last_block_equals_the_full_computation(enc):
+    """With the same number of masked patches per sample (the default masking), the student's last block, final norm,
+    regression head and loss run only at the CLS token and the masked rows (methods.vit.block_rows); loss, embedding
+    and gradients equal the full computation (float64), ``predictions`` at the masked patches too. Unequal counts
+    (a mask given by the caller) run the full computation."""
+    model = _model(enc=enc).double().train()
+    _perturb_teacher(model)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    student, n_prefix = model.student, model.student.num_prefix_tokens
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows_seen: list[int] = []
+
+    def run(*args, **kwargs):
+        hook = student.blocks[-1].mlp.register_forward_pre_hook(lambda m, a: rows_seen.append(a[0].shape[1]))
+        try:
+            return model(*args, **kwargs)
+        finally:
+            hook.remove()
+
+    for k in ([20, 20, 20], [20, 21, 19]):
+        mask = torch.zeros(3, 64, dtype=torch.bool)
+        for i, ki in enumerate(k):
+            mask[i, torch.randperm(64)[:ki]] = True
+        out = run(x, mask=mask)
+        tokens = V.run_blocks(student, V.embed_patches(student, x, mask, model.mask_token))
+        pred = model.regressor(tokens[:, n_prefix:])
+        y = model.teacher_targets(x)
+        # the loss is taken in float32 (as in the method), all else in float64
+        per_token = F.smooth_l1_loss(pred.float(), y.float(), beta=2.0, reduction="none").sum(-1)
+        direct = model.loss_scale * per_token[mask].mean()
+        torch.testing.assert_close(out.loss, direct, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(out.embedding, V.pooled_embedding(student, tokens), atol=1e-12, rtol=1e-9)
+        torch.testing.assert_close(out.predictions[mask], pred[mask], atol=1e-12, rtol=1e-9)
+        got = torch.autograd.grad(out.loss, params, allow_unused=True)
+        want = torch.autograd.grad(direct, params, allow_unused=True)
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)
+            if w is not None:
+                torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-6)
+    assert rows_seen == [1 + 20, n_prefix + 64]  # rows-only last block, then the full one for unequal counts
+    run(x)  # the default mask: the same count in every sample -> rows only
+    assert rows_seen[-1] == 1 + round(64 * model.mask_ratio)

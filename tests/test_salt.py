@@ -58,7 +58,7 @@ def test_registered_and_seed_defaults():
                   "mask_style": "ijepa", "min_keep": 10, "predictor_fix_init": True}
     assert {k: sig.parameters[k].default for k in names[len(expected) :]} == extensions
     model = build_method("salt", encoder_kwargs=ENC, **PRED)
-    assert isinstance(model, SALT) and SALT.view_kind == "images"
+    assert isinstance(model, SALT) and list(SALT.training_views({"image_size": 32})) == ["images"]
 
 
 def test_teacher_frozen_in_eval_and_unchanged_by_training():
@@ -253,7 +253,7 @@ def test_variable_length_encoders_run_without_cudnn_attention(which):
     torch.manual_seed(0)
     if which == "salt":
         model = _salt().train()
-        watched = [model.student.blocks[0], model.predictor.blocks[0]]
+        watched = [model.student.blocks[0], model.predictor.blocks[0].mlp]
     else:
         model = MAE(encoder_kwargs=ENC, mask_type="multiblock", decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2).train()
         watched = [model.encoder.blocks[0]]
@@ -307,17 +307,21 @@ def test_union_layout_equals_one_unpadded_sequence_per_sample():
 
 
 def test_union_layout_has_fewer_predictor_tokens_than_blocks():
+    """Tokens the predictor's per-token layers (here its first MLP) process: blocks layout ``B T (1 + Kc + Kt)``;
+    union layout ``B (1 + Kc) + sum_b |U_b|``: each union once, and no row for the padding of smaller unions."""
     torch.manual_seed(0)
     seen: dict[str, int] = {}
     masks = MultiBlockMaskGenerator((8, 8))(2, generator=torch.Generator().manual_seed(0))
+    assert len(set(masks.target_mask.sum(dim=1).tolist())) > 1, "the test needs unions of different sizes"
     for layout in ("union", "blocks"):
         model = _salt(target_layout=layout).train()
-        h = model.predictor.blocks[0].register_forward_pre_hook(lambda m, a, k=layout: seen.update({k: a[0].shape[:2].numel()}))
+        mlp = model.predictor.blocks[0].mlp
+        h = mlp.register_forward_pre_hook(lambda m, a, k=layout: seen.update({k: a[0].shape[:-1].numel()}))
         model(torch.randn(2, 3, 32, 32), masks=masks)
         h.remove()
     kc, kt = masks.context_idx.shape[1], masks.target_idx.shape[-1]
     assert seen["blocks"] == 2 * 4 * (1 + kc + kt)
-    assert seen["union"] == 2 * (1 + kc + int(masks.target_mask.sum(dim=1).max()))
+    assert seen["union"] == 2 * (1 + kc) + int(masks.target_mask.sum())
     with pytest.raises(ValueError, match="target_layout"):
         _salt(target_layout="tubes")
 
@@ -390,3 +394,27 @@ def test_bad_mask_style_is_refused():
         _salt(mask_style="random")
     with pytest.raises(Exception, match="method.mask_style"):
         SALT.check_kwargs({"mask_style": "random", "pretrained": True}, prefix="method.")
+
+
+def test_packed_predictor_equals_the_direct_computation_values_and_gradients():
+    """The union layout runs the predictor's per-token layers on the real rows only (no padding rows,
+    methods.vit.packed_block): its loss and the gradients of student and predictor equal those of the direct
+    per-sample computation without padding (float64), and its padded prediction rows are zero."""
+    torch.manual_seed(0)
+    model = SALT(encoder_kwargs=ENC, predictor_embed_dim=32, predictor_depth=2, predictor_num_heads=2).double().train()
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    masks = MultiBlockMaskGenerator((8, 8))(3, generator=torch.Generator().manual_seed(4))
+    assert len(set(masks.target_mask.sum(dim=1).tolist())) > 1, "the test needs padding"
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(images, masks=masks)
+    assert torch.equal(out.predictions[~out.target_valid], torch.zeros_like(out.predictions[~out.target_valid]))
+    z = model.teacher_latents(images)
+    direct = _unpadded_union_predictions(model, images, masks)
+    loss = torch.cat([(p - z[i, masks.target_mask[i]]).abs().mean(-1) for i, p in enumerate(direct)]).mean()
+    torch.testing.assert_close(out.loss.double(), loss, atol=1e-6, rtol=1e-6)  # the loss is taken in float32
+    got = torch.autograd.grad(out.loss, params, allow_unused=True)
+    want = torch.autograd.grad(loss, params, allow_unused=True)
+    assert sum(g is not None for g in got) == sum(g is not None for g in want) > 0
+    for g, w in zip(got, want):
+        if w is not None:
+            torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-6)  # through the float32 loss

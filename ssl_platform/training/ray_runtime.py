@@ -94,6 +94,29 @@ def pin_ray_address() -> None:
     _add_filter("ray.data._internal.progress", "Progress bars disabled")
 
 
+def train_worker_threads(assigned: int, node_cpus: float, local_workers: int) -> int:
+    """Torch intra-op threads of a Train worker of a CPU-only run that streams its data (``image_folder``,
+    ``shards``): its share of the node's CPUs (``node_cpus / local_workers``), at least ``assigned`` (Ray's
+    ``OMP_NUM_THREADS``, its ``cpus_per_worker``; 0: torch's default, kept).
+
+    Such a run also computes on the CPUs it leaves to Ray Data's decode tasks: decoding into canvases takes a few %
+    of a core per step there (issue 31: 10 CPU-s for 320 JPEGs over a 240 s DINO epoch on 2 cores, while the step
+    ran on 1 thread), so those CPUs idled. The decode tasks take their turns beside the step's threads, as a
+    ``DataLoader``'s worker processes do beside a training process. GPU runs and in-memory data (where the CPUs
+    left may be other trials') keep ``assigned`` (the caller decides)."""
+    if assigned <= 0:
+        return assigned
+    return max(assigned, int(node_cpus // max(local_workers, 1)))
+
+
+def node_cpus() -> float:
+    """The CPUs of the Ray node this process runs on (0 when unknown)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    return next((float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n["NodeID"] == node and n["Alive"]), 0.0)
+
+
 def free_port() -> int:
     import socket
 
