@@ -31,7 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCHEMA = "ssl_platform.bench/v1"
-METHODS = ("mae", "dino", "ibot", "data2vec", "salt", "apl")
+METHODS = ("mae", "dino", "ibot", "data2vec", "salt", "apl", "simclr", "byol", "mocov3", "vicreg", "barlow_twins", "ijepa",
+           "dinov2")
 SPEC_FILES = {
     "mae": "experiments/mae_vit_tiny_digits.yaml",
     "dino": "experiments/dino_vit_tiny_digits.yaml",
@@ -39,6 +40,8 @@ SPEC_FILES = {
     "data2vec": "experiments/data2vec_vit_tiny_digits.yaml",
     "salt": "experiments/salt_stage2_vit_tiny_digits.yaml",
     "apl": "experiments/apl_digits.yaml",
+    **{m: f"experiments/{m}_vit_tiny_digits.yaml"
+       for m in ("simclr", "byol", "mocov3", "vicreg", "barlow_twins", "ijepa", "dinov2")},
 }
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in FLOP/s. Matched in this order
 # against torch.cuda.get_device_name() (so "H100 PCIe" is not taken for the SXM part).

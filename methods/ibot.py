@@ -44,6 +44,7 @@ from methods import vit as V
 from methods.base import MethodOutput
 from methods.heads import DINOHead, iBOTHead
 from methods.heads import _project as project_and_normalize
+from methods.health import HealthInputs
 from methods.losses import DINOLoss, iBOTPatchLoss
 from methods.masks import block_masks, sample_mask_ratios
 from methods.schedules import teacher_temperature
@@ -64,6 +65,22 @@ class iBOTOutput(MethodOutput):
     student_views: torch.Tensor | None = None
     ema_momentum: torch.Tensor | None = None
     masks: list[torch.Tensor] | None = None
+
+
+@dataclass
+class DistillationTerms:
+    """One training step of :meth:`iBOT.distillation_terms` (shared with DINOv2): the unweighted CLS and patch losses,
+    the student's and teacher's CLS embeddings of the global views ``[n B, D]`` (view by view; the student's of the
+    masked views), the CLS health inputs, the masks ``[n B, N]`` (True = masked), and the numbers of views."""
+
+    loss_cls: torch.Tensor
+    loss_patch: torch.Tensor
+    student_embedding: torch.Tensor
+    teacher_embedding: torch.Tensor
+    health: HealthInputs
+    masks: torch.Tensor
+    n_global: int
+    n_local: int
 
 
 HEAD_SHARING = ("none", "mlp", "all")
@@ -284,8 +301,11 @@ class iBOT(SelfDistillationMethod):
         )
         self.current_patch_teacher_temperature = float(temperature_teacher_warmup)
 
-    def _init_losses(self, net: iBOTNet, n_cls_prototypes: int, n_patch_prototypes: int) -> None:
-        """The masked-rows-only switches and the CLS and patch losses (each with its centre buffer)."""
+    def _init_losses(
+        self, net: iBOTNet, n_cls_prototypes: int, n_patch_prototypes: int, centering: str = "centering"
+    ) -> None:
+        """The masked-rows-only switches and the CLS and patch losses (each with its centre buffer), the teacher
+        normalised by ``centering`` (:data:`methods.losses.CENTERINGS`: iBOT's centre, or DINOv2's Sinkhorn-Knopp)."""
         # The student's patch logits enter the loss only at masked patches: its patch head runs on those rows only
         # (exact: other rows get no gradient). Not with BatchNorm in the head, whose statistics span all patches.
         self.student_head_on_masked_only = not any(
@@ -294,8 +314,8 @@ class iBOT(SelfDistillationMethod):
         # The teacher's patch logits enter the loss only at masked patches too, and its patch centre needs only
         # their mean: its prototypes run on those rows and on the mean bottleneck (the MLP still sees every patch).
         self.teacher_prototypes_on_masked_only = True
-        self.cls_loss_fn = DINOLoss(n_cls_prototypes, self.center_momentum)
-        self.patch_loss_fn = iBOTPatchLoss(n_patch_prototypes, self.center_momentum)
+        self.cls_loss_fn = DINOLoss(n_cls_prototypes, self.center_momentum, centering)
+        self.patch_loss_fn = iBOTPatchLoss(n_patch_prototypes, self.center_momentum, centering)
 
     def _set_masking(
         self,
@@ -372,24 +392,35 @@ class iBOT(SelfDistillationMethod):
         if self.is_eval_call(images):
             emb = self.teacher_embedding(images, global_views)
             return iBOTOutput(loss=torch.zeros((), device=emb.device), embedding=emb)
+        terms = self.distillation_terms(global_views, local_views, masks)
+        loss = terms.loss_cls + self.patch_loss_weight * terms.loss_patch
+        return iBOTOutput(**self.output_fields(terms, loss))
 
+    def distillation_terms(
+        self,
+        global_views: Sequence[torch.Tensor] | None,
+        local_views: Sequence[torch.Tensor] | None,
+        masks: Sequence[torch.Tensor] | None,
+    ) -> DistillationTerms:
+        """One training step's CLS and patch losses (unweighted) and what the outputs report (see the module docstring)."""
         if not global_views or len(global_views) < 2:
-            raise ValueError("iBOT.forward in training mode needs at least 2 global_views")
+            raise ValueError(f"{type(self).__name__}.forward in training mode needs at least 2 global_views")
         views, local_views = list(global_views), list(local_views or [])
         n = len(views)
         masks = list(masks) if masks is not None else self.sample_masks(views)
         if len(masks) != n:
-            raise ValueError(f"iBOT.forward: got {len(masks)} masks for {n} global views")
+            raise ValueError(f"{type(self).__name__}.forward: got {len(masks)} masks for {n} global views")
 
         x = torch.cat(views, dim=0)
         m = torch.cat([mk.reshape(mk.shape[0], -1) for mk in masks], dim=0)
         rows = m if self.student_head_on_masked_only else None
-        _, s_cls, s_patch = self.ts.forward_student(x, m, rows)
+        s_emb, s_cls, s_patch = self.ts.forward_student(x, m, rows)
         s_local = self.student.cls_logits(torch.cat(local_views, dim=0)) if local_views else None
         t_mean = None
         if self.teacher_prototypes_on_masked_only:
             with torch.no_grad():
                 t_emb, t_cls, t_patch, t_mean = self.ts.teacher.forward_patch_rows_and_mean(x, m)
+            t_mean = self.patch_center_mean(t_patch, t_mean)
         else:
             t_emb, t_cls, t_patch = self.ts.forward_teacher(x)
 
@@ -400,22 +431,38 @@ class iBOT(SelfDistillationMethod):
         per_view = [int(c) for c in m.reshape(n, -1).sum(dim=1).tolist()] if rows is not None or t_mean is not None else []
         s_patch_v = list(s_patch.split(per_view)) if rows is not None else list(s_patch.chunk(n))
         t_patch_v = list(t_patch.split(per_view)) if t_mean is not None else list(t_patch.chunk(n))
-        temp_s, temp_t, temp_p = self.temperature_student, self.current_teacher_temperature, self.current_patch_teacher_temperature
-        health = self.cls_health(s_cls_v, t_cls_v, self.cls_loss_fn.center.clone())
-        loss_cls = self.cls_loss_fn(s_cls_v, t_cls_v, temp_s, temp_t)
-        loss_patch = self.patch_loss_fn(s_patch_v, t_patch_v, m_v, temp_s, temp_p, student_masked_only=rows is not None,
+        health, loss_cls = self.cls_health_and_loss(s_cls_v, t_cls_v)
+        loss_patch = self.patch_loss_fn(s_patch_v, t_patch_v, m_v, self.temperature_student,
+                                        self.current_patch_teacher_temperature, student_masked_only=rows is not None,
                                         teacher_mean=t_mean)
-        loss = loss_cls + self.patch_loss_weight * loss_patch
-        device = loss.device
-        return iBOTOutput(
+        return DistillationTerms(loss_cls=loss_cls, loss_patch=loss_patch, student_embedding=s_emb,
+                                 teacher_embedding=t_emb, health=health, masks=m, n_global=n, n_local=len(local_views))
+
+    def cls_health_and_loss(
+        self, student_cls: Sequence[torch.Tensor], teacher_cls: Sequence[torch.Tensor]
+    ) -> tuple[HealthInputs, torch.Tensor]:
+        """The CLS loss over the student views (globals, then locals) and the teacher's global views, and its health
+        inputs (the centre as the loss uses it, taken before the loss updates it)."""
+        health = self.cls_health(student_cls, teacher_cls, self.cls_loss_fn.center.clone())
+        loss = self.cls_loss_fn(student_cls, teacher_cls, self.temperature_student, self.current_teacher_temperature)
+        return health, loss
+
+    def patch_center_mean(self, teacher_patch_rows: torch.Tensor, teacher_mean: torch.Tensor) -> torch.Tensor:
+        """The mean teacher patch logits ``[K']`` the patch centre moves to: iBOT's, over every patch of every view."""
+        return teacher_mean
+
+    def output_fields(self, terms: DistillationTerms, loss: torch.Tensor) -> dict[str, Any]:
+        """The :class:`iBOTOutput` fields of a training step with total ``loss``."""
+        device, n = loss.device, terms.n_global
+        return dict(
             loss=loss,
-            embedding=t_emb.chunk(n)[0].detach(),
-            health=health,
-            loss_cls=loss_cls.detach(),
-            loss_patch=loss_patch.detach(),
-            teacher_temperature=torch.tensor(temp_t, device=device),
-            teacher_patch_temperature=torch.tensor(temp_p, device=device),
+            embedding=terms.teacher_embedding.chunk(n)[0].detach(),
+            health=terms.health,
+            loss_cls=terms.loss_cls.detach(),
+            loss_patch=terms.loss_patch.detach(),
+            teacher_temperature=torch.tensor(self.current_teacher_temperature, device=device),
+            teacher_patch_temperature=torch.tensor(self.current_patch_teacher_temperature, device=device),
             ema_momentum=torch.tensor(self.ema_momentum, device=device),
-            masks=[mk.bool() for mk in m.chunk(n)],
-            student_views=torch.tensor(float(n + len(local_views)), device=device),
+            masks=[mk.bool() for mk in terms.masks.chunk(n)],
+            student_views=torch.tensor(float(n + terms.n_local), device=device),
         )

@@ -16,6 +16,13 @@ centre follows an EMA of the teacher outputs' batch mean, all-reduced over worke
 iBOT patch loss: per-patch cross-entropy between the teacher (unmasked view) and student (masked view)
 patch distributions of the same view, averaged over the masked patches of each image, then over images and
 views; its own centre is the EMA of the teacher patch outputs' mean over patches and images.
+
+DINOv2 (Oquab et al. 2023, arXiv 2304.07193, Sec. 4) offers a second teacher normalisation, ``centering=
+"sinkhorn_knopp"`` (SwAV's, Caron et al. 2020): the teacher rows of a step (all views, all workers) become the
+assignment ``P = diag(u) exp(g_t / tau_t) diag(v)`` of 3 Sinkhorn-Knopp iterations, which alternately scale each
+prototype's total weight to ``1 / K`` and each row to sum 1 (:func:`sinkhorn_knopp`); no centre is kept then. Its
+KoLeo regulariser (Sablayrolles et al. 2019) spreads a batch of features: with ``x_i`` L2-normalised and ``j(i)`` the
+nearest other row, ``L_koleo = -mean_i log(||x_i - x_j(i)||_2 + eps)`` (:class:`KoLeoLoss`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.distributed import all_reduce_mean
+from methods.distributed import all_reduce_mean, all_reduce_sum
+
+#: teacher normalisations (DINOv2's ``train.centering``): DINO's EMA centre, or Sinkhorn-Knopp (no centre)
+CENTERINGS = ("centering", "sinkhorn_knopp")
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iterations: int = 3) -> torch.Tensor:
+    """DINOv2's ``sinkhorn_knopp_teacher`` on ``teacher_logits [M, K]`` (this worker's rows): ``Q = exp(g / tau)^T``
+    scaled to sum 1, then ``n_iterations`` times each prototype row to ``1 / K`` and each sample column to ``1 / B``
+    (``B``: the rows of every worker); returns ``(B Q)^T``, each row a distribution over the ``K`` prototypes."""
+    q = torch.exp(teacher_logits.float() / temperature).t()
+    n_rows = all_reduce_sum(torch.tensor(q.shape[1], dtype=torch.long, device=q.device))
+    k = q.shape[0]
+    q /= all_reduce_sum(torch.sum(q))
+    for _ in range(n_iterations):
+        q /= all_reduce_sum(torch.sum(q, dim=1, keepdim=True))
+        q /= k
+        q /= torch.sum(q, dim=0, keepdim=True)
+        q /= n_rows
+    q *= n_rows
+    return q.t()
 
 
 class _CentredLoss(nn.Module):
@@ -34,12 +62,24 @@ class _CentredLoss(nn.Module):
 
     center: torch.Tensor
 
-    def __init__(self, center_shape: tuple[int, ...], center_momentum: float):
+    #: Sinkhorn-Knopp iterations (DINOv2's ``n_iterations=3``)
+    sinkhorn_iterations: int = 3
+
+    def __init__(self, center_shape: tuple[int, ...], center_momentum: float, centering: str = "centering"):
         super().__init__()
         if not 0.0 <= center_momentum <= 1.0:
             raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
         self.center_momentum = float(center_momentum)
+        self.centering = centering
         self.register_buffer("center", torch.zeros(*center_shape))
+
+    def sinkhorn_probabilities(self, teacher_rows: Sequence[torch.Tensor], temperature: float) -> list[torch.Tensor]:
+        """:func:`sinkhorn_knopp` over the rows ``[M_i, K]`` of every group together, split back per group."""
+        rows = torch.cat([t.detach().float() for t in teacher_rows], dim=0)
+        q = sinkhorn_knopp(rows, temperature, self.sinkhorn_iterations)
+        return list(q.split([t.shape[0] for t in teacher_rows]))
 
     @torch.no_grad()
     def update_center(self, teacher_outputs: Sequence[torch.Tensor]) -> None:
@@ -59,10 +99,18 @@ class DINOLoss(_CentredLoss):
 
     :param out_dim: number of prototypes ``K``.
     :param center_momentum: EMA momentum of the centre (DINO: 0.9).
+    :param centering: ``"centering"`` (DINO's centre) or ``"sinkhorn_knopp"`` (DINOv2's option: Sinkhorn-Knopp over
+        the teacher rows of all views together; the centre stays unused).
     """
 
-    def __init__(self, out_dim: int, center_momentum: float = 0.9):
-        super().__init__((1, out_dim), center_momentum)
+    def __init__(self, out_dim: int, center_momentum: float = 0.9, centering: str = "centering"):
+        super().__init__((1, out_dim), center_momentum, centering)
+
+    def teacher_probabilities(self, teacher_outputs: Sequence[torch.Tensor], temperature: float) -> list[torch.Tensor]:
+        """The targets ``P_t`` per teacher view: ``softmax((g_t - c) / tau_t)``, or Sinkhorn-Knopp over all views."""
+        if self.centering == "sinkhorn_knopp":
+            return self.sinkhorn_probabilities(teacher_outputs, temperature)
+        return [F.softmax((t.detach().float() - self.center) / temperature, dim=-1) for t in teacher_outputs]
 
     def forward(
         self,
@@ -71,8 +119,10 @@ class DINOLoss(_CentredLoss):
         temperature_student: float,
         temperature_teacher: float,
         update_center: bool = True,
+        teacher_probs: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``student_outputs``: ``n_s`` logits ``[B, K]`` (globals first); ``teacher_outputs``: ``n_t`` ``[B, K]``."""
+        """``student_outputs``: ``n_s`` logits ``[B, K]`` (globals first); ``teacher_outputs``: ``n_t`` ``[B, K]``;
+        ``teacher_probs``: their :meth:`teacher_probabilities`, when the caller already has them."""
         n_s, n_t = len(student_outputs), len(teacher_outputs)
         if n_t == 0 or n_s == 0:
             raise ValueError("DINOLoss needs at least one student and one teacher view")
@@ -82,16 +132,14 @@ class DINOLoss(_CentredLoss):
             raise ValueError(
                 f"DINOLoss has no (student, teacher) pair of different views (n_s={n_s}, n_t={n_t})"
             )
-        teacher_probs = [
-            F.softmax((t.detach().float() - self.center) / temperature_teacher, dim=-1)
-            for t in teacher_outputs
-        ]
+        if teacher_probs is None:
+            teacher_probs = self.teacher_probabilities(teacher_outputs, temperature_teacher)
         student_logp = [F.log_softmax(s.float() / temperature_student, dim=-1) for s in student_outputs]
         # sum over pairs s != t of <P_t, log P_s> = <sum_t P_t, sum_s log P_s> - sum_i <P_i, log P_i>: one product of
         # the sums plus one per same-view pair instead of one per pair (2 global + 6 local crops: 3 products, not 14)
         all_pairs = torch.sum(torch.stack(teacher_probs).sum(0) * torch.stack(student_logp).sum(0), dim=-1).mean()
         same_view = sum(torch.sum(teacher_probs[i] * student_logp[i], dim=-1).mean() for i in range(n_same))
-        if update_center:
+        if update_center and self.centering == "centering":
             self.update_center(teacher_outputs)
         return (same_view - all_pairs) / n_terms
 
@@ -102,10 +150,12 @@ class iBOTPatchLoss(_CentredLoss):
 
     :param out_dim: number of patch prototypes ``K``.
     :param center_momentum: EMA momentum of the patch centre (iBOT: 0.9).
+    :param centering: ``"centering"`` (iBOT's centre) or ``"sinkhorn_knopp"`` (DINOv2's option: Sinkhorn-Knopp over
+        the teacher's masked patches of all views together, DINOv2's ``n_masked_patches`` rows).
     """
 
-    def __init__(self, out_dim: int, center_momentum: float = 0.9):
-        super().__init__((1, 1, out_dim), center_momentum)
+    def __init__(self, out_dim: int, center_momentum: float = 0.9, centering: str = "centering"):
+        super().__init__((1, 1, out_dim), center_momentum, centering)
 
     def forward(
         self,
@@ -133,12 +183,20 @@ class iBOTPatchLoss(_CentredLoss):
             )
         total = student_patches[0].new_zeros((), dtype=torch.float32)
         teacher_masked_only = teacher_mean is not None
-        for s, t, m in zip(student_patches, teacher_patches, masks):
+        sinkhorn = self.centering == "sinkhorn_knopp"
+        if sinkhorn:  # the targets of the masked patches of every view, normalised together
+            rows = [t.detach() if teacher_masked_only else t.detach()[m.reshape(m.shape[0], -1).bool()]
+                    for t, m in zip(teacher_patches, masks)]
+            targets = self.sinkhorn_probabilities(rows, temperature_teacher)
+        for v, (s, t, m) in enumerate(zip(student_patches, teacher_patches, masks)):
             m = m.reshape(m.shape[0], -1).bool()
             counts = m.sum(dim=-1).clamp(min=1).float()  # [B]
-            if student_masked_only or teacher_masked_only:
-                t_rows = t.detach() if teacher_masked_only else t.detach()[m]
-                q = F.softmax((t_rows.float() - self.center.reshape(1, -1)) / temperature_teacher, dim=-1)
+            if sinkhorn or student_masked_only or teacher_masked_only:
+                if sinkhorn:
+                    q = targets[v]
+                else:
+                    t_rows = t.detach() if teacher_masked_only else t.detach()[m]
+                    q = F.softmax((t_rows.float() - self.center.reshape(1, -1)) / temperature_teacher, dim=-1)
                 logp = F.log_softmax((s if student_masked_only else s[m]).float() / temperature_student, dim=-1)
                 ce = torch.sum(-q * logp, dim=-1)  # [M]
                 image_of_row = m.nonzero()[:, 0]
@@ -149,6 +207,33 @@ class iBOTPatchLoss(_CentredLoss):
                 per_patch = torch.sum(-q * logp, dim=-1)  # [B, N]
                 per_image = (per_patch * m.float()).sum(dim=-1) / counts
             total = total + per_image.mean()
-        if update_center:
+        if update_center and not sinkhorn:
             self.update_center(teacher_patches) if teacher_mean is None else self.update_center_from_mean(teacher_mean)
         return total / len(masks)
+
+
+class KoLeoLoss(nn.Module):
+    """KoLeo (Kozachenko-Leonenko) entropy estimator as a regulariser (Sablayrolles et al., "Spreading vectors for
+    similarity search", ICLR 2019; DINOv2, Oquab et al. 2023, Sec. 4), on a batch ``x [n, D]`` (n >= 2):
+
+        x_i <- x_i / max(||x_i||, eps),   j(i) = argmax_{j != i} <x_i, x_j>,
+        L   = -1 / n * sum_i log(||x_i - x_j(i) + eps||_2 + eps)
+
+    (the ``+ eps`` inside the norm is ``nn.PairwiseDistance``'s), computed in float32 as DINOv2's ``KoLeoLoss``.
+    """
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = float(eps)
+        self.pdist = nn.PairwiseDistance(2, eps=self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError(f"KoLeoLoss needs a batch [n >= 2, D], got shape {tuple(x.shape)}")
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.normalize(x.float(), eps=self.eps, p=2, dim=-1)
+            with torch.no_grad():  # the nearest neighbour's index (the reference's argmax has no gradient either)
+                dots = x @ x.t()
+                dots.fill_diagonal_(-1.0)
+                nearest = torch.max(dots, dim=1).indices
+            return -torch.log(self.pdist(x, x[nearest]) + self.eps).mean()

@@ -6,6 +6,8 @@
   ``np.concatenate((np.linspace(warmup, final, W), np.ones(E - W) * final))`` read at the INTEGER epoch, so
   ``tau(e) = warmup + (final - warmup) * e / (W - 1)`` for ``e < W`` (``warmup`` for all of epoch 0, ``final``
   from epoch ``W - 1`` on; ``W = 1``: ``warmup`` in epoch 0 only) and ``final`` for ``e >= W``. iBOT uses the same table.
+* DINOv2 teacher temperature (Oquab et al. 2023, ``dinov2/train/train.py`` ``build_schedulers``): linear per STEP over
+  ``W`` warm-up steps, ``tau(t) = warmup + (final - warmup) * t / (W - 1)`` for ``t < W``, then ``final``.
 """
 
 from __future__ import annotations
@@ -31,3 +33,13 @@ def teacher_temperature(epoch: float, warmup: float, final: float, warmup_epochs
     if w == 1:
         return float(warmup)
     return float(warmup + (final - warmup) * e / (w - 1))
+
+
+def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """A per-step linear warm-up, DINOv2's teacher temperature (``CosineScheduler`` with ``base_value = final_value =
+    end``, ``warmup_iters = total_iters = W``): ``np.linspace(start, end, W)[step]`` for ``step < W``, else ``end``."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return float(end)
+    if warmup_steps == 1:
+        return float(start)
+    return float(start + (end - start) * max(step, 0) / (warmup_steps - 1))

@@ -221,12 +221,14 @@ class SelfDistillationMethod(EMATeacherMethod):
         return V.cls_embedding(self.teacher.backbone, x, antialias)  # = backbone(x); CLS-pooled: less last-block work
 
     def cls_health(self, student_logits: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Tensor],
-                   center: torch.Tensor) -> HealthInputs:
+                   center: torch.Tensor | None, teacher_temperature: float | None = None) -> HealthInputs:
         """Health inputs of a CLS distillation step: teacher view 0 against student view 1 (a loss term: different
-        crops of one image), the centre as the loss used it (``center``: taken before the loss updates it)."""
+        crops of one image), the centre as the loss used it (``center``: taken before the loss updates it).
+        ``teacher_temperature`` replaces the current one (e.g. 1 with log-probabilities as ``teacher_logits``)."""
         student = student_logits[1] if len(student_logits) > 1 else student_logits[0]
+        temperature = self.current_teacher_temperature if teacher_temperature is None else teacher_temperature
         return HealthInputs(teacher_logits=teacher_logits[0].detach(), student_logits=student.detach(),
-                            teacher_center=center, teacher_temperature=self.current_teacher_temperature,
+                            teacher_center=center, teacher_temperature=temperature,
                             student_temperature=self.temperature_student)
 
     def pictures(self, images: torch.Tensor) -> list[Panel]:

@@ -104,12 +104,13 @@ def _smoke_method(name: str) -> dict:
     tiny = {"encoder_name": "vit_tiny_patch16_224", "encoder_kwargs": dict(TINY_VIT)}
     heads = {
         "simclr": {"projector_dims": [32, 16]},
-        "byol": {"projector_hidden_dim": 32, "projector_dim": 16, "predictor_hidden_dim": 32},
-        "mocov3": {"projector_dims": [32, 16], "predictor_dims": [32, 16]},
+        "byol": {"projector_dims": [32, 16], "predictor_dims": [32, 16]},
+        "mocov3": {"projector_dims": [32, 16], "predictor_hidden_dim": 32},
         "vicreg": {"projector_dims": [32, 32]},
         "barlow_twins": {"projector_dims": [32, 32]},
-        "ijepa": {"predictor_embed_dim": 32, "predictor_depth": 1, "predictor_num_heads": 2},
-        "dinov2": {"projector_hidden_dim": 32, "projector_bottleneck_dim": 16, "n_prototypes": 64},
+        "ijepa": {"predictor_embed_dim": 32, "predictor_depth": 1, "predictor_num_heads": 2, "min_keep": 1},
+        "dinov2": {"projector_hidden_dim": 32, "projector_bottleneck_dim": 16, "n_cls_prototypes": 64,
+                   "n_patch_prototypes": 32, "image_size": 16, "warmup_epochs_temperature_teacher": 0},
     }
     return {"name": name, **tiny, **heads.get(name, {})}
 
