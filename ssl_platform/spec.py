@@ -323,14 +323,17 @@ class HealthSpec:
 @dataclass
 class EvalSpec:
     constraints: ClassVar[tuple[Constraint, ...]] = (C.InRange("crop_fraction", 0.0, 1.0, low_open=True),
-                                                     C.positive("online_probe_lr"))
+                                                     C.positive("online_probe_lr"), C.positive_int("online_probe_every"))
 
     knn: KnnSpec = field(default_factory=KnnSpec)
     linear: LinearSpec = field(default_factory=LinearSpec)
     health: HealthSpec = field(default_factory=HealthSpec)
     stop_on_collapse: bool = False  # a collapse warning ends the run with an error (the last checkpoint is kept)
-    online_probe: bool = False  # a linear head on the step's detached embeddings (labelled training data only)
-    online_probe_lr: float = 1.0e-3
+    # a linear head trained while the run trains (labelled training data only), on the evaluated encoder's features of
+    # the training batch's evaluation input (eval mode, no gradients: one extra forward per probe step)
+    online_probe: bool = False
+    online_probe_lr: float = 1.0e-2  # its own AdamW
+    online_probe_every: int = 1  # a probe step at every k-th training step
     pictures: bool = True  # images/ in MLflow at each kNN evaluation: the method's panels and a PCA embedding plot
     random_init_baseline: bool = True
     # evaluation input: the centred square of crop_fraction of the short side, resized bicubic to data.image_size

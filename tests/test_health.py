@@ -179,6 +179,67 @@ def test_online_probe_learns_and_leaves_the_encoder_gradients_alone():
     assert float(probe.seen) == 156
 
 
+@pytest.mark.parametrize("method", ["mae", "dino"])
+def test_online_probe_trains_on_clean_eval_features_and_leaves_the_run_alone(method, tmp_path):
+    """With ``eval.online_probe`` a probe step is one AdamW step on ``method.embed`` of the batch's evaluation input
+    (MAE: not the visible patches' embedding; DINO: not the teacher's augmented crop), and the method's weights and
+    gradients after two training steps equal those of the same run without the probe (bit for bit)."""
+    import copy
+    from pathlib import Path
+
+    from ssl_platform.spec import load_spec
+    from ssl_platform.training.hooks import StepInfo
+    from ssl_platform.training.online_probe import OnlineProbe
+    from ssl_platform.training.trainer import local_worker, train_step
+
+    recipe = Path(__file__).resolve().parents[1] / "experiments" / DIGITS_RECIPES[method][0]
+    runs = {}
+    for on in (False, True):
+        spec = load_spec(recipe, [f"checkpoint.uri={tmp_path}", "data.batch_size=16", f"eval.online_probe={on}"])
+        worker, data, training = local_worker(spec)
+        training.model.train()  # as train_one_epoch (DINO's teacher head: BatchNorm on batch statistics)
+        batches, generator = iter(data.train(0)), torch.Generator().manual_seed(0)
+        for step in range(2):
+            batch = next(batches)
+            before = copy.deepcopy(training.watch.probe.state_dict()) if on and step == 1 else None
+            train_step(worker, data, training, batch, generator, StepInfo("t", 0, 0, step, 2, step), step / 2)
+            training.global_step += 1
+        runs[on] = training
+    off, on = runs[False], runs[True]
+    assert off.watch.probe is None and float(on.watch.probe.seen) == 32
+    for (name, a), b in zip(off.method.named_parameters(), on.method.parameters()):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=name)
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=0, rtol=0, msg=name)
+    features = on.method.embed(data.eval_input(batch))  # the encoder after the step, on the clean view
+    assert (features - on.last_output.embedding).abs().max() > 1e-2  # the step's own embedding is another input
+    reference = OnlineProbe(features.shape[1], data.num_classes, "cpu", lr=spec.eval.online_probe_lr)
+    reference.load_state_dict(before)
+    reference.step(features, batch.labels)
+    for (name, a), b in zip(reference.head.state_dict().items(), on.watch.probe.head.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=name)
+
+
+def test_online_probe_every_k_steps(tmp_path):
+    """``eval.online_probe_every: 2``: probe steps at global steps 0 and 2 of 3 (16 labelled images each)."""
+    from pathlib import Path
+
+    from ssl_platform.spec import load_spec
+    from ssl_platform.training.hooks import StepInfo
+    from ssl_platform.training.trainer import local_worker, train_step
+
+    recipe = Path(__file__).resolve().parents[1] / "experiments" / DIGITS_RECIPES["mae"][0]
+    spec = load_spec(recipe, [f"checkpoint.uri={tmp_path}", "data.batch_size=16", "eval.online_probe=true",
+                              "eval.online_probe_every=2"])
+    worker, data, training = local_worker(spec)
+    seen = []
+    for step, batch in zip(range(3), data.train(0)):
+        train_step(worker, data, training, batch, torch.Generator(), StepInfo("t", 0, 0, step, 3, step), step / 3)
+        training.global_step += 1
+        seen.append(0 if training.watch.probe is None else int(training.watch.probe.seen))
+    assert seen == [16, 16, 32]
+
+
 DIGITS_RECIPES = {
     "mae": ("mae_vit_tiny_digits.yaml", {"target_scale", "prediction_scale"}, ["input", "masked", "reconstruction"]),
     "dino": ("dino_vit_tiny_digits.yaml", {"teacher_entropy", "student_teacher_kl"}, ["input", "head"]),

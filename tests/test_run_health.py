@@ -56,3 +56,5 @@ def test_online_probe_needs_labelled_training_data(tiny_spec, tmp_path):
 
     with pytest.raises(SpecError, match="eval.online_probe"):
         tiny_spec(["eval.online_probe=true", "data.name=image_folder", f"data.root={tmp_path}", "data.labels=none"])
+    with pytest.raises(SpecError, match="eval.online_probe_every"):
+        tiny_spec(["eval.online_probe=true", "eval.online_probe_every=0"])

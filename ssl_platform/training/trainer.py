@@ -61,6 +61,7 @@ from ssl_platform.training.evaluation import embed_batches, gather_to_rank0, knn
 from ssl_platform.training.hooks import StepHook, StepInfo
 from ssl_platform.training.optim import build_optimizer, build_scheduler, clip_gradients, maybe_sync_batchnorm
 from ssl_platform.training.progress import Progress, default_log_every, quiet_ray_train_logs
+from ssl_platform.training.ray_runtime import node_cpus, train_worker_threads
 from ssl_platform.training.sharding import (
     enable_activation_checkpointing,
     encoder_state_from,
@@ -203,7 +204,9 @@ def setup_worker(loop: LoopConfig) -> Worker:
     spec = OmegaConf.create(loop.spec)
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)  # Ray's: the worker's cpus_per_worker
+    if device.type == "cpu" and spec.data.name in STREAMED_DATASETS:  # + the CPUs left idle by Ray Data's decoding
+        threads = train_worker_threads(threads, node_cpus(), ctx.get_local_world_size())
     if threads > 0:
         torch.set_num_threads(threads)
     bf16 = device.type == "cuda" and spec.scaling.precision == "bf16"
@@ -335,7 +338,7 @@ def build_training(worker: Worker, data: WorkerData) -> Training:
     optimizer = build_optimizer(method, spec.optim, worker.device)
     scheduler = build_scheduler(optimizer, spec.optim, data.steps_per_epoch, global_batch=data.batch_size * worker.world)
     probe_classes = data.num_classes if spec.data.labels != "none" and data.evaluation is not None else 0
-    watch = RunWatch(spec.eval, method, worker.device, worker.rank, worker.world, probe_classes)
+    watch = RunWatch(spec.eval, method, worker.device, worker.rank, worker.world, probe_classes, worker.autocast_dtype)
     return Training(method=method, model=method, optimizer=optimizer, scheduler=scheduler, watch=watch)
 
 
@@ -454,9 +457,11 @@ def train_one_epoch(worker: Worker, data: WorkerData, training: Training, epoch:
     if worker.progress:
         worker.progress.start_epoch(epoch + 1)
     t0 = time.perf_counter()
+    t_first = None  # when the first batch is in hand: the epoch's time from its first step excludes the wait for it
     for i, batch in enumerate(data.train(epoch)):
         if i >= steps:  # streamed shards may hold a few rows more than the schedule's steps
             break
+        t_first = t_first or time.perf_counter()
         seen += len(batch.labels) + len(batch.bad_paths)
         if batch.bad_paths:
             warn_bad(batch.bad_paths)
@@ -482,6 +487,7 @@ def train_one_epoch(worker: Worker, data: WorkerData, training: Training, epoch:
         "weight_decay": training.scheduler.weight_decay,
         "global_step": training.global_step,
         "epoch_time_s": elapsed,
+        "first_batch_wait_s": (t_first or t0 + elapsed) - t0,  # epoch_time_s minus it: first step to epoch end
         "images_per_sec": done * data.batch_size * worker.world / max(elapsed, 1e-9),
         "nonfinite_skipped": training.skipped_steps,
         "bad_images": int(all_reduce_sum(torch.tensor(float(bad)))),
@@ -503,9 +509,6 @@ def train_step(
     method.on_train_step(training.global_step, spec.optim.epochs * data.steps_per_epoch, epoch_progress)
     views = data.views(batch.to(worker.device), generator)
     loss, metrics = accumulate_gradients(worker, training, views, info)
-    if training.watch is not None:  # the last micro-batch's output (and its labels, for the online probe)
-        k = int(spec.optim.accumulation_steps)
-        training.watch.after_step(training.last_output, batch.labels.tensor_split(k)[-1] if k > 1 else batch.labels)
     method.before_optimizer_step(epoch_progress)
     params = [p for p in method.parameters() if p.grad is not None]
     if is_sharded(method):  # norms over the shards (one all-reduce), both clip modes
@@ -521,6 +524,9 @@ def train_step(
         optimizer.step()
     training.scheduler.step()
     method.after_optimizer_step()
+    if training.watch is not None:  # the last micro-batch's output; the online probe: the whole batch, clean views
+        training.watch.after_step(training.last_output, lambda: data.eval_input(batch), batch.labels,
+                                  training.global_step)
     return loss, metrics, skipped
 
 

@@ -1,7 +1,8 @@
 """Watching a run while it trains (rank 0): health metrics, collapse warnings, the online probe, pictures.
 
 The loop calls :meth:`RunWatch.after_step` after every step (it keeps references to the step's output and, with
-``eval.online_probe``, fits the probe on the detached embedding), :meth:`RunWatch.read` at every log interval (the
+``eval.online_probe``, every ``eval.online_probe_every`` steps fits the probe on the clean features of the step's
+labelled batch, :func:`clean_features`), :meth:`RunWatch.read` at every log interval (the
 health metrics of that step's batch and the probe's running accuracy, read in one host synchronisation, then the
 collapse monitor) and :meth:`RunWatch.at_evaluation` with the evaluation features (probe validation accuracy and
 the pictures). Other ranks keep a watch without health or probe: collapse decisions are rank 0's and reach them
@@ -11,6 +12,7 @@ through :meth:`RunWatch.stop_requested`.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,9 @@ from methods.health import HealthInputs, health_metrics
 from ssl_platform.storage.s3 import is_s3, spec_filesystem
 from ssl_platform.storage.uri_files import join_uri, read_text, resolve_uri, write_text
 from ssl_platform.training.collapse import CollapseEvent, CollapseMonitor, collapse_rules
-from ssl_platform.training.online_probe import OnlineProbe
+from ssl_platform.training.online_probe import OnlineProbe, clean_features
 from ssl_platform.training.pictures import write_embedding_plot, write_panels
+from ssl_platform.training.sharding import is_sharded
 
 HEALTH_PREFIX = "health/"
 PICTURE_IMAGES = 6  # evaluation images shown in a method's panels
@@ -36,8 +39,9 @@ class CollapseStop(RuntimeError):
 
 class RunWatch:
     def __init__(self, evaluation: DictConfig, method: Any, device: torch.device, rank: int, world: int,
-                 num_classes: int):
+                 num_classes: int, autocast_dtype: torch.dtype | None = None):
         self.evaluation, self.method, self.rank, self.world = evaluation, method, rank, world
+        self.autocast_dtype = autocast_dtype  # the probe's forward: the training step's precision
         health = evaluation.health
         self.health_names = tuple(getattr(method, "health_metrics", ())) if health.enabled and rank == 0 else ()
         self.monitor = CollapseMonitor(collapse_rules(health), health.window_steps)
@@ -49,15 +53,30 @@ class RunWatch:
         self.stop_reason = ""
 
     # ---- every step -------------------------------------------------------------------------------------
-    def after_step(self, output: Any, labels: torch.Tensor | None) -> None:
+    def after_step(self, output: Any, eval_input: Callable[[], torch.Tensor], labels: torch.Tensor | None,
+                   global_step: int) -> None:
+        """Keeps the step's output (the health metrics read it). With ``eval.online_probe``, at every
+        ``eval.online_probe_every``-th step: one AdamW step of the probe on ``(f(x), y)``, ``f`` =
+        :func:`clean_features` of the evaluated encoder and ``x = eval_input()`` the labelled batch's evaluation input
+        (call it after the optimizer step: ``f`` is the encoder the next evaluation scores). Under FSDP every rank runs
+        the forward (its all-gathers are collectives); rank 0 alone fits the head."""
         self._output = output
-        if (not self.evaluation.online_probe or self.rank != 0 or self.probe_classes <= 0 or output.embedding is None
-                or labels is None):
+        if not self._probe_due(labels, global_step):
+            return
+        features = clean_features(self.method, eval_input(), self.autocast_dtype)
+        if self.rank != 0:
             return
         if self.probe is None:
-            self.probe = OnlineProbe(output.embedding.shape[1], self.probe_classes, self.device,
+            self.probe = OnlineProbe(features.shape[1], self.probe_classes, self.device,
                                      lr=self.evaluation.online_probe_lr)
-        self.probe.step(output.embedding, labels.to(output.embedding.device))
+        self.probe.step(features, labels.to(features.device))
+
+    def _probe_due(self, labels: torch.Tensor | None, global_step: int) -> bool:
+        if not self.evaluation.online_probe or self.probe_classes <= 0 or labels is None:
+            return False
+        if global_step % int(self.evaluation.online_probe_every):
+            return False
+        return self.rank == 0 or is_sharded(self.method)
 
     # ---- every log interval ------------------------------------------------------------------------------
     def read(self, global_step: int) -> dict[str, float]:
