@@ -23,12 +23,25 @@ def small_overrides(method: str) -> list[str]:
            "scaling.use_gpu=false", "scaling.num_workers=1"]
     if method == "apl":
         return out + ["method.n_blocks=1"]  # keeps its 96 px input: a 7x7 grid needs it
+    small_heads = {
+        "simclr": ["method.projector_dims=[64,64,32]"],
+        "byol": ["method.projector_dims=[64,32]", "method.predictor_dims=[64,32]"],
+        "vicreg": ["method.projector_dims=[64,64,64]"],
+        "barlow_twins": ["method.projector_dims=[64,64,64]"],
+        "mocov3": ["method.projector_dims=[64,64,32]", "method.predictor_hidden_dim=64"],
+        "ijepa": ["method.predictor_depth=1", "method.min_keep=1"],
+        "dinov2": ["method.n_cls_prototypes=1024", "method.n_patch_prototypes=1024", "method.image_size=32",
+                   "data.multicrop.n_local=2", "data.multicrop.local_size=16"],
+    }
+    out += small_heads.get(method, [])
+    if method in ("simclr", "byol", "vicreg", "barlow_twins"):  # the papers' ResNet-50: any input size, no depth key
+        return out + ["data.image_size=32"]
     out += ["data.image_size=32", "method.encoder_kwargs.depth=1", "method.encoder_kwargs.patch_size=8"]
     if method in ("ibot", "data2vec"):
         out += ["method.image_size=32"]
     if method == "data2vec":
         out += ["method.top_k_blocks=1"]
-    if method in ("mae", "salt", "data2vec"):
+    if method in ("mae", "salt", "data2vec", "mocov3", "ijepa", "dinov2"):
         out += ["method.encoder_kwargs.img_size=32"]
     if method == "dino":
         out += ["data.multicrop.n_local=2", "data.multicrop.local_size=16", "method.n_prototypes=1024"]
