@@ -31,6 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads per test process thrash (a ResNet step took
+    5-7 s with 2 threads next to another job, 0.5 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class ReferenceMoCo:
     """facebookresearch/moco-v3 at commit c349e6e2: ``moco/builder.py`` ``MoCo.contrastive_loss`` (lines 63-73) and
     ``main_moco.py`` ``adjust_moco_momentum`` (lines 431-434), verbatim except where marked: one process, so

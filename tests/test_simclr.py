@@ -31,6 +31,16 @@ TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_h
 LARGE_NUM = 1e9
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine two threads per test process thrash (a ResNet step took
+    5-7 s with 2 threads next to another job, 0.5 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_add_contrastive_loss(hidden: torch.Tensor, hidden_norm: bool = True, temperature: float = 1.0):
     """google-research/simclr ``objective.py`` ``add_contrastive_loss``, lines 53-88 at commit 383d4143 (the
     ``tpu_context is None`` branch), TensorFlow -> torch line by line: ``tf.math.l2_normalize`` -> ``F.normalize``,
