@@ -54,6 +54,14 @@ def peer_config(device: str, tiny: bool = False) -> PeerConfig:
                 "dino": {"encoder_kwargs": enc, "n_prototypes": 64, **heads},
                 "ibot": {"encoder_kwargs": enc, "n_cls_prototypes": 64, "n_patch_prototypes": 32, **heads},
                 "salt": {"encoder_kwargs": enc, "predictor_embed_dim": 32, "predictor_depth": 1, "predictor_num_heads": 2},
+                "simclr": {"encoder_kwargs": enc, "projector_dims": (32, 32, 16)},
+                "byol": {"encoder_kwargs": enc, "projector_dims": (32, 16), "predictor_dims": (32, 16)},
+                "mocov3": {"encoder_kwargs": enc, "projector_dims": (32, 32, 16), "predictor_hidden_dim": 32},
+                "vicreg": {"encoder_kwargs": enc, "projector_dims": (32, 32, 32)},
+                "barlow_twins": {"encoder_kwargs": enc, "projector_dims": (32, 32, 32)},
+                "ijepa": {"encoder_kwargs": enc, "predictor_embed_dim": 32, "predictor_depth": 1, "predictor_num_heads": 2,
+                          "min_keep": 4},
+                "dinov2": {"encoder_kwargs": enc, "n_cls_prototypes": 64, "n_patch_prototypes": 32, **heads},
             },
         )  # fmt: skip
     if device == "cuda":

@@ -27,8 +27,13 @@ from typing import Any
 import torch
 
 LIBRARIES = ("project", "stable_pretraining")
-METHODS = ("mae", "data2vec", "dino", "ibot", "salt")
-PEER_CLASSES = {"mae": "MAE", "data2vec": "Data2Vec", "dino": "DINO", "ibot": "iBOT", "salt": "SALT"}
+METHODS = ("mae", "data2vec", "dino", "ibot", "salt", "simclr", "byol", "mocov3", "vicreg", "barlow_twins", "ijepa",
+           "dinov2")
+PEER_CLASSES = {"mae": "MAE", "data2vec": "Data2Vec", "dino": "DINO", "ibot": "iBOT", "salt": "SALT",
+                "simclr": "SimCLR", "byol": "BYOL", "mocov3": "MoCov3", "vicreg": "VICReg",
+                "barlow_twins": "BarlowTwins", "ijepa": "IJEPA", "dinov2": "DINOv2"}
+TWO_VIEW_METHODS = ("simclr", "byol", "mocov3", "vicreg", "barlow_twins")  # forward(view1, view2) in both libraries
+MULTICROP_METHODS = ("dino", "dinov2")  # forward(global_views, local_views)
 LR, WEIGHT_DECAY = 1e-4, 0.05
 TOTAL_STEPS = 100_000  # schedules as early in a long run (EMA momentum ~ its start value)
 
@@ -60,9 +65,11 @@ def make_inputs(method: str, cfg: PeerConfig, seed: int = 0) -> dict[str, Any]:
     def imgs(size: int) -> torch.Tensor:
         return torch.randn(cfg.batch_size, 3, size, size, generator=g)
 
-    if method == "dino":
+    if method in MULTICROP_METHODS:
         return {"global_views": [imgs(cfg.image_size) for _ in range(2)],
                 "local_views": [imgs(cfg.local_size) for _ in range(cfg.n_local)]}  # fmt: skip
+    if method in TWO_VIEW_METHODS:
+        return {"view1": imgs(cfg.image_size), "view2": imgs(cfg.image_size)}
     if method == "ibot":
         return {"global_views": [imgs(cfg.image_size) for _ in range(2)]}
     return {"images": imgs(cfg.image_size)}
@@ -80,11 +87,11 @@ def to_device(x: Any, device: torch.device) -> Any:
 
 def build_model(library: str, method: str, cfg: PeerConfig) -> torch.nn.Module:
     """``method`` of ``library`` at its seed defaults with ``cfg``'s backbone (DINO: ``dynamic_img_size`` for
-    its two crop sizes; iBOT: ``image_size``)."""
+    its two crop sizes, which the peer's DINOv2 sets itself; iBOT, data2vec, DINOv2: ``image_size``)."""
     kwargs: dict[str, Any] = {}
     if method == "dino":
         kwargs["encoder_kwargs"] = {"dynamic_img_size": True}
-    if method in ("ibot", "data2vec"):
+    if method in ("ibot", "data2vec", "dinov2"):
         kwargs["image_size"] = cfg.image_size
     if library == "project":
         from methods.registry import get_method_class
