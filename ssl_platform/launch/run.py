@@ -130,6 +130,7 @@ def result_table(res: RunResult) -> str:
             [("linear probe top-1 (trained / random init)", f"{fmt(m['linear_top1'])} / {fmt(m.get('linear_top1_random_init', 'n/a'))}")]
             if "linear_top1" in m else []
         ),
+        *([("online probe top-1 (val)", fmt(m["online_probe_top1"]))] if "online_probe_top1" in m else []),
         ("checkpoint", res.checkpoint_path or "none"),
         ("MLflow run id", res.mlflow_run_id or "not created yet (the tracking server did not answer)"),
         ("open MLflow", tracking.ui_command(res.tracking_uri)),
